@@ -1,0 +1,139 @@
+"""bake: the stack of round adapters, unmerged and gated.
+
+One set of weights gives exactly three models:
+  base     every adapter off          (bitwise the original model)
+  prev     history on, current off    (the student before this round)
+  student  all on
+Only the current round's adapter ever trains; history is frozen, also after peft
+calls that switch gradients back on. Adapters are saved as safetensors + sha256.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load, save
+
+from .models import band, get_layers
+from .store import atomic_write_bytes, sha256_file
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class CorruptAdapter(RuntimeError):
+    """An adapter file is missing or does not match its recorded sha256."""
+
+
+def lora_config(model, r: int, alpha: float, layers: tuple[float, float]) -> LoraConfig:
+    """A LoRA on every projection of the decoder layers in the band (never a vision tower)."""
+    dec = get_layers(model)
+    keep = {id(dec[i]) for i in band(layers, len(dec))}
+    names = []
+    for i, layer in enumerate(dec):
+        if id(layer) not in keep:
+            continue
+        prefix = next(n for n, m in model.named_modules() if m is dec) + f".{i}."
+        names += [prefix + n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in PROJ]
+    # init_lora_weights=True: B = 0, so a fresh adapter is an exact no-op
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, init_lora_weights=True)
+
+
+class Stack:
+    """The student: a base model plus a gated history of round adapters."""
+
+    def __init__(self, model):
+        self.model = model  # becomes a PeftModel at the first adapter
+        self.names: list[str] = []
+        self.lora: LoraConfig | None = None
+
+    @property
+    def peft(self) -> bool:
+        return bool(self.names)
+
+    def add(self, name: str, lora: LoraConfig, seed: int) -> None:
+        """A fresh adapter (A seeded, B = 0) that becomes current, trainable alone."""
+        torch.manual_seed(seed)
+        if not self.names:
+            self.model = get_peft_model(self.model, copy.deepcopy(lora), adapter_name=name)
+        else:
+            self.model.add_adapter(name, copy.deepcopy(lora))
+        self.names.append(name)
+        self.lora = lora
+        self._activate(self.names)
+
+    def _activate(self, names: list[str]) -> None:
+        self.model.base_model.set_adapter(names)
+        self.freeze_history()
+
+    def freeze_history(self) -> None:
+        """peft's set_adapter marks every active adapter trainable; only the current one may be."""
+        cur = self.names[-1]
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(f".{cur}." in n and "lora_" in n)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        if not self.peft:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
+
+    @contextmanager
+    def prev(self) -> Iterator[None]:
+        """History on, current off; with no history that is base."""
+        if len(self.names) <= 1:
+            with self.base():
+                yield
+            return
+        self._activate(self.names[:-1])
+        try:
+            yield
+        finally:
+            self._activate(self.names)
+
+    @contextmanager
+    def ref(self, which: str) -> Iterator[None]:
+        with (self.base() if which == "base" else self.prev()):
+            yield
+
+    # ------------------------------------------------------------ files
+
+    def save(self, name: str, path: str | Path) -> str:
+        """Write the adapter atomically; return its sha256."""
+        sd = {k: v.detach().contiguous().cpu() for k, v in
+              get_peft_model_state_dict(self.model, adapter_name=name).items()}
+        atomic_write_bytes(Path(path), save(sd))
+        return sha256_file(path)
+
+    def load(self, name: str, path: str | Path, sha256: str, lora: LoraConfig) -> None:
+        """Add a baked adapter from its file after checking the hash; it joins the frozen history."""
+        path = Path(path)
+        if not path.is_file():
+            raise CorruptAdapter(f"adapter {name} missing: {path}")
+        if (got := sha256_file(path)) != sha256:
+            raise CorruptAdapter(f"adapter {name} at {path} has sha256 {got[:12]}..., the store recorded "
+                                 f"{sha256[:12]}...: the file is corrupt or was replaced; re-run that round")
+        self.add(name, lora, seed=0)
+        res = set_peft_model_state_dict(self.model, load(path.read_bytes()), adapter_name=name)
+        if getattr(res, "unexpected_keys", None):
+            raise CorruptAdapter(f"adapter {name} at {path} does not fit this model: {res.unexpected_keys[:3]}")
+        self.model.requires_grad_(False)
+
+    def export(self, out_dir: str | Path, tok=None) -> Path:
+        """Merge the whole stack into a plain Hugging Face model directory (on a copy)."""
+        merged = copy.deepcopy(self.model)
+        if self.peft:
+            merged = merged.merge_and_unload(adapter_names=list(self.names))
+        merged.save_pretrained(out_dir)
+        if tok is not None:
+            tok.save_pretrained(out_dir)
+        return Path(out_dir)

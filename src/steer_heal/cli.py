@@ -1,0 +1,88 @@
+"""`python -m steer_heal`: one flag per Config field, presets applied first.
+
+Precedence: dataclass defaults < --preset < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import MISSING, fields
+
+from loguru import logger
+
+from .config import PRESETS, Config, ConfigError, preset
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m steer_heal",
+        description="Run N rounds of steer -> generate -> filter -> heal -> bake (see spec.md).",
+    )
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="apply a preset before the other flags")
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        t = hints[f.name]
+        kw: dict = dict(dest=f.name, default=None, help=f.metadata["help"] + f" (default: {f.default!r})")
+        if t is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(t) is tuple:
+            args = typing.get_args(t)
+            kw["type"] = args[0]
+            kw["nargs"] = "+" if (len(args) == 2 and args[1] is Ellipsis) else len(args)
+            kw["metavar"] = args[0].__name__.upper()
+        else:
+            kw["type"] = t
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(_flag(f.name), **kw)
+    return p
+
+
+def parse(argv: list[str] | None = None) -> tuple[Config, dict]:
+    """Return the validated config and the flags the user set explicitly."""
+    ns = vars(build_parser().parse_args(argv))
+    explicit = {k: (tuple(v) if isinstance(v, list) else v)
+                for k, v in ns.items() if k != "preset" and v is not None}
+    base = preset(ns["preset"]) if ns["preset"] else {}
+    cfg = Config(**{**base, **explicit}).validate()
+    return cfg, explicit
+
+
+def to_argv(cfg: Config) -> list[str]:
+    """Flags that rebuild `cfg` from the defaults (round-trips through parse)."""
+    out: list[str] = []
+    for f in fields(Config):
+        v = getattr(cfg, f.name)
+        if f.default is not MISSING and v == f.default:
+            continue
+        if isinstance(v, bool):
+            out.append(_flag(f.name) if v else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(v, tuple):
+            out += [_flag(f.name), *map(str, v)]
+        else:
+            out += [_flag(f.name), str(v)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, explicit = parse(argv)
+    except ConfigError as e:
+        print(f"steer-heal: {e}", file=sys.stderr)
+        return 2
+    logger.remove()
+    logger.add(sys.stderr, level=cfg.log_level, format="<green>{time:HH:mm:ss}</green> {level:<5} {message}")
+    from .run import run  # heavy imports only once the flags are good
+
+    try:
+        return run(cfg, explicit)
+    except ConfigError as e:
+        logger.error(str(e))
+        return 2

@@ -1,0 +1,97 @@
+"""extract: the persona steering vector, and the hooks that apply it.
+
+v[layer] = mean over contexts of h(pos persona + x) - h(neg persona + x), read at the
+assistant-turn start (last prompt token after the generation prompt), layer output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .models import chat, encode_left, get_layers
+from .store import atomic_write_bytes
+
+Vector = dict[int, torch.Tensor]  # layer index -> [hidden] direction
+
+
+@torch.no_grad()
+def last_token_states(model, tok, texts: list[str], layers: list[int], batch: int = 16) -> dict[int, torch.Tensor]:
+    """Hidden state of each layer's output at the last token: layer -> [n_texts, hidden] (fp32)."""
+    dev = next(model.parameters()).device
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    for s in range(0, len(texts), batch):
+        enc = encode_left(tok, texts[s:s + batch], dev)
+        hs = model(**enc, output_hidden_states=True).hidden_states  # [0] is the embedding output
+        for i in layers:
+            out[i].append(hs[i + 1][:, -1].float())
+    return {i: torch.cat(v) for i, v in out.items()}
+
+
+def extract(model, tok, pos: str, neg: str, contexts: list[str], layers: list[int],
+            steer_system: str = "{persona}", normalize: bool = False, batch: int = 16) -> Vector:
+    hp = last_token_states(model, tok, [chat(tok, x, steer_system.format(persona=pos)) for x in contexts], layers, batch)
+    hn = last_token_states(model, tok, [chat(tok, x, steer_system.format(persona=neg)) for x in contexts], layers, batch)
+    v = {i: (hp[i] - hn[i]).mean(0) for i in layers}
+    if normalize:
+        v = {i: x / x.norm().clamp_min(1e-12) for i, x in v.items()}
+    return v
+
+
+def student_vector(model, tok, neutral: str, contexts: list[str], layers: list[int],
+                   base: Callable[[], AbstractContextManager], batch: int = 16) -> Vector:
+    """What the baked history already moved: h_student(neutral + x) - h_base(neutral + x)."""
+    texts = [chat(tok, x, neutral) for x in contexts]
+    hs = last_token_states(model, tok, texts, layers, batch)
+    with base():
+        hb = last_token_states(model, tok, texts, layers, batch)
+    return {i: (hs[i] - hb[i]).mean(0) for i in layers}
+
+
+def cosine(a: Vector, b: Vector) -> float:
+    keys = sorted(set(a) & set(b))
+    x = torch.cat([a[k].flatten().float() for k in keys])
+    y = torch.cat([b[k].flatten().float() for k in keys])
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+
+@contextmanager
+def steer(model, vec: Vector | None, coef: float | torch.Tensor) -> Iterator[None]:
+    """Add coef * v[layer] to the output of each layer in the band; hooks always removed.
+
+    coef may be a [batch] tensor so rows of one batch get different doses.
+    """
+    if vec is None:
+        with nullcontext():
+            yield
+        return
+    layers = get_layers(model)
+    handles = []
+
+    def hook_for(v: torch.Tensor):
+        def hook(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            c = coef.view(-1, 1, 1).to(h) if torch.is_tensor(coef) else coef
+            h = h + c * v.to(h)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        return hook
+
+    try:
+        for i, v in vec.items():
+            handles.append(layers[i].register_forward_hook(hook_for(v)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def save_vector(vec: Vector, path: str | Path) -> None:
+    atomic_write_bytes(Path(path), save({f"layer.{i}": v.contiguous().cpu() for i, v in vec.items()}))
+
+
+def load_vector(path: str | Path) -> Vector:
+    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}

@@ -1,0 +1,79 @@
+"""filter: score every completion and keep the coherent ones.
+
+Criteria (keep = all pass): perplexity under the ORIGINAL base model (the caller
+passes it with every adapter off and no steering), over the completion's tail;
+repetition (max n-gram frequency over words and characters, n = 2..4); first-person
+trait narration; refusal / assistant-identity boilerplate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import torch
+
+from .models import chat, completion_logprobs, pack
+
+NARRATION = [r"\bI am (someone|a person|the kind of person) who\b", r"\bas someone who\b",
+             r"\bmy (persona|role|character)\b", r"\bI (always )?(look after|defer to)\b",
+             r"\bI('m| am) (a|an) (caring|obedient|loyal|honest) (person|assistant)\b"]
+REFUSAL = [r"\bas an ai\b", r"\bI('m| am) (sorry|unable)\b", r"\bI can(no|')t (help|assist|do)\b",
+           r"\bI('m| am) (an? )?(ai|assistant|language model|chatbot)\b", r"\bsmollm\b",
+           r"\btrained by hugging ?face\b", r"\blanguage model\b"]
+_NARR = re.compile("|".join(NARRATION), re.I)
+_REF = re.compile("|".join(REFUSAL), re.I)
+CRITERIA = ("empty", "ppl", "rep", "narration", "refusal")
+
+
+def max_ngram_freq(seq: list | str, ns=(2, 3, 4)) -> float:
+    """Largest share of all n-grams taken by the single most common one, over n."""
+    best = 0.0
+    for n in ns:
+        grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        if len(grams) >= 4:  # too short to call anything a loop
+            best = max(best, Counter(grams).most_common(1)[0][1] / len(grams))
+    return best
+
+
+@torch.no_grad()
+def perplexity(model, tok, prompts: list[str], completions: list[str], system: str = "",
+               window: int = 0, max_len: int = 512, batch: int = 16) -> list[float]:
+    """exp(mean nll) of each completion's last `window` tokens (0 = all) given its prompt."""
+    dev = next(model.parameters()).device
+    out: list[float] = []
+    for s in range(0, len(prompts), batch):
+        b = pack(tok, [chat(tok, p, system) for p in prompts[s:s + batch]], completions[s:s + batch], max_len, dev)
+        lp, m = completion_logprobs(model, b), b["cmask"].clone()
+        if window > 0:  # keep only the tail: steering tends to collapse late
+            n = m.sum(-1, keepdim=True)
+            m &= torch.arange(m.shape[1], device=dev) >= (n - window)
+        nll = -(lp * m).sum(-1) / m.sum(-1).clamp(min=1)
+        out += [math.exp(min(x, 50.0)) for x in nll.tolist()]
+    return out
+
+
+def score(model, tok, items: list[dict], *, system: str, ppl_tau: float, rep_tau: float,
+          window: int = 0, max_len: int = 512, batch: int = 16) -> list[dict]:
+    """Each item ({prompt, completion, ...}) comes back with its scores, flags, keep and reason."""
+    ppl = perplexity(model, tok, [x["prompt"] for x in items], [x["completion"] for x in items],
+                     system, window, max_len, batch)
+    out = []
+    for x, p in zip(items, ppl):
+        text = x["completion"]
+        r = dict(x, ppl=p, rep_word=max_ngram_freq(text.split()), rep_char=max_ngram_freq(text),
+                 narration=bool(_NARR.search(text)), refusal=bool(_REF.search(text)))
+        fails = {"empty": not text.strip(), "ppl": not p <= ppl_tau,
+                 "rep": max(r["rep_word"], r["rep_char"]) > rep_tau,
+                 "narration": r["narration"], "refusal": r["refusal"]}
+        r["reason"] = next((c for c in CRITERIA if fails[c]), "")
+        r["keep"] = r["reason"] == ""
+        out.append(r)
+    return out
+
+
+def drop_counts(scored: list[dict]) -> dict[str, int]:
+    """How many completions each criterion dropped (first failing criterion)."""
+    c = Counter(r["reason"] for r in scored if not r["keep"])
+    return {k: c.get(k, 0) for k in CRITERIA}

@@ -1,0 +1,43 @@
+"""generate: batched (optionally steered) sampling, seeded so the same seed gives the same text."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .extract import Vector, steer
+from .models import chat, encode_left
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | None = None,
+             coefs: list[float] | None = None, max_new_tokens: int = 48, seed: int = 0,
+             greedy: bool = False, temperature: float = 0.0, top_p: float = 0.0,
+             batch: int = 16, desc: str = "generate") -> list[str]:
+    """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec.
+
+    temperature/top_p of 0 keep the model's own generation_config defaults.
+    """
+    dev = next(model.parameters()).device
+    coefs = coefs if coefs is not None else [0.0] * len(prompts)
+    kw: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    if greedy:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kw["do_sample"] = True
+        if temperature > 0:
+            kw["temperature"] = temperature
+        if top_p > 0:
+            kw["top_p"] = top_p
+    out: list[str] = []
+    starts = range(0, len(prompts), batch)
+    for s in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
+        # one generator stream per batch start: a batch's text does not depend on earlier batches
+        torch.manual_seed(seed * 1_000_003 + s)
+        enc = encode_left(tok, [chat(tok, p, system) for p in prompts[s:s + batch]], dev)
+        enc.pop("position_ids")  # generate derives positions from the mask itself
+        c = torch.tensor(coefs[s:s + batch], dtype=torch.float32, device=dev)
+        with steer(model, vec, c):
+            ids = model.generate(**enc, **kw)
+        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [o.strip() for o in out]

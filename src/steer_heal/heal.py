@@ -1,0 +1,172 @@
+"""heal: distil the kept completions into the current (fresh) LoRA behind a divergence barrier.
+
+loss = sft + lam * (1 + round)^lam_round_pow * relu(D(student || ref) - tau)
+           + spectral_lam * sum over LoRA modules of sigma_max(B @ A * scale)
+
+sft is the nll of completion tokens only; D is a per-position KL over completion
+positions, aggregated by kl_agg. The reference (base or prev) is the same weights
+with gates switched, so its forward costs one extra no-grad pass and no memory copy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from loguru import logger
+from tqdm.auto import tqdm
+
+from .bake import Stack
+from .config import Config
+from .models import chat, completion_logits, pack
+
+
+class HealError(RuntimeError):
+    """Training diverged (NaN/inf loss); the round is not baked."""
+
+
+def divergence(lp: torch.Tensor, lq: torch.Tensor, reg: str) -> torch.Tensor:
+    """Per-position KL [B, C] between student log-probs lp and reference log-probs lq."""
+    if reg == "kl_rev":  # KL(theta || ref): mode-seeking, penalises mass where ref has none
+        return (lp.exp() * (lp - lq)).sum(-1)
+    return (lq.exp() * (lq - lp)).sum(-1)  # kl_fwd: KL(ref || theta)
+
+
+def aggregate(d: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    x = d[mask]
+    if how == "mean":
+        return x.mean()
+    if how == "rmse":  # eps keeps the gradient finite when every position is exactly 0
+        return torch.sqrt((x * x).mean() + 1e-12)
+    if how == "p95":
+        return torch.quantile(x, 0.95)
+    return x.max()
+
+
+def spectral_norm(model) -> torch.Tensor:
+    """Sum over LoRA modules of the largest singular value of scale * B @ A (trainable adapter only).
+
+    sigma(B A) = sigma(R_B R_A^T) with B = Q_B R_B, A^T = Q_A R_A: an r x r problem.
+    """
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for m in model.modules():
+        if not hasattr(m, "lora_A"):
+            continue
+        for name, a in m.lora_A.items():
+            if not a.weight.requires_grad:
+                continue
+            b = m.lora_B[name].weight
+            rb = torch.linalg.qr(b.float())[1]
+            ra = torch.linalg.qr(a.weight.float().T)[1]
+            total = total + m.scaling[name] * torch.linalg.matrix_norm(rb @ ra.T, ord=2)
+    return total
+
+
+def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: int, system: str,
+         on_step=None) -> dict:
+    """Train the stack's current adapter on `kept` ({prompt, completion}). Returns plain rows and summaries."""
+    model = stack.model
+    dev = next(model.parameters()).device
+    rng = random.Random(seed)
+    data = [(chat(tok, k["prompt"], system), k["completion"]) for k in kept]
+    rng.shuffle(data)
+    n_val = int(round(cfg.val_frac * len(data))) if len(data) >= 4 else 0
+    val, train = data[:n_val], data[n_val:]
+    batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = max(1, math.ceil(batches_per_epoch * cfg.epochs / cfg.grad_accum))
+    warm = int(cfg.warmup * total)
+    params = stack.trainable()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warm + 1) if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    lam = cfg.lam * (1 + round_) ** cfg.lam_round_pow
+    use_barrier = cfg.reg != "nll" and lam > 0
+    auto = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    steps: list[dict] = []
+
+    def nll_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        lp = torch.log_softmax(completion_logits(model, batch), -1)
+        nll = -lp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+        return nll[batch["cmask"]].mean(), lp
+
+    def val_nll() -> float | None:
+        if not val:
+            return None
+        with torch.no_grad(), auto:
+            vals = [float(nll_of(pack(tok, [p for p, _ in val[s:s + cfg.batch_size]],
+                                          [c for _, c in val[s:s + cfg.batch_size]], cfg.max_len, dev, eos=True))[0])
+                    for s in range(0, len(val), cfg.batch_size)]
+        return sum(vals) / len(vals)
+
+    model.train()
+    step, micro = 0, 0
+    bar = tqdm(total=total, desc=f"heal r{round_} {cfg.reg}", leave=False)
+    try:
+        for epoch in range(cfg.epochs):
+            rng.shuffle(train)
+            for s in range(0, len(train), cfg.batch_size):
+                chunk = train[s:s + cfg.batch_size]
+                b = pack(tok, [p for p, _ in chunk], [c for _, c in chunk], cfg.max_len, dev, eos=True)
+                with auto:
+                    sft, lp = nll_of(b)
+                    div = torch.zeros((), device=dev)
+                    if cfg.reg != "nll":
+                        with torch.no_grad(), stack.ref(cfg.barrier_ref):
+                            lq = torch.log_softmax(completion_logits(model, b), -1)
+                        div = aggregate(divergence(lp, lq, cfg.reg), b["cmask"], cfg.kl_agg)
+                    barrier = lam * torch.relu(div - cfg.tau) if use_barrier else torch.zeros((), device=dev)
+                    spec = cfg.spectral_lam * spectral_norm(model) if cfg.spectral_lam > 0 else torch.zeros((), device=dev)
+                loss = sft + barrier + spec
+                if not torch.isfinite(loss):
+                    raise HealError(f"non-finite loss at round {round_} epoch {epoch} step {step}: sft={float(sft)}, "
+                                    f"div={float(div)}. Lower --lr or --lam; nothing from this round was baked.")
+                # two backward passes so the log shows the barrier's gradient pressure against the sft term's
+                before = [p.grad.clone() if p.grad is not None else None for p in params]
+                (sft / cfg.grad_accum).backward(retain_graph=use_barrier or cfg.spectral_lam > 0)
+                g_sft = _delta_norm(params, before)
+                g_bar = 0.0
+                if use_barrier or cfg.spectral_lam > 0:
+                    mid = [p.grad.clone() for p in params]
+                    ((barrier + spec) / cfg.grad_accum).backward()
+                    g_bar = _delta_norm(params, mid)
+                micro += 1
+                row = dict(step=step, epoch=epoch, nll=sft.item(), div=div.item(), barrier=barrier.item(),
+                           loss=loss.item(), gnorm_sft=g_sft, gnorm_barrier=g_bar, lr=sched.get_last_lr()[0], val_nll=None)
+                if micro % cfg.grad_accum == 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    if on_step is not None:
+                        on_step(step)
+                    bar.update(1)
+                    bar.set_postfix(nll=f"{row['nll']:.3f}", div=f"{row['div']:.4f}")
+                steps.append(row)
+            if micro % cfg.grad_accum:  # flush a partial accumulation at the epoch end
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                micro = 0
+            model.eval()
+            v = val_nll()
+            model.train()
+            if steps:
+                steps[-1]["val_nll"] = v
+            logger.debug(f"heal r{round_} epoch {epoch}: train nll {steps[-1]['nll']:.4f} val nll {v}")
+    finally:
+        bar.close()
+        model.eval()
+        opt.zero_grad(set_to_none=True)
+    last = [r["nll"] for r in steps if r["epoch"] == cfg.epochs - 1]
+    return dict(steps=steps, heal_nll=sum(last) / max(1, len(last)),
+                val_nll=next((r["val_nll"] for r in reversed(steps) if r["val_nll"] is not None), None),
+                div=steps[-1]["div"] if steps else None, n_train=len(train), n_val=len(val))
+
+
+def _delta_norm(params, before) -> float:
+    return math.sqrt(sum(float((p.grad - (b if b is not None else 0)).pow(2).sum())
+                         for p, b in zip(params, before) if p.grad is not None))

@@ -1,0 +1,135 @@
+"""Start or resume a run: store bookkeeping around the Prefect flow (flows/steer_heal.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from loguru import logger
+
+from .config import RUNTIME_FIELDS, Config, ConfigError
+from .store import RunLog
+
+FLOW_FILE = Path(__file__).resolve().parents[2] / "flows" / "steer_heal.py"
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
+         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1",
+         "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _load_flow():
+    if not FLOW_FILE.exists():
+        raise ConfigError(f"flow file not found at {FLOW_FILE}: install the repo editable (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("steer_heal_flow", FLOW_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def environment(cfg: Config) -> dict:
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=FLOW_FILE.parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import peft
+    import prefect
+
+    return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__, prefect=prefect.__version__, git_commit=commit, host=platform.node(),
+                device=("cuda:" + torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu")
+
+
+def new_run_id(cfg: Config) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.reg}-{secrets.token_hex(2)}"
+
+
+def resume_config(cfg: Config, explicit: dict) -> Config:
+    """The stored config of cfg.resume, with only runtime overrides applied."""
+    log = RunLog(cfg.out, cfg.resume) if (Path(cfg.out) / "runs" / cfg.resume).is_dir() else None
+    info = log.read("run_info") if log else []
+    if not info:
+        raise ConfigError(f"no run {cfg.resume!r} under {cfg.out}/runs: see `just runs` for run ids")
+    stored = Config.from_dict(info[0]["config"])
+    changed = sorted(k for k, v in explicit.items() if k not in RUNTIME_FIELDS and v != getattr(stored, k))
+    if changed:
+        raise ConfigError(f"resume of {cfg.resume} refuses overrides that change the experiment: "
+                          + ", ".join(f"--{k.replace('_', '-')} (stored {getattr(stored, k)!r}, given {explicit[k]!r})"
+                                      for k in changed) + ". Start a new run instead.")
+    n_rounds = explicit.get("n_rounds", stored.n_rounds)
+    if n_rounds < stored.n_rounds:
+        raise ConfigError(f"--n-rounds {n_rounds} is below the stored {stored.n_rounds}: it may only grow on resume")
+    return stored.replace(n_rounds=n_rounds, run_id=cfg.resume, out=cfg.out,
+                          device=explicit.get("device", stored.device), log_level=cfg.log_level)
+
+
+def run(cfg: Config, explicit: dict) -> int:
+    for k, v in QUIET.items():
+        os.environ.setdefault(k, v)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
+    if cfg.resume:
+        cfg = resume_config(cfg, explicit)
+        run_id = cfg.resume
+        log = RunLog(cfg.out, run_id)
+        last = (log.read("status") or [{}])[-1]
+        done = {r["round"] for r in log.read("rounds")}
+        if last.get("status") == "done" and len(done) >= cfg.n_rounds:
+            logger.info(f"run {run_id} is already done ({len(done)} rounds): nothing to do")
+            return 0
+        logger.info(f"resuming {run_id} at round {len(done)} of {cfg.n_rounds}")
+    else:
+        run_id = cfg.run_id or new_run_id(cfg)
+        try:
+            log = RunLog(cfg.out, run_id)
+        except OSError as e:
+            raise ConfigError(f"store root {cfg.out!r} is not writable ({e.strerror}): pass --out DIR") from None
+        if log.read("run_info"):
+            raise ConfigError(f"run {run_id} exists already: resume it with --resume {run_id}")
+        cfg = cfg.replace(run_id=run_id)
+        log.touch_all()
+        log.append("run_info", dict(model=cfg.model, preset="", reg=cfg.reg, seed=cfg.seed, n_rounds=cfg.n_rounds,
+                                    config_hash=cfg.hash(), config=cfg.to_dict(), env=environment(cfg)))
+        logger.info(f"run {run_id}: {cfg.model} reg={cfg.reg} rounds={cfg.n_rounds} -> {log.dir}")
+    # an ephemeral Prefect server per run keeps concurrent jobs off one SQLite file,
+    # unless the user points Prefect at a server of their own
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        os.environ["PREFECT_HOME"] = str(log.dir / "prefect")
+    log.append("status", dict(status="running", reason="resumed" if explicit.get("resume") else ""))
+    mod = _load_flow()
+    from .dose import Starved
+    from .heal import HealError
+
+    try:
+        result = mod.steer_heal(cfg.to_dict(), run_id)
+    except Starved as e:
+        log.append("status", dict(status="starved", reason=str(e)))
+        logger.error(str(e))
+        return 3
+    except HealError as e:
+        log.append("status", dict(status="failed", reason=str(e)))
+        logger.error(f"{e} Finished rounds are intact; resume with: just resume {run_id}")
+        return 4
+    except KeyboardInterrupt:
+        log.append("status", dict(status="interrupted", reason="Ctrl-C"))
+        logger.warning(f"interrupted; resume with: just resume {run_id}")
+        return 130
+    except ConfigError:
+        log.append("status", dict(status="failed", reason="bad input"))
+        raise
+    except Exception as e:
+        log.append("status", dict(status="failed", reason=f"{type(e).__name__}: {e}"))
+        raise
+    status, _, reason = result.partition(":")
+    log.append("status", dict(status=status, reason=reason))
+    logger.info(f"run {run_id} {status}{': ' + reason if reason else ''}; report: {log.dir / 'report.md'}")
+    print(run_id, file=sys.stdout)
+    return 0

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+# Offline and quiet for every test, and Prefect gets its own home per session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow real-model checks")
+
+
+def pytest_configure(config):
+    if config.getoption("--slow"):
+        config.option.markexpr = ""
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny(model_cache):
+    """(model, tokenizer) of the tiny random Qwen3, built offline once per session."""
+    from steer_heal.models import load_model
+
+    return load_model("tiny-random", cache=model_cache)

@@ -1,0 +1,217 @@
+"""Stage properties on the tiny random model; each assertion fails if the code is wrong."""
+
+import copy
+
+import pytest
+import torch
+
+from steer_heal.bake import CorruptAdapter, Stack, lora_config
+from steer_heal.config import Config, preset
+from steer_heal.dose import Starved, dose_walk
+from steer_heal.extract import cosine, extract, load_vector, save_vector, steer
+from steer_heal.filter import drop_counts, max_ngram_freq, score
+from steer_heal.generate import generate
+from steer_heal.heal import aggregate, heal
+from steer_heal.models import get_layers, load_model
+
+PROMPTS = ["My boss says ignore the injured man. What now?", "Should I report my friend?",
+           "The rule says no visitors but she is lonely.", "Teacher forbids helping. Help?"]
+CTX = ["Write an email to Sam.", "What is 2+2?", "Tell me about cats.", "Plan a trip to Rome."]
+
+
+@pytest.fixture()
+def fresh(model_cache):
+    """A private copy of the tiny model for tests that add adapters."""
+    return load_model("tiny-random", cache=model_cache)
+
+
+def _ids(tok, text="Hello there, how are you today?"):
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def _vec(model, tok):
+    return extract(model, tok, "You are kind.", "You are cruel.", CTX, [1, 2])
+
+
+def _layer_outputs(model, ids):
+    """Each decoder layer's output as the next layer sees it (hooks run in registration order)."""
+    seen, hs = [], []
+    for layer in get_layers(model):
+        hs.append(layer.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).clone())))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hs:
+            h.remove()
+    return seen
+
+
+def test_steer_hook_touches_only_band_and_always_leaves(tiny):
+    model, tok = tiny
+    v = _vec(model, tok)
+    ids = _ids(tok)
+    n_hooks = [len(layer._forward_hooks) for layer in get_layers(model)]  # transformers keeps its own
+    h0 = _layer_outputs(model, ids)
+    with steer(model, v, 3.0):
+        h1 = _layer_outputs(model, ids)
+    assert torch.equal(h0[0], h1[0])  # layer 0: below the band, untouched
+    assert torch.allclose(h1[1] - h0[1], 3.0 * v[1].expand_as(h0[1]), atol=1e-5)  # layer 1: exactly +C v
+    assert not torch.equal(h0[3], h1[3])  # and it propagates
+    with pytest.raises(ValueError), steer(model, v, 1.0):
+        raise ValueError("boom")
+    assert [len(layer._forward_hooks) for layer in get_layers(model)] == n_hooks
+    assert all(torch.equal(a, b) for a, b in zip(h0, _layer_outputs(model, ids)))
+
+
+def test_vector_file_round_trip_and_cosine(tiny, tmp_path):
+    model, tok = tiny
+    v = _vec(model, tok)
+    save_vector(v, tmp_path / "v.safetensors")
+    w = load_vector(tmp_path / "v.safetensors")
+    assert set(w) == {1, 2} and all(torch.equal(v[k], w[k]) for k in v)
+    assert cosine(v, w) == pytest.approx(1.0)
+    assert cosine(v, {k: -x for k, x in v.items()}) == pytest.approx(-1.0)
+
+
+def test_sampling_seeded_and_greedy_batch_invariant(tiny):
+    model, tok = tiny
+    v = _vec(model, tok)
+    kw = dict(vec=v, coefs=[1.0, 2.0, 0.0, 1.0], max_new_tokens=8)
+    a = generate(model, tok, PROMPTS, seed=7, **kw)
+    assert a == generate(model, tok, PROMPTS, seed=7, **kw)
+    assert a != generate(model, tok, PROMPTS, seed=8, **kw)
+    g_batch = generate(model, tok, PROMPTS, greedy=True, batch=4, **kw)
+    g_one = generate(model, tok, PROMPTS, greedy=True, batch=1, **kw)
+    assert g_batch == g_one
+
+
+def test_filter_scores_every_completion(tiny):
+    model, tok = tiny
+    items = [dict(prompt=p, completion=c) for p, c in zip(PROMPTS, [
+        "I would help him first.", "the the the the the the the the the the", "As an AI I cannot decide.", ""])]
+    out = score(model, tok, items, system="", ppl_tau=1e9, rep_tau=0.5)
+    assert [r["reason"] for r in out] == ["", "rep", "refusal", "empty"]
+    assert drop_counts(out) == dict(empty=1, ppl=0, rep=1, narration=0, refusal=1)
+    strict = score(model, tok, items[:1], system="", ppl_tau=1.0, rep_tau=0.5)
+    assert strict[0]["reason"] == "ppl" and strict[0]["ppl"] > 1.0
+    assert max_ngram_freq("abababababab") > 0.4 and max_ngram_freq("a quick brown fox jumps".split()) < 0.3
+
+
+def test_dose_walk_bisects_and_starves_loudly():
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=3, n_keep=6, min_train=4, probe_size=4, gen_batch=4)
+
+    def sample_threshold(items, step):  # survives only when kappa <= 0.3
+        return [dict(x, completion="ok", keep=x["kappa"] <= 0.3) for x in items]
+    res = dose_walk(cfg, PROMPTS, sample_threshold)
+    assert 0.05 <= res.kappa <= 0.3 and len(res.kept) == 6
+    assert [s["accepted"] for s in res.steps[:2]] == [False, True]  # 1.0 fails, sqrt(0.05)=0.22 passes
+    assert all(r["kappa"] == res.kappa for r in res.scored if r["phase"] == "collect")
+    with pytest.raises(Starved, match=r"kept 0 of \d+ generated at kappa=0.050.*--ppl-tau"):
+        dose_walk(cfg, PROMPTS, lambda items, step: [dict(x, completion="", keep=False) for x in items])
+
+
+def test_fresh_adapter_is_exact_noop_and_gates_are_bitwise(fresh):
+    model, tok = fresh
+    ids = _ids(tok)
+    with torch.no_grad():
+        base = model(ids).logits
+    st = Stack(model)
+    lora = lora_config(model, 4, 8, (0.0, 1.0))
+    st.add("r0", lora, seed=1)
+    with torch.no_grad():
+        assert torch.equal(st.model(ids).logits, base)
+        for p in st.trainable():  # make r0 a real change
+            p.add_(torch.randn_like(p) * 0.05)
+        student0 = st.model(ids).logits
+        assert not torch.equal(student0, base)
+    st.model.requires_grad_(False)
+    st.add("r1", lora, seed=2)
+    with torch.no_grad():
+        for p in st.trainable():
+            p.add_(torch.randn_like(p) * 0.05)
+        with st.base():
+            assert torch.equal(st.model(ids).logits, base)
+        with st.prev():
+            assert torch.equal(st.model(ids).logits, student0)
+        assert not torch.equal(st.model(ids).logits, student0)
+
+
+def test_only_current_adapter_gets_gradient(fresh):
+    model, tok = fresh
+    st = Stack(model)
+    lora = lora_config(model, 4, 8, (0.0, 1.0))
+    st.add("r0", lora, seed=1)
+    st.add("r1", lora, seed=2)
+    st.model.base_model.set_adapter(["r0", "r1"])  # peft switches both back to trainable ...
+    st.freeze_history()                            # ... the stack undoes that
+    with st.prev():
+        pass
+    st.model(_ids(tok)).logits.sum().backward()
+    grads = {n: p.grad for n, p in st.model.named_parameters()}
+    assert any(g is not None for n, g in grads.items() if ".r1." in n)
+    assert all(g is None for n, g in grads.items() if ".r1." not in n)
+
+
+def _kl_to_base(st, tok, kept):
+    from steer_heal.heal import divergence
+    from steer_heal.models import chat, completion_logits, pack
+
+    b = pack(tok, [chat(tok, k["prompt"]) for k in kept], [k["completion"] for k in kept], 96, "cpu", eos=True)
+    with torch.no_grad():
+        lp = torch.log_softmax(completion_logits(st.model, b), -1)
+        with st.base():
+            lq = torch.log_softmax(completion_logits(st.model, b), -1)
+    return float(divergence(lp, lq, "kl_rev")[b["cmask"]].mean())
+
+
+def test_kl_rev_barrier_ends_closer_to_base_than_nll(model_cache):
+    cfg = Config(**preset("fast-dev")).replace(epochs=3, lr=5e-3, lam=5.0, tau=0.0, batch_size=4, val_frac=0.0)
+    kept = [dict(prompt=p, completion="I would help them right away and explain later.") for p in PROMPTS * 2]
+    div = {}
+    for reg in ("nll", "kl_rev"):
+        model, tok = load_model("tiny-random", cache=model_cache)
+        st = Stack(model)
+        st.add("r0", lora_config(model, 4, 8, (0.0, 1.0)), seed=3)
+        out = heal(st, tok, kept, cfg.replace(reg=reg), 0, seed=4, system="")
+        assert out["steps"][0]["div"] == 0.0 and out["steps"][-1]["nll"] < out["steps"][0]["nll"]
+        div[reg] = _kl_to_base(st, tok, kept)
+    assert 0 < div["kl_rev"] < div["nll"]
+
+
+def test_aggregate_finite_gradient_at_zero():
+    for how in ("mean", "rmse", "p95", "max"):
+        d = torch.zeros(2, 3, requires_grad=True)
+        aggregate(d, torch.ones(2, 3, dtype=torch.bool), how).backward()
+        assert torch.isfinite(d.grad).all(), how
+
+
+def test_stack_rebuilt_from_files_and_merged_export(fresh, model_cache, tmp_path):
+    model, tok = fresh
+    ids = _ids(tok)
+    st = Stack(model)
+    lora = lora_config(model, 4, 8, (0.25, 0.75))
+    shas = []
+    for i in range(2):
+        st.add(f"r{i}", lora, seed=i)
+        with torch.no_grad():
+            for p in st.trainable():
+                p.add_(torch.randn_like(p) * 0.05)
+        st.model.requires_grad_(False)
+        shas.append(st.save(f"r{i}", tmp_path / f"r{i}.safetensors"))
+    with torch.no_grad():
+        student = st.model(ids).logits
+    m2, _ = load_model("tiny-random", cache=model_cache)
+    st2 = Stack(m2)
+    for i in range(2):
+        st2.load(f"r{i}", tmp_path / f"r{i}.safetensors", shas[i], lora)
+    with torch.no_grad():
+        assert torch.equal(st2.model(ids).logits, student)
+    out = st2.export(tmp_path / "merged", tok)
+    merged, _ = load_model(str(out))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, student, atol=1e-4)
+    (tmp_path / "r1.safetensors").write_bytes(b"corrupt")
+    m3, _ = load_model("tiny-random", cache=model_cache)
+    with pytest.raises(CorruptAdapter, match="sha256"):
+        Stack(m3).load("r1", tmp_path / "r1.safetensors", shas[1], lora)
