@@ -1,0 +1,50 @@
+"""Three runs write one store at once while a reader polls it: nothing lost, nobody waits."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from steer_heal.store import query
+from test_flow import ARGS
+
+
+def test_three_concurrent_runs_and_a_polling_reader(tmp_path):
+    args = [a if a != "2" or ARGS[i - 1] != "--epochs" else "1" for i, a in enumerate(ARGS)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PREFECT_HOME", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "steer_heal", "--out", str(tmp_path), *args,
+                               "--n-rounds", "1", "--run-id", f"c{i}", "--seed", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+             for i in range(3)]
+    polls, errors, slowest = 0, [], 0.0
+    try:
+        while any(p.poll() is None for p in procs):
+            t = time.time()
+            try:
+                query(tmp_path, "SELECT count(*) FROM completions")
+                query(tmp_path, "SELECT run_id, status, rounds_done FROM runs")
+                polls += 1
+            except Exception as e:  # noqa: BLE001 - any reader failure is the finding
+                errors.append(repr(e))
+            slowest = max(slowest, time.time() - t)
+            time.sleep(0.2)
+        outs = [p.communicate() for p in procs]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert not errors and polls > 10 and slowest < 5.0
+    _, runs = query(tmp_path, "SELECT run_id, status, rounds_done FROM runs ORDER BY run_id")
+    assert runs == [("c0", "done", 1), ("c1", "done", 1), ("c2", "done", 1)]
+    # every row each writer wrote is there, exactly once
+    for i in range(3):
+        lines = (tmp_path / "runs" / f"c{i}" / "completions.jsonl").read_text().splitlines()
+        _, n = query(tmp_path, f"SELECT count(*) FROM completions WHERE run_id = 'c{i}'")
+        assert n[0][0] == len([x for x in lines if x.strip()]) > 0
+        _, m = query(tmp_path, f"SELECT count(*) FROM stage_metrics WHERE run_id = 'c{i}'")
+        assert m[0][0] == 4 * 8  # base, prompted, steered, healed x (7 foundations + trait)
