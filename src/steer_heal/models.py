@@ -214,10 +214,19 @@ def smollm2_dir(cache: str | Path = "out/models") -> Path:
     path = Path(cache) / "smollm2-135m"
     if (path / "config.json").exists():
         return path
+    from transformers import AutoModelForCausalLM
+
     gguf = smollm2_gguf()
     model, tok = load_gguf(gguf.parent, gguf.name)
+    # transformers refuses to serialise a GGUF-loaded model: copy its weights into a plain one
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
     return path
