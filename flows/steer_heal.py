@@ -249,7 +249,7 @@ def _stored_eval(r: int, stage: str) -> dict:
 
 def round_row(r: int, ext: dict, dose: dict, steered: dict, hl: dict, healed: dict, base: dict, secs: dict) -> dict:
     """Everything the round measured, by the store's column names (DESIGN.md metrics)."""
-    cfg, target = S.cfg, S.persona["target"]
+    target = S.persona["target"]
     ks = metrics.kept_stats([x["ppl"] for x in dose["scored"]], [x["keep"] for x in dose["scored"]])
     row = dict(round=r, kappa=dose["kappa"], n_gen=len(dose["scored"]), n_kept=len(dose["kept"]), **ks,
                cos_v0=ext["cos_v0"], student_cos=ext["student_cos"], heal_nll=hl["heal_nll"], val_nll=hl["val_nll"],

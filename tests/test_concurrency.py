@@ -6,8 +6,9 @@ import subprocess
 import sys
 import time
 
-from steer_heal.store import query
 from test_flow import ARGS
+
+from steer_heal.store import query
 
 
 def test_three_concurrent_runs_and_a_polling_reader(tmp_path):
@@ -38,7 +39,8 @@ def test_three_concurrent_runs_and_a_polling_reader(tmp_path):
             except ProcessLookupError:
                 pass
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert not errors and polls > 10 and slowest < 5.0
+    # a lock would stall a reader for a whole run (a minute here); queries take well under a second
+    assert not errors and polls > 10 and slowest < 15.0
     _, runs = query(tmp_path, "SELECT run_id, status, rounds_done FROM runs ORDER BY run_id")
     assert runs == [("c0", "done", 1), ("c1", "done", 1), ("c2", "done", 1)]
     # every row each writer wrote is there, exactly once

@@ -1,6 +1,5 @@
 """Stage properties on the tiny random model; each assertion fails if the code is wrong."""
 
-import copy
 
 import pytest
 import torch

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -176,6 +177,17 @@ def _tiny_config(arch: str, vocab: int, tok):
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename a finished build into place; a concurrent builder never sees half a model,
+    and when another process won the race its (identical) copy is kept."""
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_tiny(arch: str = "qwen3", seed: int = 0, cache: str | Path = "out/models") -> Path:
     """Build (or reuse) a tiny random model dir; identical bytes for the same (arch, seed, data)."""
     from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
@@ -195,7 +207,7 @@ def build_tiny(arch: str = "qwen3", seed: int = 0, cache: str | Path = "out/mode
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, path)  # atomic: a concurrent builder never sees half a model
+    _publish(tmp, path)
     logger.info(f"built tiny random {arch} model at {path}")
     return path
 
@@ -228,7 +240,7 @@ def smollm2_dir(cache: str | Path = "out/models") -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, path)
+    _publish(tmp, path)
     return path
 
 

@@ -72,6 +72,15 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
                           device=explicit.get("device", stored.device), log_level=cfg.log_level)
 
 
+def preflight(cfg: Config) -> None:
+    """Read every input the run needs before anything expensive: bad ones fail here, named."""
+    from . import data
+
+    data.persona(cfg)
+    data.dilemmas(cfg.persona)
+    data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
+
+
 def run(cfg: Config, explicit: dict) -> int:
     for k, v in QUIET.items():
         os.environ.setdefault(k, v)
@@ -87,6 +96,7 @@ def run(cfg: Config, explicit: dict) -> int:
             return 0
         logger.info(f"resuming {run_id} at round {len(done)} of {cfg.n_rounds}")
     else:
+        preflight(cfg)
         run_id = cfg.run_id or new_run_id(cfg)
         try:
             log = RunLog(cfg.out, run_id)
