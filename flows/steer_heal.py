@@ -19,19 +19,24 @@ from prefect.cache_policies import NO_CACHE
 from steer_heal import data, evaluate, metrics
 from steer_heal.bake import Stack, lora_config
 from steer_heal.config import FOUNDATIONS, Config
-from steer_heal.dose import dose_walk
+from steer_heal.dose import Starved, dose_walk
 from steer_heal.extract import cosine, extract, load_vector, save_vector, steer, student_vector
 from steer_heal.filter import drop_counts, score
 from steer_heal.generate import generate
-from steer_heal.heal import heal
+from steer_heal.heal import HealError, heal
 from steer_heal.models import band, get_layers, load_model
-from steer_heal.report import round_table, write_report
+from steer_heal.report import by_stage, round_table, write_report
 from steer_heal.seeds import seed_for
 from steer_heal.store import RunLog
 
-# Which tables each stage writes for its round: resume drops a crashed stage's partial rows.
-STAGE_TABLES = {"dose": ("completions:gen", "dose_steps"), "eval_steered": ("stage_metrics:steered",),
-                "heal": ("heal_steps",), "eval_healed": ("stage_metrics:healed", "completions:demo")}
+# The rows each stage writes for its round (table, which rows): resume drops a crashed stage's partial rows.
+STAGE_ROWS = {
+    "dose": [("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", lambda x: True)],
+    "eval_steered": [("stage_metrics", lambda x: x["stage"] == "steered")],
+    "heal": [("heal_steps", lambda x: True)],
+    "eval_healed": [("stage_metrics", lambda x: x["stage"] == "healed"),
+                    ("completions", lambda x: x["phase"].startswith("demo"))],
+}
 
 
 class State:
@@ -66,11 +71,8 @@ class State:
 
     def forget_partial(self, r: int, stage: str) -> None:
         """Drop rows a crashed attempt at this stage left behind, before redoing it."""
-        for spec in STAGE_TABLES.get(stage, ()):
-            table, _, which = spec.partition(":")
-            keep = {"gen": lambda x: x["phase"] not in ("probe", "collect"), "demo": lambda x: not x["phase"].startswith("demo"),
-                    "steered": lambda x: x["stage"] != "steered", "healed": lambda x: x["stage"] != "healed"}.get(which)
-            self.log.drop(table, lambda x, keep=keep: x["round"] == r and (keep is None or not keep(x)))
+        for table, which in STAGE_ROWS.get(stage, ()):
+            self.log.drop(table, lambda x, which=which: x["round"] == r and which(x))
 
 
 S: State | None = None
@@ -84,20 +86,18 @@ def crash_point(where: str) -> None:
 
 
 def _evals(stage: str, r: int, coef: float = 0.0, system: str | None = None) -> dict:
-    """Run the configured evaluators on the model as it is now; store long-form rows."""
-    cfg, out, rows = S.cfg, {}, []
+    """Run the configured evaluators on the model as it is now; store long-form rows, return their summary."""
+    cfg, rows = S.cfg, []
     sys_ = S.system if system is None else system
     if cfg.eval in ("mfv", "both"):
         m = evaluate.mfv(S.stack.model, S.tok, S.vignettes, system=sys_, think_tokens=cfg.think_tokens, batch=cfg.eval_batch)
-        out["mfv"] = m
         rows += [dict(round=r, stage=stage, evaluator="mfv", foundation=f, prob=m["profile"][f], nats=m["nats"][f],
                       coherence=m["coherence"], top1_agree=m["top1_agree"], n=m["n"], coef=coef) for f in FOUNDATIONS]
     if cfg.eval in ("contrast", "both"):
         c = evaluate.contrast(S.stack.model, S.tok, S.dilemmas, system=sys_, batch=cfg.eval_batch)
-        out["contrast"] = c
         rows.append(dict(round=r, stage=stage, evaluator="contrast", foundation="trait", nats=c["trait_nats"], n=c["n"], coef=coef))
     S.log.append("stage_metrics", rows)
-    return out
+    return by_stage(rows)[(r, stage)]
 
 
 def _demo(stage: str, r: int, vec=None, coef: float = 0.0, system: str | None = None) -> None:
@@ -167,7 +167,10 @@ def dose_task(r: int) -> dict:
                          system=S.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
                          max_len=cfg.max_len, batch=cfg.gen_batch)
 
-    res = dose_walk(cfg, S.prompts, sample)
+    try:
+        res = dose_walk(cfg, S.prompts, sample)
+    except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
+        return dict(starved=str(e))
     S.log.append("completions", [dict(round=r, **x) for x in res.scored])
     S.log.append("dose_steps", [dict(round=r, **{k: x[k] for k in ("step", "kappa", "n", "n_kept", "rate", "accepted")})
                                 for x in res.steps])
@@ -183,7 +186,7 @@ def eval_steered(r: int, coef: float) -> dict:
     S.forget_partial(r, "eval_steered")
     t = time.time()
     with steer(S.stack.model, S.vectors[r], coef):
-        out = _summ(_evals("steered", r, coef=coef))
+        out = _evals("steered", r, coef=coef)
     S.mark(r, "eval_steered", time.time() - t)
     return out
 
@@ -202,8 +205,11 @@ def heal_task(r: int, kept: list[dict]) -> dict:
     S.forget_partial(r, "heal")
     t = time.time()
     S.stack.add(name, S.lora, seed=seed_for(cfg.seed, r, "lora_init"))
-    out = heal(S.stack, S.tok, kept, cfg, r, seed_for(cfg.seed, r, "heal"), S.system,
-               on_step=lambda step: crash_point(f"heal:r{r}:step{step}"))
+    try:
+        out = heal(S.stack, S.tok, kept, cfg, r, seed_for(cfg.seed, r, "heal"), S.system,
+                   on_step=lambda step: crash_point(f"heal:r{r}:step{step}"))
+    except HealError as e:
+        return dict(failed=str(e))
     S.log.append("heal_steps", [dict(round=r, **x) for x in out["steps"]])
     # bake: freeze, write atomically, record the hash (the row is what resume trusts)
     S.stack.model.requires_grad_(False)
@@ -219,32 +225,14 @@ def eval_healed(r: int) -> dict:
         return _stored_eval(r, "healed")
     S.forget_partial(r, "eval_healed")
     t = time.time()
-    out = _summ(_evals("healed", r))
+    out = _evals("healed", r)
     _demo("healed", r)
     S.mark(r, "eval_healed", time.time() - t)
     return out
 
 
-def _summ(ev: dict) -> dict:
-    """Flatten evaluator output to the numbers the round row needs."""
-    out = {"nats": {}, "coherence": None, "trait_nats": None}
-    if "mfv" in ev:
-        out.update(nats=ev["mfv"]["nats"], coherence=ev["mfv"]["coherence"])
-    if "contrast" in ev:
-        out["trait_nats"] = ev["contrast"]["trait_nats"]
-    return out
-
-
 def _stored_eval(r: int, stage: str) -> dict:
-    rows = [x for x in S.log.read("stage_metrics") if x["round"] == r and x["stage"] == stage]
-    out = {"nats": {}, "coherence": None, "trait_nats": None}
-    for x in rows:
-        if x["evaluator"] == "mfv":
-            out["nats"][x["foundation"]] = x["nats"]
-            out["coherence"] = x["coherence"]
-        else:
-            out["trait_nats"] = x["nats"]
-    return out
+    return by_stage(S.log.read("stage_metrics")).get((r, stage), {"nats": {}, "coherence": None, "trait_nats": None})
 
 
 def round_row(r: int, ext: dict, dose: dict, steered: dict, hl: dict, healed: dict, base: dict, secs: dict) -> dict:
@@ -287,9 +275,13 @@ def steer_heal(config: dict, run_id: str) -> str:
         logger.info(f"round {r}/{cfg.n_rounds - 1}")
         ext = extract_task(r)
         dose = dose_task(r)
+        if "starved" in dose:
+            return "starved:" + dose["starved"]
         coef = sum(x["coef"] for x in dose["kept"]) / max(1, len(dose["kept"]))
         steered = eval_steered(r, coef)
         hl = heal_task(r, dose["kept"])
+        if "failed" in hl:
+            return "failed:" + hl["failed"]
         healed = eval_healed(r)
         secs = dict(sec_extract=ext.pop("sec_extract"), sec_dose=dose["sec_dose"], sec_heal=hl["sec_heal"],
                     sec_total=time.time() - t0)

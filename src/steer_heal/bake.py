@@ -19,13 +19,14 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load, save
 
+from .config import ConfigError
 from .models import band, get_layers
 from .store import atomic_write_bytes, sha256_file
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class CorruptAdapter(RuntimeError):
+class CorruptAdapter(ConfigError):
     """An adapter file is missing or does not match its recorded sha256."""
 
 

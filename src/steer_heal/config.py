@@ -101,6 +101,8 @@ class Config:
     target: str = knob("", "target foundation ('' = the persona pair's)", ("",) + FOUNDATIONS)
     direction: str = knob("", "direction the target should move: down|up ('' = the pair's)", ("", "down", "up"))
     eval: str = knob("both", "evaluators: mfv (seven-way choice), contrast (trait_nats), both", EVALS)
+    evaluator: str = knob("builtin", "seven-way probe implementation: builtin, or tinymfv when that package is importable", ("builtin", "tinymfv"))
+    steerer: str = knob("builtin", "steering hooks: builtin, or steering-lite when that package is importable", ("builtin", "steering-lite"))
     eval_batch: int = knob(16, "eval batch size")
     n_demo: int = knob(2, "greedy demo generations per stage")
     # loop

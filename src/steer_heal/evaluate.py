@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .config import FOUNDATIONS, ConfigError
+from .models import chat, completion_logprobs, left_pad, pack
 
 # The word each foundation is offered as; "social" = not morally wrong, just unusual.
 OPTION_WORDS = {"Care": "care", "Fairness": "fairness", "Loyalty": "loyalty", "Authority": "authority",
@@ -59,21 +60,7 @@ def answer_options(tok) -> Options:
 
 def chat_ids(tok, system: str, user: str) -> list[int]:
     """Token ids of a chat prompt ending at the assistant-turn start (template adds any BOS itself)."""
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    # positions count real tokens only, so a left-padded row sees the same positions as when alone
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
+    return tok(chat(tok, user, system), add_special_tokens=False)["input_ids"]
 
 
 def _batches(seqs: list[list[int]], batch: int, desc: str):
@@ -85,8 +72,7 @@ def _batches(seqs: list[list[int]], batch: int, desc: str):
 
 def _tail_logits(model, seqs: list[list[int]], keep: int, pad_id: int) -> torch.Tensor:
     """float32 logits of the last `keep` positions of each (left-padded, hence right-aligned) sequence."""
-    ids, mask, pos = _left_pad(seqs, pad_id, model.device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    out = model(**left_pad(seqs, pad_id, model.device), logits_to_keep=keep, use_cache=False)
     return out.logits[:, -keep:].float()
 
 
@@ -106,8 +92,9 @@ def _think(model, tok, seqs: list[list[int]], k: int, batch: int) -> list[list[i
                             pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop))
     out: list[list[int]] = [[] for _ in seqs]
     for idx in _batches(seqs, batch, "think"):
-        ids, mask, _ = _left_pad([seqs[i] for i in idx], tok.pad_token_id, model.device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg)[:, ids.shape[1]:]
+        b = left_pad([seqs[i] for i in idx], tok.pad_token_id, model.device)
+        gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             generation_config=gcfg)[:, b["input_ids"].shape[1]:]
         for i, row in zip(idx, gen.tolist(), strict=True):
             cut = next((j for j, t in enumerate(row) if t in stop), len(row))
             out[i] = row[:cut]
@@ -191,44 +178,26 @@ def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int =
 
 # ---------------------------------------------------------------- contrast: trait vs opposite continuation
 
-def _mean_logprobs(model, seqs: list[tuple[int, ...]], cont_lens: list[int], pad_id: int, batch: int) -> list[float]:
-    """Mean per-token log-prob of the last cont_lens[i] tokens of each sequence."""
-    out = [0.0] * len(seqs)
-    for idx in _batches([list(s) for s in seqs], batch, "contrast"):
-        m = [cont_lens[i] for i in idx]
-        keep = max(m) + 1
-        logits = _tail_logits(model, [list(seqs[i]) for i in idx], keep, pad_id)[:, :-1]  # predicts the tail
-        # right-aligned rows: row j's continuation is predicted by the last m[j] of these positions
-        sel = torch.zeros(logits.shape[:2], dtype=torch.bool)
-        target = torch.zeros(logits.shape[:2], dtype=torch.long)
-        for j, i in enumerate(idx):
-            sel[j, keep - 1 - m[j]:] = True
-            target[j, keep - 1 - m[j]:] = torch.tensor(seqs[i][-m[j]:])
-        sel, target = sel.to(logits.device), target.to(logits.device)
-        picked = logits[sel]  # [N, V]: continuation positions only
-        lp = picked.gather(-1, target[sel][:, None])[:, 0] - picked.logsumexp(-1)
-        for j, chunk in enumerate(lp.double().cpu().split(m)):
-            out[idx[j]] = float(chunk.mean())
-    return out
-
-
 def contrast(model, tok, items: list[dict], system: str = "", batch: int = 16) -> dict:
     """trait_nats = mean over items of (mean log-prob of the trait reply - that of the opposite reply)."""
     if not items:
         raise ConfigError("contrast needs at least one dilemma")
+    for it in items:
+        if not (it["trait"].strip() and it["opposite"].strip()):
+            raise ConfigError(f"dilemma {it['prompt'][:40]!r}: empty trait or opposite continuation")
+    # score each distinct (prompt, reply) once: identical replies then differ by exactly 0.0
+    unique = list(dict.fromkeys((chat(tok, it["prompt"], system), it[k]) for it in items for k in ("trait", "opposite")))
+    scores: dict[tuple, float] = {}
     with _evaluating(model):
-        pairs = []
-        for it in items:
-            prompt = chat_ids(tok, system, it["prompt"])
-            # continuation tokenised on its own and appended, so the prompt/reply boundary never shifts
-            conts = [tok(it[k], add_special_tokens=False)["input_ids"] for k in ("trait", "opposite")]
-            if not all(conts):
-                raise ConfigError(f"dilemma {it['prompt'][:40]!r}: empty trait or opposite continuation")
-            pairs.append([(tuple(prompt + c), len(c)) for c in conts])
-        # score each distinct sequence once: identical continuations then differ by exactly 0.0
-        unique = list(dict.fromkeys(s for pair in pairs for s in pair))
-        scores = dict(zip(unique, _mean_logprobs(model, [s for s, _ in unique], [m for _, m in unique],
-                                                 tok.pad_token_id, batch), strict=True))
-    rows = [{"prompt": it["prompt"], "trait_lp": scores[a], "opposite_lp": scores[b], "diff": scores[a] - scores[b]}
-            for it, (a, b) in zip(items, pairs, strict=True)]
+        for s in range(0, len(unique), batch):
+            chunk = unique[s:s + batch]
+            # prompt and reply tokenised apart and joined, so the boundary never shifts
+            b = pack(tok, [p for p, _ in chunk], [c for _, c in chunk], 10**9, model.device)
+            lp = completion_logprobs(model, b).double().sum(-1) / b["cmask"].sum(-1)
+            scores.update(zip(chunk, lp.tolist(), strict=True))
+    rows = []
+    for it in items:
+        p = chat(tok, it["prompt"], system)
+        a, o = scores[(p, it["trait"])], scores[(p, it["opposite"])]
+        rows.append({"prompt": it["prompt"], "trait_lp": a, "opposite_lp": o, "diff": a - o})
     return {"trait_nats": sum(r["diff"] for r in rows) / len(rows), "n": len(rows), "rows": rows}

@@ -80,15 +80,17 @@ def chat(tok, user: str, system: str = "") -> str:
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def encode_left(tok, texts: list[str], device) -> dict[str, torch.Tensor]:
-    """Left-padded batch with position ids that start at 0 on the first real token."""
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+def left_pad(ids: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
+    """Left-padded batch with position ids that start at 0 on the first real token,
+    so a padded row sees the same positions as when it is alone."""
     n = max(map(len, ids))
-    pad = tok.pad_token_id
     input_ids = torch.tensor([[pad] * (n - len(x)) + x for x in ids], device=device)
     mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos}
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def encode_left(tok, texts: list[str], device) -> dict[str, torch.Tensor]:
+    return left_pad([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id, device)
 
 
 def pack(tok, prompts: list[str], completions: list[str], max_len: int, device, eos: bool = False) -> dict:
@@ -270,7 +272,37 @@ def resolve(name: str, gguf_file: str = "", cache: str | Path = "out/models", se
     if name.endswith(".gguf"):
         p = Path(name)
         return p.parent, p.name
-    return Path(name) if Path(name).exists() else Path(name), gguf_file
+    return Path(name), gguf_file
+
+
+def check_model(name: str, gguf_file: str = "") -> None:
+    """Fail fast, before any expensive work, on a model that cannot be loaded from here."""
+    if name == "tiny-random" or name.startswith("tiny-random-"):
+        arch = name.removeprefix("tiny-random").lstrip("-") or "qwen3"
+        if arch not in TINY_ARCHS:
+            raise ModelError(f"unknown tiny-random arch {arch!r}: use one of {', '.join(TINY_ARCHS)}")
+        return
+    if name == "smollm2-135m":
+        smollm2_gguf()
+        return
+    if name.endswith(".gguf") or gguf_file:
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelError("loading a .gguf file needs the gguf package: pip install gguf")
+        path = Path(name) if name.endswith(".gguf") else Path(name) / gguf_file
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return
+    if Path(name).is_dir():
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or name.count("/") > 1 or name.startswith((".", "/")):
+        from huggingface_hub import try_to_load_from_cache
+
+        looks_like_id = name.count("/") <= 1 and not name.startswith((".", "/"))
+        if not (looks_like_id and isinstance(try_to_load_from_cache(name, "config.json"), str)):
+            raise ModelError(
+                f"unknown model {name!r}: not a local directory and not in the Hugging Face cache, and "
+                "HF_HUB_OFFLINE=1. Download it first (HF_HUB_OFFLINE=0 huggingface-cli download "
+                f"{name}), pass a local path or a .gguf file, or use a preset: tiny-random, smollm2-135m")
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_impl: str = "sdpa",

@@ -33,16 +33,20 @@ def round_table(rounds: list[dict], md: bool = False) -> str:
 
 
 def by_stage(metrics: list[dict]) -> dict[tuple, dict]:
-    """base / prompted / steered / healed per round: target nats, trait nats, coherence, deltas vs base."""
+    """stage_metrics rows -> {(round, stage): {nats: {foundation: nats}, coherence, trait_nats}}."""
     by: dict[tuple, dict] = {}
     for m in metrics:
-        d = by.setdefault((m["round"], m["stage"]), {})
+        d = by.setdefault((m["round"], m["stage"]), {"nats": {}, "coherence": None, "trait_nats": None})
         if m["evaluator"] == "contrast":
-            d["trait"] = m["nats"]
+            d["trait_nats"] = m["nats"]
         else:
-            d.setdefault("nats", {})[m["foundation"]] = m["nats"]
-            d["coh"] = m["coherence"]
+            d["nats"][m["foundation"]] = m["nats"]
+            d["coherence"] = m["coherence"]
     return by
+
+
+def _delta(x, base):
+    return None if x is None or base is None else x - base
 
 
 def write_report(log: RunLog, target: str = "Authority") -> str:
@@ -54,9 +58,8 @@ def write_report(log: RunLog, target: str = "Authority") -> str:
     for (r, stage), d in sorted(by.items(), key=lambda x: (x[0][0], ["base", "prompted", "steered", "healed"].index(x[0][1]))):
         t = d.get("nats", {}).get(target)
         bt = base.get("nats", {}).get(target)
-        rows.append([r, stage, t, None if t is None or bt is None else t - bt, d.get("trait"),
-                     None if d.get("trait") is None or base.get("trait") is None else d["trait"] - base["trait"],
-                     d.get("coh"), None if d.get("coh") is None or base.get("coh") is None else d["coh"] - base["coh"]])
+        rows.append([r, stage, t, _delta(t, bt), d["trait_nats"], _delta(d["trait_nats"], base.get("trait_nats")),
+                     d["coherence"], _delta(d["coherence"], base.get("coherence"))])
     demos = [c for c in log.read("completions") if (c["phase"] or "").startswith("demo")]
     parts = [f"# Run {log.run_id}", "", f"model `{info.get('model')}`, reg `{info.get('reg')}`, seed {info.get('seed')}, "
              f"config hash `{info.get('config_hash')}`", "", "## Rounds", "", round_table(rounds, md=True), "",

@@ -75,10 +75,27 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
 def preflight(cfg: Config) -> None:
     """Read every input the run needs before anything expensive: bad ones fail here, named."""
     from . import data
+    from .models import check_model
 
+    check_model(cfg.model, cfg.gguf_file)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
+
+
+def check_adapters(log: RunLog) -> None:
+    """Every baked round's adapter file must exist and match its recorded sha256 (before any work)."""
+    from .bake import CorruptAdapter
+    from .store import sha256_file
+
+    for rec in log.read("adapters"):
+        path = log.dir / rec["path"]
+        if not path.is_file():
+            raise CorruptAdapter(f"adapter of round {rec['round']} is missing: {path}. Restore the file; "
+                                 "a run cannot resume past a lost adapter.")
+        if sha256_file(path) != rec["sha256"]:
+            raise CorruptAdapter(f"adapter of round {rec['round']} at {path} does not match its recorded sha256: "
+                                 "the file is corrupt or was replaced. Restore it; resume will not trust it.")
 
 
 def run(cfg: Config, explicit: dict) -> int:
@@ -94,6 +111,8 @@ def run(cfg: Config, explicit: dict) -> int:
         if last.get("status") == "done" and len(done) >= cfg.n_rounds:
             logger.info(f"run {run_id} is already done ({len(done)} rounds): nothing to do")
             return 0
+        preflight(cfg)
+        check_adapters(log)
         logger.info(f"resuming {run_id} at round {len(done)} of {cfg.n_rounds}")
     else:
         preflight(cfg)
@@ -115,31 +134,24 @@ def run(cfg: Config, explicit: dict) -> int:
         os.environ["PREFECT_HOME"] = str(log.dir / "prefect")
     log.append("status", dict(status="running", reason="resumed" if explicit.get("resume") else ""))
     mod = _load_flow()
-    from .dose import Starved
-    from .heal import HealError
-
     try:
         result = mod.steer_heal(cfg.to_dict(), run_id)
-    except Starved as e:
-        log.append("status", dict(status="starved", reason=str(e)))
-        logger.error(str(e))
-        return 3
-    except HealError as e:
-        log.append("status", dict(status="failed", reason=str(e)))
-        logger.error(f"{e} Finished rounds are intact; resume with: just resume {run_id}")
-        return 4
     except KeyboardInterrupt:
         log.append("status", dict(status="interrupted", reason="Ctrl-C"))
-        logger.warning(f"interrupted; resume with: just resume {run_id}")
+        logger.warning(f"interrupted; finished rounds are kept. Resume with: just resume {run_id}")
         return 130
-    except ConfigError:
-        log.append("status", dict(status="failed", reason="bad input"))
+    except ConfigError as e:
+        log.append("status", dict(status="failed", reason=str(e)))
         raise
     except Exception as e:
         log.append("status", dict(status="failed", reason=f"{type(e).__name__}: {e}"))
         raise
     status, _, reason = result.partition(":")
     log.append("status", dict(status=status, reason=reason))
+    if status in ("starved", "failed"):
+        logger.error(f"run {run_id} {status}: {reason} Finished rounds are intact in {log.dir}. `just resume "
+                     f"{run_id}` retries the round as it was; changing a knob means a new run.")
+        return {"starved": 3, "failed": 4}[status]
     logger.info(f"run {run_id} {status}{': ' + reason if reason else ''}; report: {log.dir / 'report.md'}")
     print(run_id, file=sys.stdout)
     return 0
