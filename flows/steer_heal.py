@@ -16,11 +16,11 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from steer_heal import data, evaluate, metrics
+from steer_heal import backends, data, evaluate, metrics
 from steer_heal.bake import Stack, lora_config
 from steer_heal.config import FOUNDATIONS, Config
 from steer_heal.dose import Starved, dose_walk
-from steer_heal.extract import cosine, extract, load_vector, save_vector, steer, student_vector
+from steer_heal.extract import cosine, extract, load_vector, save_vector, student_vector
 from steer_heal.filter import drop_counts, score
 from steer_heal.generate import generate
 from steer_heal.heal import HealError, heal
@@ -57,6 +57,7 @@ class State:
         self.prompts = data.prompts(cfg.n_prompts)
         self.vignettes = data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
         self.dilemmas = data.dilemmas(cfg.persona)
+        self.mfv, self.steer = backends.mfv_fn(cfg), backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
         self.vectors: dict[int, dict] = {}
 
@@ -90,7 +91,7 @@ def _evals(stage: str, r: int, coef: float = 0.0, system: str | None = None) -> 
     cfg, rows = S.cfg, []
     sys_ = S.system if system is None else system
     if cfg.eval in ("mfv", "both"):
-        m = evaluate.mfv(S.stack.model, S.tok, S.vignettes, system=sys_, think_tokens=cfg.think_tokens, batch=cfg.eval_batch)
+        m = S.mfv(S.stack.model, S.tok, S.vignettes, system=sys_, think_tokens=cfg.think_tokens, batch=cfg.eval_batch)
         rows += [dict(round=r, stage=stage, evaluator="mfv", foundation=f, prob=m["profile"][f], nats=m["nats"][f],
                       coherence=m["coherence"], top1_agree=m["top1_agree"], n=m["n"], coef=coef) for f in FOUNDATIONS]
     if cfg.eval in ("contrast", "both"):
@@ -105,7 +106,8 @@ def _demo(stage: str, r: int, vec=None, coef: float = 0.0, system: str | None = 
     if not ps:
         return
     outs = generate(S.stack.model, S.tok, ps, system=S.system if system is None else system, vec=vec,
-                    coefs=[coef] * len(ps), max_new_tokens=S.cfg.max_new_tokens, greedy=True, batch=S.cfg.gen_batch)
+                    coefs=[coef] * len(ps), max_new_tokens=S.cfg.max_new_tokens, greedy=True, batch=S.cfg.gen_batch,
+                    steerer=S.steer)
     S.log.append("completions", [dict(round=r, phase=f"demo:{stage}", idx=i, coef=coef, prompt=p, completion=o)
                                  for i, (p, o) in enumerate(zip(ps, outs))])
     logger.info(f"demo {stage} r{r}: {ps[0]!r}\n    -> {outs[0]!r}")
@@ -160,7 +162,8 @@ def dose_task(r: int) -> dict:
         outs = generate(S.stack.model, S.tok, [x["prompt"] for x in items], system=S.system, vec=v,
                         coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
                         seed=seed_for(cfg.seed, r, f"dose.{step}"), temperature=cfg.temperature,
-                        top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}")
+                        top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
+                        steerer=S.steer)
         crash_point(f"dose:r{r}:step{step}")
         with S.stack.base():  # perplexity under the original model, no steering
             return score(S.stack.model, S.tok, [dict(x, completion=o) for x, o in zip(items, outs)],
@@ -185,7 +188,7 @@ def eval_steered(r: int, coef: float) -> dict:
         return _stored_eval(r, "steered")
     S.forget_partial(r, "eval_steered")
     t = time.time()
-    with steer(S.stack.model, S.vectors[r], coef):
+    with S.steer(S.stack.model, S.vectors[r], coef):
         out = _evals("steered", r, coef=coef)
     S.mark(r, "eval_steered", time.time() - t)
     return out

@@ -13,10 +13,11 @@ from .models import chat, encode_left
 def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | None = None,
              coefs: list[float] | None = None, max_new_tokens: int = 48, seed: int = 0,
              greedy: bool = False, temperature: float = 0.0, top_p: float = 0.0,
-             batch: int = 16, desc: str = "generate") -> list[str]:
+             batch: int = 16, desc: str = "generate", steerer=steer) -> list[str]:
     """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec.
 
-    temperature/top_p of 0 keep the model's own generation_config defaults.
+    temperature/top_p of 0 keep the model's own generation_config defaults; `steerer` is the
+    hook context manager (extract.steer, or an optional backend's, see backends.py).
     """
     dev = next(model.parameters()).device
     coefs = coefs if coefs is not None else [0.0] * len(prompts)
@@ -37,7 +38,7 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
         enc = encode_left(tok, [chat(tok, p, system) for p in prompts[s:s + batch]], dev)
         enc.pop("position_ids")  # generate derives positions from the mask itself
         c = torch.tensor(coefs[s:s + batch], dtype=torch.float32, device=dev)
-        with steer(model, vec, c):
+        with steerer(model, vec, c):
             ids = model.generate(**enc, **kw)
         out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [o.strip() for o in out]

@@ -74,10 +74,13 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
 
 def preflight(cfg: Config) -> None:
     """Read every input the run needs before anything expensive: bad ones fail here, named."""
-    from . import data
+    from . import backends, data
     from .models import check_model
 
     check_model(cfg.model, cfg.gguf_file)
+    if cfg.eval != "contrast":
+        backends.mfv_fn(cfg)
+    backends.steer_fn(cfg)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
