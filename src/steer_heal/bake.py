@@ -85,8 +85,11 @@ class Stack:
         if not self.peft:
             yield
             return
-        with self.model.disable_adapter():
-            yield
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            self.freeze_history()  # leaving disable_adapter re-enables grads on every active adapter
 
     @contextmanager
     def prev(self) -> Iterator[None]:
