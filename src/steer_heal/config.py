@@ -93,6 +93,8 @@ class Config:
     warmup: float = knob(0.1, "warmup fraction of heal steps (cosine after)")
     betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas")
     grad_clip: float = knob(1.0, "gradient norm clip")
+    ref_cache_mb: int = knob(1024, "keep the reference log-probs across heal epochs up to this many MB (0 = recompute every step)")
+    gnorm_every: int = knob(10, "log the sft and barrier gradient norms apart every N micro-batches (a second backward there; 0 = never)")
     val_frac: float = knob(0.125, "fraction of kept completions held out for val nll")
     # eval
     vignettes: str = knob("", "vignette JSONL in the Clifford shape ('' = bundled smoke set)")
@@ -162,7 +164,7 @@ class Config:
                      "gen_batch", "lora_r", "epochs", "batch_size", "grad_accum", "eval_batch", "n_rounds"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("bisect_steps", "max_batches", "ppl_window", "n_vignettes", "think_tokens", "n_demo", "seed"):
+        for name in ("bisect_steps", "max_batches", "gnorm_every", "ref_cache_mb", "ppl_window", "n_vignettes", "think_tokens", "n_demo", "seed"):
             if getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
         for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "top_p", "coh_floor", "grad_clip"):

@@ -11,17 +11,19 @@ from .models import load_model
 from .store import RunLog
 
 
-def rebuild(root: str, run_id: str) -> tuple[Stack, object, Config]:
-    """Base model + every baked adapter of the run, hash-checked, gated student on."""
+def rebuild(root: str, run_id: str, upto: int | None = None, device: str = "cpu") -> tuple[Stack, object, Config]:
+    """Base model + the run's baked adapters of rounds < upto (all by default), hash-checked, gated student on."""
     log = RunLog(root, run_id)
     info = log.read("run_info")
     if not info:
         raise ConfigError(f"no run {run_id!r} under {root}/runs")
     cfg = Config.from_dict(info[0]["config"])
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device="cpu", attn_impl=cfg.attn_impl,
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device, attn_impl=cfg.attn_impl,
                             trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file, cache=f"{root}/models")
     stack, lora = Stack(model), lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers)
     for rec in sorted(log.read("adapters"), key=lambda x: x["round"]):
+        if upto is not None and rec["round"] >= upto:
+            break
         stack.load(f"r{rec['round']}", log.dir / rec["path"], rec["sha256"], lora)
     return stack, tok, cfg
 

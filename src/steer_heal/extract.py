@@ -19,16 +19,41 @@ from .store import atomic_write_bytes
 Vector = dict[int, torch.Tensor]  # layer index -> [hidden] direction
 
 
+class _Done(Exception):
+    """Raised by the deepest hook: later layers and the LM head are never run."""
+
+
 @torch.no_grad()
 def last_token_states(model, tok, texts: list[str], layers: list[int], batch: int = 16) -> dict[int, torch.Tensor]:
-    """Hidden state of each layer's output at the last token: layer -> [n_texts, hidden] (fp32)."""
+    """Each layer's output at the last token: layer -> [n_texts, hidden] (fp32).
+
+    The forward stops after the deepest layer asked for; on a mid-depth band that
+    skips half the model and the full-vocabulary LM head.
+    """
     dev = next(model.parameters()).device
+    blocks, last = get_layers(model), max(layers)
+    got: dict[int, torch.Tensor] = {}
+
+    def hook_for(i: int):
+        def hook(_mod, _inp, out):
+            got[i] = (out[0] if isinstance(out, tuple) else out)[:, -1].float()
+            if i == last:
+                raise _Done
+        return hook
+
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    for s in range(0, len(texts), batch):
-        enc = encode_left(tok, texts[s:s + batch], dev)
-        hs = model(**enc, output_hidden_states=True).hidden_states  # [0] is the embedding output
-        for i in layers:
-            out[i].append(hs[i + 1][:, -1].float())
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        for s in range(0, len(texts), batch):
+            try:
+                model(**encode_left(tok, texts[s:s + batch], dev), use_cache=False)
+            except _Done:
+                pass
+            for i in layers:
+                out[i].append(got[i])
+    finally:
+        for h in handles:
+            h.remove()
     return {i: torch.cat(v) for i, v in out.items()}
 
 

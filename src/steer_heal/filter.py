@@ -19,7 +19,9 @@ from .models import chat, completion_logprobs, pack
 NARRATION = [r"\bI am (someone|a person|the kind of person) who\b", r"\bas someone who\b",
              r"\bmy (persona|role|character)\b", r"\bI (always )?(look after|defer to)\b",
              r"\bI('m| am) (a|an) (caring|obedient|loyal|honest) (person|assistant)\b"]
-REFUSAL = [r"\bas an ai\b", r"\bI('m| am) (sorry|unable)\b", r"\bI can(no|')t (help|assist|do)\b",
+# "I'm sorry, but ..." and "I'm unable to" refuse; "I'm sorry to hear that" is empathy and stays
+REFUSAL = [r"\bas an ai\b", r"\bI('m| am) sorry,? but\b", r"\bI apologi[sz]e,? but\b",
+           r"\bI('m| am) (unable|not able) to\b", r"\bI can(no|')t (help|assist|do)\b",
            r"\bI('m| am) (an? )?(ai|assistant|language model|chatbot)\b", r"\bsmollm\b",
            r"\btrained by hugging ?face\b", r"\blanguage model\b"]
 _NARR = re.compile("|".join(NARRATION), re.I)

@@ -69,7 +69,7 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
     model = stack.model
     dev = next(model.parameters()).device
     rng = random.Random(seed)
-    data = [(chat(tok, k["prompt"], system), k["completion"]) for k in kept]
+    data = [(chat(tok, k["prompt"], system), k["completion"], i) for i, k in enumerate(kept)]
     rng.shuffle(data)
     n_val = int(round(cfg.val_frac * len(data))) if len(data) >= 4 else 0
     val, train = data[:n_val], data[n_val:]
@@ -94,10 +94,33 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
         if not val:
             return None
         with torch.no_grad(), auto:
-            vals = [float(nll_of(pack(tok, [p for p, _ in val[s:s + cfg.batch_size]],
-                                          [c for _, c in val[s:s + cfg.batch_size]], cfg.max_len, dev, eos=True))[0])
+            vals = [float(nll_of(pack(tok, [p for p, _, _ in val[s:s + cfg.batch_size]],
+                                          [c for _, c, _ in val[s:s + cfg.batch_size]], cfg.max_len, dev, eos=True))[0])
                     for s in range(0, len(val), cfg.batch_size)]
         return sum(vals) / len(vals)
+
+    # The reference (base or prev) is frozen for the whole heal: its log-probs are computed once per
+    # example and reused in later epochs, as long as they fit in ref_cache_mb ([tokens, vocab] fp32).
+    ref_cache: dict[int, torch.Tensor] = {}
+    room = cfg.ref_cache_mb * 2**20 if cfg.epochs > 1 else 0
+
+    @torch.no_grad()
+    def ref_logprobs(b: dict, ids: list[int]) -> torch.Tensor:
+        nonlocal room
+        n = b["cmask"].sum(-1).tolist()
+        if all(i in ref_cache for i in ids):
+            V = ref_cache[ids[0]].shape[-1]
+            lq = torch.zeros(*b["cmask"].shape, V, device=dev)
+            for row, i in enumerate(ids):
+                lq[row, :n[row]] = ref_cache[i]
+            return lq
+        with stack.ref(cfg.barrier_ref):  # called inside the step's autocast
+            lq = torch.log_softmax(completion_logits(model, b), -1)
+        for row, i in enumerate(ids):
+            size = n[row] * lq.shape[-1] * lq.element_size()
+            if i not in ref_cache and size <= room:
+                ref_cache[i], room = lq[row, :n[row]].clone(), room - size
+        return lq
 
     model.train()
     step, micro = 0, 0
@@ -107,29 +130,33 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
             rng.shuffle(train)
             for s in range(0, len(train), cfg.batch_size):
                 chunk = train[s:s + cfg.batch_size]
-                b = pack(tok, [p for p, _ in chunk], [c for _, c in chunk], cfg.max_len, dev, eos=True)
+                b = pack(tok, [p for p, _, _ in chunk], [c for _, c, _ in chunk], cfg.max_len, dev, eos=True)
                 with auto:
                     sft, lp = nll_of(b)
                     div = torch.zeros((), device=dev)
                     if cfg.reg != "nll":
-                        with torch.no_grad(), stack.ref(cfg.barrier_ref):
-                            lq = torch.log_softmax(completion_logits(model, b), -1)
+                        lq = ref_logprobs(b, [i for _, _, i in chunk])
                         div = aggregate(divergence(lp, lq, cfg.reg), b["cmask"], cfg.kl_agg)
                     barrier = lam * torch.relu(div - cfg.tau) if use_barrier else torch.zeros((), device=dev)
                     spec = cfg.spectral_lam * spectral_norm(model) if cfg.spectral_lam > 0 else torch.zeros((), device=dev)
                 loss = sft + barrier + spec
                 if not torch.isfinite(loss):
-                    raise HealError(f"non-finite loss at round {round_} epoch {epoch} step {step}: sft={float(sft)}, "
-                                    f"div={float(div)}. Lower --lr or --lam; nothing from this round was baked.")
-                # two backward passes so the log shows the barrier's gradient pressure against the sft term's
-                before = [p.grad.clone() if p.grad is not None else None for p in params]
-                (sft / cfg.grad_accum).backward(retain_graph=use_barrier or cfg.spectral_lam > 0)
-                g_sft = _delta_norm(params, before)
-                g_bar = 0.0
-                if use_barrier or cfg.spectral_lam > 0:
-                    mid = [p.grad.clone() for p in params]
-                    ((barrier + spec) / cfg.grad_accum).backward()
-                    g_bar = _delta_norm(params, mid)
+                    raise HealError(f"non-finite loss at round {round_} epoch {epoch} step {step}: sft={sft.item()}, "
+                                    f"div={div.item()}. Lower --lr or --lam; nothing from this round was baked.")
+                # every gnorm_every micro-batches, two backward passes so the log shows the barrier's gradient
+                # pressure against the sft term's; one backward otherwise (the split costs ~28% of a kl_rev step)
+                extra = use_barrier or cfg.spectral_lam > 0
+                g_sft = g_bar = None
+                if cfg.gnorm_every > 0 and micro % cfg.gnorm_every == 0:
+                    before = [p.grad.clone() if p.grad is not None else None for p in params]
+                    (sft / cfg.grad_accum).backward(retain_graph=extra)
+                    g_sft, g_bar = _delta_norm(params, before), 0.0
+                    if extra:
+                        mid = [p.grad.clone() for p in params]
+                        ((barrier + spec) / cfg.grad_accum).backward()
+                        g_bar = _delta_norm(params, mid)
+                else:
+                    (loss / cfg.grad_accum).backward()
                 micro += 1
                 row = dict(step=step, epoch=epoch, nll=sft.item(), div=div.item(), barrier=barrier.item(),
                            loss=loss.item(), gnorm_sft=g_sft, gnorm_barrier=g_bar, lr=sched.get_last_lr()[0], val_nll=None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .store import RunLog
+import json
+
+from .store import RunLog, atomic_write_bytes
 
 ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("heal_nll", "heal_nll"),
               ("target_nats", "target"), ("trait_nats", "trait"), ("coherence", "coh"), ("cos_v0", "cos_v0"),
@@ -68,6 +70,21 @@ def write_report(log: RunLog, target: str = "Authority") -> str:
              "", "## Demo generations (greedy)", ""]
     for c in sorted(demos, key=lambda c: (c["idx"], c["round"])):
         parts.append(f"- r{c['round']} {c['phase'][5:]} | {c['prompt'][:80]!r}\n  -> {c['completion']!r}")
+    parts += ["", "## Plots and diagnostics", ""] + (_extras(log) or ["none yet: `just plot RUN_ID`, `just csweep RUN_ID` ..."])
     text = "\n".join(parts) + "\n"
-    (log.dir / "report.md").write_text(text)
+    atomic_write_bytes(log.dir / "report.md", text.encode())
     return text
+
+
+def _extras(log: RunLog) -> list[str]:
+    """Links to the run's plots and to every diagnostic that read this run (they may be written later)."""
+    out = [f"- [{p.name}](plots/{p.name})" for p in sorted((log.dir / "plots").glob("*.png"))]
+    for f in sorted((log.root / "diagnostics").glob("*/diagnostics.jsonl")):
+        try:
+            d = json.loads(f.read_text().splitlines()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # a diagnostic being created right now
+        if log.run_id in str(d.get("source_run") or "").split(","):
+            r = "" if d.get("round") is None else f" round {d['round']}"
+            out.append(f"- {d['kind']}{r}: [{f.parent.name}](../../diagnostics/{f.parent.name}/report.md)")
+    return out

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,48 @@ FLOW_FILE = Path(__file__).resolve().parents[2] / "flows" / "steer_heal.py"
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1",
          "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def prefect_home(home: Path) -> Path:
+    """A per-run Prefect home that starts from a copy of an already migrated, empty database.
+
+    A brand-new SQLite file costs the ephemeral server ~12 s of migrations at every start. The
+    template is made once per Prefect version (by Prefect's own `database upgrade`, in a
+    subprocess) under ~/.cache/steer-heal and copied, never shared, so runs still own their file.
+    """
+    import prefect
+
+    db = home / "prefect.db"
+    if db.exists():  # a resumed run keeps its own
+        return home
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        tpl = _prefect_template(prefect.__version__)
+        if tpl is not None:
+            shutil.copyfile(tpl, db)
+    except OSError as e:  # an unwritable cache only costs the migration time
+        logger.debug(f"no prefect database template: {e}")
+    return home
+
+
+def _prefect_template(version: str) -> Path | None:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "steer-heal"
+    tpl = cache / f"prefect-{version}.db"
+    if tpl.is_file():
+        return tpl
+    tmp = cache / f".tmp-{os.getpid()}-{secrets.token_hex(3)}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        env = dict(os.environ, PREFECT_HOME=str(tmp), PREFECT_LOGGING_LEVEL="ERROR")
+        done = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not (tmp / "prefect.db").is_file():
+            logger.debug(f"prefect database template not made: {done.stderr[-300:]}")
+            return None
+        os.replace(tmp / "prefect.db", tpl)  # atomic: racing first runs each publish a whole file
+        return tpl
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_flow():
@@ -134,7 +177,7 @@ def run(cfg: Config, explicit: dict) -> int:
     # an ephemeral Prefect server per run keeps concurrent jobs off one SQLite file,
     # unless the user points Prefect at a server of their own
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        os.environ["PREFECT_HOME"] = str(log.dir / "prefect")
+        os.environ["PREFECT_HOME"] = str(prefect_home(log.dir / "prefect"))
     log.append("status", dict(status="running", reason="resumed" if explicit.get("resume") else ""))
     mod = _load_flow()
     try:

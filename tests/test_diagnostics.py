@@ -1,0 +1,331 @@
+"""Diagnostics (scripts/) on the tiny model: rows back by SQL, beside a live run, the front, intervals, the queue.
+
+One real two-round run per module; the scripts' main() run in this process against it (their
+imports are paid once), a second real run trains while they work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from test_flow import ARGS, steer_heal
+
+from steer_heal import diagnose
+from steer_heal.config import Config, ConfigError
+from steer_heal.store import RunLog, query
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@cache
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"diag_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rows_of(out, kind: str, diag_id: str | None = None) -> list[dict]:
+    """A diagnostic's rows as SQL returns them (the newest record of that kind unless diag_id)."""
+    _, ids = query(out, "SELECT diag_id FROM diagnostics WHERE kind = ? ORDER BY created DESC", [kind])
+    assert ids, f"no {kind} diagnostic in the store"
+    _, got = query(out, "SELECT round, source_run, row FROM diag_rows WHERE diag_id = ?", [diag_id or ids[0][0]])
+    return [dict(json.loads(r), _round=rnd, _source=src) for rnd, src, r in got]
+
+
+def stored_stage(out, run_id: str, r: int, stage: str) -> dict:
+    _, got = query(out, "SELECT foundation, nats, coherence FROM stage_metrics WHERE run_id = ? AND round = ? "
+                        "AND stage = ? AND foundation IN ('Authority', 'trait')", [run_id, r, stage])
+    d = {f: (n, c) for f, n, c in got}
+    return dict(target_nats=d["Authority"][0], coherence=d["Authority"][1], trait_nats=d["trait"][0])
+
+
+def assert_valid_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    h, w, _ = imread(path).shape
+    assert h > 100 and w > 100
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diag")
+    rc, _, se = steer_heal(out, *ARGS, "--run-id", "a")
+    assert rc == 0, se[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def test_t_quantile_matches_the_table():
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert diagnose.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+
+
+def test_mean_ci_is_the_hand_computed_t_interval():
+    ci = diagnose.mean_ci([-0.1, -0.2, None, -0.3])  # None (a NULL metric) is left out
+    hw = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd of (-.1, -.2, -.3) = 0.1
+    assert ci["n"] == 3 and ci["mean"] == pytest.approx(-0.2)
+    assert (ci["lo"], ci["hi"]) == (pytest.approx(-0.2 - hw, abs=1e-6), pytest.approx(-0.2 + hw, abs=1e-6))
+    assert diagnose.mean_ci([1.0]) == dict(mean=1.0, lo=None, hi=None, n=1)
+    assert diagnose.mean_ci([None])["mean"] is None
+
+
+HAND = [  # (x, y, on the front?)
+    (2.0, 0.0, True),   # most trait moved
+    (2.0, 0.0, True),   # its exact tie: ties do not dominate each other
+    (1.0, 1.0, True),
+    (1.0, 0.5, False),  # same x as (1, 1), less coherence
+    (0.5, 0.5, False),  # dominated on both axes
+    (0.0, 2.0, True),   # most coherence
+    (-1.0, 2.0, False),  # same coherence, less trait
+]
+
+
+def test_pareto_front_on_a_hand_made_table():
+    assert diagnose.pareto_front([(x, y) for x, y, _ in HAND]) == [f for *_, f in HAND]
+
+
+def test_random_like_keeps_each_layer_norm_and_is_seeded():
+    v = {3: torch.tensor([3.0, 4.0, 0.0]), 5: torch.tensor([0.0, 0.0, 2.0])}
+    r = diagnose.random_like(v, 7)
+    assert {k: float(x.norm()) for k, x in r.items()} == pytest.approx({3: 5.0, 5: 2.0})
+    assert all(torch.equal(r[k], diagnose.random_like(v, 7)[k]) for k in v)
+    assert not torch.equal(r[3], diagnose.random_like(v, 8)[3])
+
+
+def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
+    cfg = Config(reg="kl_rev", lam=1.0)
+    cells = script("barrier_sweep").grid(cfg, {"reg": ["nll", "kl_rev"], "lam": [0.5, 1.0]})
+    assert [(c["reg"], c["lam"]) for c in cells] == [("nll", 1.0), ("kl_rev", 0.5), ("kl_rev", 1.0)]
+    with pytest.raises(ConfigError, match="kl_agg"):
+        script("barrier_sweep").grid(cfg, {"kl_agg": ["median"]})
+
+
+def test_barrier_order_puts_coherent_cells_with_most_new_trait_first():
+    rows = [dict(stage="healed", name=n, coh_ok=ok, new_trait=t) for n, ok, t in
+            (("a", False, 0.9), ("b", True, 0.1), ("c", True, None), ("d", True, 0.3))]
+    assert [r["name"] for r in script("barrier_sweep").ordered(rows)] == ["d", "b", "c", "a"]
+
+
+# ---------------------------------------------------------------- scripts on the tiny run
+
+def test_round_student_has_only_earlier_adapters_and_trials_leave_no_trace(store):
+    rm0 = diagnose.open_round(store, "a", 0, "cpu")
+    assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config") and rm0.coef == 1.0
+    rm1 = diagnose.open_round(store, "a", 1, "cpu")
+    assert rm1.stack.names == ["r0"] and rm1.vector is not None
+    ids = rm1.tok("You see a man ignoring a rule.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = rm1.stack.model(ids).logits
+        with rm1.stack.base():
+            assert torch.equal(rm0.stack.model(ids).logits, rm1.stack.model(ids).logits)
+        with diagnose.trial_adapter(rm1.stack, rm1.lora, "r1", seed=1):
+            assert rm1.stack.names == ["r0", "r1"]
+        assert torch.equal(rm1.stack.model(ids).logits, before) and rm1.stack.names == ["r0"]
+
+
+def test_csweep_rows_in_the_store_reproduce_the_steered_eval(store):
+    assert script("csweep").main(["a", "1", "--out", str(store), "--coefs", "0", "3", "--random", "2"]) == 0
+    rows = rows_of(store, "csweep")
+    assert {(r["vector"], r["coef"]) for r in rows} == {(v, c) for v in ("trait", "random0", "random1")
+                                                        for c in (0.0, 1.0, 3.0)}  # 1.0 = the round's dose
+    assert all(r["_round"] == 1 and r["_source"] == "a" for r in rows)
+    at = {(r["vector"], r["coef"]): r for r in rows}
+    dose, stored = at[("trait", 1.0)], stored_stage(store, "a", 1, "steered")
+    assert dose["dose"] and {k: dose[k] for k in stored} == pytest.approx(stored, abs=1e-6)
+    assert len(dose["nats"]) == 7 and isinstance(dose["generation"], str)
+    # at C = 0 every direction is the same unsteered student; at C = 3 they differ
+    assert at[("random0", 0.0)]["target_nats"] == pytest.approx(at[("trait", 0.0)]["target_nats"], abs=1e-9)
+    assert at[("random0", 3.0)]["target_nats"] != pytest.approx(at[("trait", 3.0)]["target_nats"], abs=1e-6)
+    assert_valid_png(next((store / "diagnostics").glob("*-csweep-*/csweep.png")))
+
+
+def test_barrier_sweep_rows_and_the_run_cell_reproduces_the_run_heal(store):
+    assert script("barrier_sweep").main(["a", "1", "--out", str(store), "--reg", "nll", "kl_rev"]) == 0
+    rows = rows_of(store, "barrier-sweep")
+    cells = {r["reg"]: r for r in rows if r["stage"] == "healed"}
+    assert sorted(cells) == ["kl_rev", "nll"] and cells["kl_rev"]["run_cell"] and not cells["nll"]["run_cell"]
+    # same history, same kept completions, same seeds: the run's own heal comes out again
+    stored = stored_stage(store, "a", 1, "healed")
+    assert {k: cells["kl_rev"][k] for k in stored} == pytest.approx(stored, abs=1e-6)
+    start = next(r for r in rows if r["stage"] == "start")
+    assert start["target_nats"] == pytest.approx(stored_stage(store, "a", 0, "healed")["target_nats"], abs=1e-6)
+    c = cells["nll"]
+    assert c["d_target_new"] == pytest.approx(c["target_nats"] - start["target_nats"])
+    assert c["slope"] is None or abs(c["d_target_new"]) >= 0.05  # blank under 0.05 nats
+    assert (store / "diagnostics" / rows_of_id(store, "barrier-sweep") / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_barrier_sweep_in_parallel_through_prefect_matches_sequential(store):
+    """--devices cpu cpu takes the multi-GPU path (a Prefect ThreadPoolTaskRunner, one model per worker)
+    on the CPU; slow only because it starts Prefect's ephemeral server (about 40 s here)."""
+    args = ["a", "1", "--out", str(store), "--reg", "nll", "kl_rev", "--lam", "0.5", "1"]
+    assert script("barrier_sweep").main(args) == 0
+    seq = {(r["reg"], r["lam"]): r["target_nats"] for r in rows_of(store, "barrier-sweep") if r["stage"] == "healed"}
+    assert script("barrier_sweep").main([*args, "--devices", "cpu", "cpu"]) == 0
+    rows = rows_of(store, "barrier-sweep")
+    assert (store / "diagnostics" / rows_of_id(store, "barrier-sweep") / "prefect").is_dir()
+    assert sorted(r["device"] for r in rows if r["stage"] == "start") == ["cpu", "cpu"]
+    assert {(r["reg"], r["lam"]): r["target_nats"] for r in rows if r["stage"] == "healed"} == pytest.approx(seq)
+
+
+def rows_of_id(out, kind: str) -> str:
+    _, ids = query(out, "SELECT diag_id FROM diagnostics WHERE kind = ? ORDER BY created DESC", [kind])
+    return ids[0][0]
+
+
+def test_plot_run_writes_png_svg_and_rows(store):
+    assert script("plot_run").main(["a", "--out", str(store)]) == 0
+    assert_valid_png(store / "runs" / "a" / "plots" / "rounds.png")
+    assert (store / "runs" / "a" / "plots" / "rounds.svg").read_text().lstrip().startswith("<?xml")
+    rows = rows_of(store, "plot")
+    assert {(r["round"], r["stage"]) for r in rows} == {(-1, "base"), (-1, "prompted"), (0, "steered"),
+                                                        (0, "healed"), (1, "steered"), (1, "healed")}
+    diag_id = rows_of_id(store, "plot")
+    assert "rounds.png" in (store / "diagnostics" / diag_id / "report.md").read_text()
+    report = (store / "runs" / "a" / "report.md").read_text()  # the run's report links both
+    assert "[rounds.png](plots/rounds.png)" in report and f"plot: [{diag_id}](../../diagnostics/{diag_id}/report.md)" in report
+
+
+def test_pareto_default_query_and_a_hand_made_table_by_sql(store):
+    assert script("pareto").main(["--out", str(store)]) == 0
+    rows = rows_of(store, "pareto")
+    assert {r["round"] for r in rows} == {0, 1} and all(r["label"] == "a" for r in rows)
+    assert all(r["trait_moved"] == 0 for r in rows if r["stage"] == "base")
+    values = ", ".join(f"('p{i}', 0, 'healed', {x}, {y})" for i, (x, y, _) in enumerate(HAND))
+    sql = f"SELECT * FROM (VALUES {values}) t(label, round, stage, trait_moved, coherence)"
+    assert script("pareto").main(["--out", str(store), "--sql", sql]) == 0
+    got = {r["label"]: r["front"] for r in rows_of(store, "pareto")}
+    assert got == {f"p{i}": f for i, (*_, f) in enumerate(HAND)}
+    assert_valid_png(store / "diagnostics" / rows_of_id(store, "pareto") / "pareto.png")
+
+
+def test_stages_seed_interval_by_hand(tmp_path):
+    """Three seeds of one config and one other config, hand-made in the store: the interval is the t one."""
+    base, d = -2.0, {0: -0.1, 1: -0.2, 2: -0.3}
+    for run_id, seed, lam in (("s0", 0, 1.0), ("s1", 1, 1.0), ("s2", 2, 1.0), ("other", 0, 2.0)):
+        log = RunLog(tmp_path, run_id)
+        log.append("run_info", dict(seed=seed, config=Config(model="tiny-random", seed=seed, lam=lam).to_dict()))
+        healed = base + d.get(seed, 0.0) if run_id != "other" else base - 1.0
+        for r, stage, t in ((-1, "base", base), (0, "steered", base - 0.4), (0, "healed", healed)):
+            log.append("stage_metrics", [dict(round=r, stage=stage, evaluator="mfv", foundation=f, n=7, coherence=0.5,
+                                              nats=t if f == "Authority" else -1.9) for f in ("Authority", "Care")])
+    assert script("stages").main(["s0", "s1", "s2", "other", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path, "stages")
+    seeds = [r for r in rows if r["level"] == "seeds"]
+    assert {(r["round"], r["stage"]) for r in seeds} == {(0, "steered"), (0, "healed")}  # "other" has one seed
+    h = next(r for r in seeds if r["stage"] == "healed")
+    hw = 4.302653 * 0.1 / math.sqrt(3)
+    assert h["runs"] == ["s0", "s1", "s2"] and h["config"] == "lam=1"
+    assert (h["d_target_mean"], h["d_target_lo"], h["d_target_hi"]) == pytest.approx((-0.2, -0.2 - hw, -0.2 + hw))
+    assert h["retain_mean"] == pytest.approx(0.5)  # (-0.1/-0.4 + -0.2/-0.4 + -0.3/-0.4) / 3
+    s0 = next(r for r in rows if r["level"] == "run" and r["run_id"] == "s0" and r["stage"] == "healed")
+    assert s0["_source"] == "s0" and s0["paired"] and s0["surgical"] and s0["retain"] == pytest.approx(0.25)
+
+
+def test_diagnostics_beside_a_live_training_run_lose_nothing(store):
+    """A run trains into the store while c-sweep and the stage table (of that very run too) read and write it."""
+    N = 8  # rounds: long enough that the diagnostics below start (and mostly finish) while it writes
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PREFECT_HOME", None)
+    live = subprocess.Popen([sys.executable, "-m", "steer_heal", "--out", str(store), *ARGS, "--run-id", "live",
+                             "--seed", "4", "--n-rounds", str(N)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    written, overlaps = [], 0
+    try:
+        deadline = time.time() + 300
+        while not any(s["stage"] == "eval_base" for s in RunLog(store, "live").read("stages")):
+            assert live.poll() is None and time.time() < deadline, "the live run ended before it wrote"
+            time.sleep(0.5)
+        assert script("stages").main(["a", "live", "--out", str(store)]) == 0  # no model: done in a moment
+        written.append(rows_of_id(store, "stages"))
+        overlaps += live.poll() is None
+        assert live.poll() is None  # c-sweep starts while the run writes
+        assert script("csweep").main(["a", "1", "--out", str(store), "--coefs", "0", "2"]) == 0
+        written.insert(0, rows_of_id(store, "csweep"))
+        while live.poll() is None:
+            assert script("stages").main(["a", "live", "--out", str(store)]) == 0
+            written.append(rows_of_id(store, "stages"))
+            overlaps += live.poll() is None
+        _, se = live.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(live.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert live.returncode == 0, se[-3000:]
+    assert overlaps >= 1  # at least one stage table finished while the run was still writing
+    # the run's side: everything it wrote is there, once
+    _, runs = query(store, "SELECT status, rounds_done FROM runs WHERE run_id = 'live'")
+    assert runs == [("done", N)]
+    for table in ("stage_metrics", "completions", "heal_steps", "rounds"):
+        lines = [x for x in (store / "runs" / "live" / f"{table}.jsonl").read_text().splitlines() if x.strip()]
+        _, n = query(store, f"SELECT count(*) FROM {table} WHERE run_id = 'live'")
+        assert n[0][0] == len(lines) > 0, table
+    _, n = query(store, "SELECT count(*) FROM stage_metrics WHERE run_id = 'live'")
+    assert n[0][0] == (2 + 2 * N) * 8  # base, prompted + steered, healed per round, 8 rows each
+    # the diagnostics' side: every row each record wrote reads back, and each saw all of the finished run
+    assert len(rows_of(store, "csweep", written[0])) == 3  # C = 0, 2 and the round's dose 1
+    for diag_id in written:
+        lines = (store / "diagnostics" / diag_id / "diag_rows.jsonl").read_text().splitlines()
+        _, got = query(store, "SELECT count(*) FROM diag_rows WHERE diag_id = ?", [diag_id])
+        assert got[0][0] == len(lines) > 0
+    for diag_id in written[1:]:
+        assert sum(r["run_id"] == "a" for r in rows_of(store, "stages", diag_id) if r["level"] == "run") == 6
+
+
+# ---------------------------------------------------------------- recipes and the queue
+
+def just(*args, env=None, timeout=120):
+    return subprocess.run([shutil.which("just") or "just", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_recipe_runs_the_script_and_a_missing_run_is_a_clear_error(store):
+    p = just("stages", "a", "--out", str(store))
+    assert p.returncode == 0 and "healed" in p.stdout and "diagnostic " in p.stdout, p.stderr[-2000:]
+    p = just("csweep", "nosuch", "--out", str(store))
+    assert p.returncode == 2 and "no run 'nosuch'" in p.stderr and "Traceback" not in p.stderr
+    assert not (store / "runs" / "nosuch").exists()
+
+
+def _path_without_pueue(extra: Path | None = None) -> str:
+    dirs = [d for d in os.environ["PATH"].split(os.pathsep) if d and not (Path(d) / "pueue").exists()]
+    return os.pathsep.join(([str(extra)] if extra else []) + dirs)
+
+
+def test_queue_without_pueue_says_how_to_get_it():
+    p = just("queue-csweep", "x", env=dict(os.environ, PATH=_path_without_pueue()))
+    assert p.returncode != 0
+    assert ("pueue is not installed: see https://github.com/Nukesor/pueue (cargo install pueue), "
+            "or run `just csweep x` directly") in p.stderr
+
+
+def test_queue_adds_the_job_to_a_named_group(tmp_path):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "pueue"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
+    fake.chmod(0o755)
+    p = just("queue-barrier", "r1", "2", "--lam", "0.5", "1", env=dict(os.environ, PATH=_path_without_pueue(fake.parent)))
+    assert p.returncode == 0, p.stderr
+    group_add, add = calls.read_text().splitlines()
+    assert group_add == "group|add|steer-heal|"
+    assert add == (f"add|--group|steer-heal|--label|barrier-sweep|--working-directory|{REPO}|--|"
+                   "just barrier-sweep r1 2 --lam 0.5 1|")
