@@ -364,6 +364,11 @@ def script(prog: str, body, argv: list[str] | None) -> int:
 
     for k, v in QUIET.items():
         os.environ.setdefault(k, v)
+    from loguru import logger
+
+    logger.remove()  # the stages' per-epoch debug lines are for runs with --log-level DEBUG
+    logger.add(sys.stderr, level=os.environ.get("STEER_HEAL_LOG_LEVEL", "INFO"),
+               format="<green>{time:HH:mm:ss}</green> {level:<5} {message}")
     try:
         return body(argv)
     except ConfigError as e:
