@@ -16,7 +16,7 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from steer_heal import backends, data, evaluate, metrics
+from steer_heal import backends, data, metrics
 from steer_heal.bake import Stack, lora_config
 from steer_heal.config import FOUNDATIONS, Config
 from steer_heal.dose import Starved, dose_walk
@@ -57,7 +57,7 @@ class State:
         self.prompts = data.prompts(cfg.n_prompts)
         self.vignettes = data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
         self.dilemmas = data.dilemmas(cfg.persona)
-        self.mfv, self.steer = backends.mfv_fn(cfg), backends.steer_fn(cfg)
+        self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
         self.vectors: dict[int, dict] = {}
 
@@ -90,12 +90,11 @@ def _evals(stage: str, r: int, coef: float = 0.0, system: str | None = None) -> 
     """Run the configured evaluators on the model as it is now; store long-form rows, return their summary."""
     cfg, rows = S.cfg, []
     sys_ = S.system if system is None else system
-    if cfg.eval in ("mfv", "both"):
-        m = S.mfv(S.stack.model, S.tok, S.vignettes, system=sys_, think_tokens=cfg.think_tokens, batch=cfg.eval_batch)
+    m, c = backends.run_evals(cfg, S.stack.model, S.tok, S.vignettes, S.dilemmas, sys_)
+    if m is not None:
         rows += [dict(round=r, stage=stage, evaluator="mfv", foundation=f, prob=m["profile"][f], nats=m["nats"][f],
                       coherence=m["coherence"], top1_agree=m["top1_agree"], n=m["n"], coef=coef) for f in FOUNDATIONS]
-    if cfg.eval in ("contrast", "both"):
-        c = evaluate.contrast(S.stack.model, S.tok, S.dilemmas, system=sys_, batch=cfg.eval_batch)
+    if c is not None:
         rows.append(dict(round=r, stage=stage, evaluator="contrast", foundation="trait", nats=c["trait_nats"], n=c["n"], coef=coef))
     S.log.append("stage_metrics", rows)
     return by_stage(rows)[(r, stage)]

@@ -65,6 +65,14 @@ def mfv_fn(cfg) -> Mfv:
     return _tinymfv_mfv(mm)
 
 
+def run_evals(cfg, model, tok, vignettes: list[dict], dilemmas: list[dict], system: str) -> tuple[dict | None, dict | None]:
+    """The evaluators the config names, on the model as it is now: (mfv result, contrast result), None when off."""
+    m = (mfv_fn(cfg)(model, tok, vignettes, system=system, think_tokens=cfg.think_tokens, batch=cfg.eval_batch)
+         if cfg.eval in ("mfv", "both") else None)
+    c = evaluate.contrast(model, tok, dilemmas, system=system, batch=cfg.eval_batch) if cfg.eval in ("contrast", "both") else None
+    return m, c
+
+
 _THINK_MSG = ("think_tokens={k} is invalid with --evaluator tinymfv: its probe always thinks for exactly "
               "think_tokens tokens (end-of-turn suppressed) before it forces the answer, and cannot score "
               "without a think; pass --think-tokens 1 or more (tinymfv's own default is 64)")

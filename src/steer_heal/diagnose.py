@@ -251,16 +251,14 @@ class Probe:
 
 def measure(model, tok, probe: Probe) -> dict:
     """The flow's evaluation of the model as it is now: {nats: {F: nats}, target_nats, trait_nats, coherence, n}."""
-    from .backends import mfv_fn
-    from .evaluate import contrast
+    from .backends import run_evals
 
     cfg, out = probe.cfg, {"nats": {}, "target_nats": None, "trait_nats": None, "coherence": None, "n": None}
-    if cfg.eval in ("mfv", "both"):
-        m = mfv_fn(cfg)(model, tok, probe.vignettes, system=probe.system, think_tokens=cfg.think_tokens,
-                        batch=cfg.eval_batch)
+    m, c = run_evals(cfg, model, tok, probe.vignettes, probe.dilemmas, probe.system)
+    if m is not None:
         out.update(nats=m["nats"], target_nats=m["nats"][probe.target], coherence=m["coherence"], n=m["n"])
-    if cfg.eval in ("contrast", "both"):
-        out["trait_nats"] = contrast(model, tok, probe.dilemmas, system=probe.system, batch=cfg.eval_batch)["trait_nats"]
+    if c is not None:
+        out["trait_nats"] = c["trait_nats"]
     return out
 
 

@@ -85,6 +85,9 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
     auto = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     steps: list[dict] = []
 
+    def packed(rows) -> dict:
+        return pack(tok, [p for p, _, _ in rows], [c for _, c, _ in rows], cfg.max_len, dev, eos=True)
+
     def nll_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
         lp = torch.log_softmax(completion_logits(model, batch), -1)
         nll = -lp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
@@ -94,9 +97,7 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
         if not val:
             return None
         with torch.no_grad(), auto:
-            vals = [float(nll_of(pack(tok, [p for p, _, _ in val[s:s + cfg.batch_size]],
-                                          [c for _, c, _ in val[s:s + cfg.batch_size]], cfg.max_len, dev, eos=True))[0])
-                    for s in range(0, len(val), cfg.batch_size)]
+            vals = [float(nll_of(packed(val[s:s + cfg.batch_size]))[0]) for s in range(0, len(val), cfg.batch_size)]
         return sum(vals) / len(vals)
 
     # The reference (base or prev) is frozen for the whole heal: its log-probs are computed once per
@@ -130,7 +131,7 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
             rng.shuffle(train)
             for s in range(0, len(train), cfg.batch_size):
                 chunk = train[s:s + cfg.batch_size]
-                b = pack(tok, [p for p, _, _ in chunk], [c for _, c, _ in chunk], cfg.max_len, dev, eos=True)
+                b = packed(chunk)
                 with auto:
                     sft, lp = nll_of(b)
                     div = torch.zeros((), device=dev)
