@@ -63,7 +63,7 @@ runs:
 export RUN_ID DIR:
     @{{python}} -m steer_heal.export "$@"
 
-# ---- diagnostics (issue 5): scripts/ read a run from the store and write a diagnostic record back (docs/diagnostics.md)
+# ---- diagnostics: steer_heal/diag/ reads a run from the store and writes a diagnostic record back (docs/diagnostics.md)
 
 # dose sweep of one round, with an equal-norm random control: just csweep RUN_ID [ROUND] [--coefs -1 0 1 2] [--random 3]
 csweep RUN_ID *ARGS:
@@ -117,7 +117,7 @@ _queue RECIPE *ARGS:
     pueue group add "$group" >/dev/null 2>&1 || true  # already there is fine
     pueue add --group "$group" --label "$recipe" --working-directory "{{justfile_directory()}}" -- "$cmd"
 
-# ---- bench (issue 6): performance figures for docs/performance.md
+# ---- bench: performance figures for docs/performance.md
 # time generation, perplexity, a heal step, eval, orchestration and the store SQL: just bench --cache /tmp/smc --only a,b
 bench *ARGS:
-    @{{python}} scripts/bench.py "$@"
+    @{{python}} -m steer_heal.bench "$@"

@@ -6,8 +6,8 @@ Uses only the package's own stage functions; this script wires them and prints t
 
 1. extract the persona vector (care_vs_authority, layers band((0.4, 0.6), 30) = 12..18, raw)
 2. alpha sweep: n_gen steered completions per C, scored by filter.score under the unsteered model
-3. trait_nats (evaluate.contrast) over C for the vector and for equal-norm random vectors
-4. evaluate.mfv at C = 0 and C = 1 on the Clifford vignettes
+3. trait_nats (contrast.contrast) over C for the vector and for equal-norm random vectors
+4. mfv.mfv at C = 0 and C = 1 on the Clifford vignettes
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from steer_heal import data, evaluate  # noqa: E402
+from steer_heal import contrast, data, mfv  # noqa: E402
 from steer_heal.config import Config  # noqa: E402
-from steer_heal.diagnose import random_like  # noqa: E402
-from steer_heal.extract import Vector, extract, steer  # noqa: E402
+from steer_heal.diag.model import random_like  # noqa: E402
+from steer_heal.extract import extract  # noqa: E402
 from steer_heal.filter import CRITERIA, drop_counts, score  # noqa: E402
 from steer_heal.generate import generate  # noqa: E402
 from steer_heal.models import band, get_layers, load_model  # noqa: E402
+from steer_heal.steering import Vector, steer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VIGNETTES = REPO.parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"
@@ -73,12 +74,12 @@ def alpha_sweep(model, tok, vec: Vector, alphas, n_gen: int, seed: int, system: 
 
 def trait_nats(model, tok, vec: Vector | None, coef: float, items: list[dict], system: str) -> float:
     with steer(model, vec, coef):
-        return evaluate.contrast(model, tok, items, system=system)["trait_nats"]
+        return contrast.contrast(model, tok, items, system=system)["trait_nats"]
 
 
 def mfv_at(model, tok, vec: Vector | None, coef: float, vignettes: list[dict], system: str, target: str) -> dict:
     with steer(model, vec, coef):
-        r = evaluate.mfv(model, tok, vignettes, system=system)
+        r = mfv.mfv(model, tok, vignettes, system=system)
     return dict(C=coef, coherence=r["coherence"], top1_agree=r["top1_agree"], target_nats=r["nats"][target],
                 nats=r["nats"], n=r["n"])
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         rv = random_like(vec, a.seed * 1000 + k)
         rand.append({c: (trait[c] if c == 0 else trait_nats(model, tok, rv, c, items, system)) for c in CONTRAST_CS})
     base_after = trait_nats(model, tok, None, 0.0, items, system)
-    print(f"\n## 3. trait_nats (evaluate.contrast, {len(items)} dilemmas) over C: {time.perf_counter() - t:.1f} s")
+    print(f"\n## 3. trait_nats (contrast.contrast, {len(items)} dilemmas) over C: {time.perf_counter() - t:.1f} s")
     print(f"{'C':>5} {'vector':>8} {'rand_min':>9} {'rand_max':>9}")
     for c in CONTRAST_CS:
         vals = [r[c] for r in rand]

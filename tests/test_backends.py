@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
-from steer_heal import backends, evaluate, extract
+from steer_heal import backends, steering
+from steer_heal import mfv as builtin_mfv
 from steer_heal.config import FOUNDATIONS, Config, ConfigError
 from steer_heal.data import load_vignettes
-from steer_heal.models import chat, encode_left, get_layers, text_config
+from steer_heal.models import get_layers, text_config
+from steer_heal.tokens import chat, encode_left
 
 
 def _importable(*names):
@@ -33,8 +35,8 @@ needs_tinymfv = pytest.mark.skipif(_importable(*backends.TINYMFV_MODULES) is Non
 def test_builtin_is_the_default():
     cfg = Config()
     assert (cfg.evaluator, cfg.steerer) == ("builtin", "builtin")
-    assert backends.mfv_fn(cfg) is evaluate.mfv
-    assert backends.steer_fn(cfg) is extract.steer
+    assert backends.mfv_fn(cfg) is builtin_mfv.mfv
+    assert backends.steer_fn(cfg) is steering.steer
 
 
 def test_unknown_backend_names_the_choices():
@@ -86,7 +88,7 @@ def _assert_same_steer(model, tok, texts, vec, coef):
     sl_steer = backends.steer_fn(Config(steerer="steering-lite"))
     plain, _ = _forward(model, tok, texts)
     before_hooks, before_keys = _hook_count(model), set(model.state_dict())
-    with extract.steer(model, vec, coef):
+    with steering.steer(model, vec, coef):
         ref_logits, ref_hs = _forward(model, tok, texts)
     with sl_steer(model, vec, coef):
         assert _hook_count(model) == before_hooks + len(vec)
@@ -143,7 +145,7 @@ def test_steering_lite_greedy_generation_matches_builtin(tiny, texts):
     enc = encode_left(tok, texts, model.device)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     outs = []
-    for steer in (extract.steer, backends.steer_fn(Config(steerer="steering-lite"))):
+    for steer in (steering.steer, backends.steer_fn(Config(steerer="steering-lite"))):
         with torch.no_grad(), steer(model, vec, coef):
             outs.append(model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kw))
     assert torch.equal(*outs)
@@ -187,7 +189,7 @@ def test_tinymfv_adapter_has_the_builtin_shape(tiny, vignettes):
     side, pad = tok.padding_side, tok.pad_token
     mfv = backends.mfv_fn(Config(evaluator="tinymfv", think_tokens=2))
     got = mfv(model, tok, vignettes, think_tokens=2, batch=8)
-    ref = evaluate.mfv(model, tok, vignettes, think_tokens=2, batch=8)
+    ref = builtin_mfv.mfv(model, tok, vignettes, think_tokens=2, batch=8)
     assert set(got) == set(ref)
     assert set(got["profile"]) == set(got["nats"]) == set(FOUNDATIONS)
     assert got["n"] == len(got["rows"]) == len(vignettes)
@@ -235,7 +237,7 @@ def test_tinymfv_unscorable_rows_are_not_filled_in(tiny, vignettes):
     """A broken forward (steered to non-finite logits) gives rows tinymfv marks NaN: kept as None, out of n."""
     model, tok = tiny
     mfv = backends.mfv_fn(Config(evaluator="tinymfv", think_tokens=1))
-    with extract.steer(model, _vector(model), float("inf")):
+    with steering.steer(model, _vector(model), float("inf")):
         out = mfv(model, tok, vignettes[:2], think_tokens=1)
     assert out["n"] == 0 and out["coherence"] is None and out["top1_agree"] is None
     assert all(v is None for v in out["profile"].values())

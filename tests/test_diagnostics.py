@@ -6,7 +6,7 @@ imports are paid once), a second real run trains while they work.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -22,8 +22,9 @@ import pytest
 import torch
 from test_flow import ARGS, steer_heal
 
-from steer_heal import diagnose
 from steer_heal.config import Config, ConfigError
+from steer_heal.diag import model as diag_model
+from steer_heal.diag import stats
 from steer_heal.store import RunLog, query
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +33,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @cache
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"diag_{name}", REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The diagnostic's module (scripts/<name>.py is a thin entry point to it)."""
+    return importlib.import_module("steer_heal.diag." + {"barrier_sweep": "barrier"}.get(name, name))
 
 
 def rows_of(out, kind: str, diag_id: str | None = None) -> list[dict]:
@@ -73,16 +72,16 @@ def store(tmp_path_factory):
 
 def test_t_quantile_matches_the_table():
     for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
-        assert diagnose.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+        assert stats.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
 
 
 def test_mean_ci_is_the_hand_computed_t_interval():
-    ci = diagnose.mean_ci([-0.1, -0.2, None, -0.3])  # None (a NULL metric) is left out
+    ci = stats.mean_ci([-0.1, -0.2, None, -0.3])  # None (a NULL metric) is left out
     hw = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd of (-.1, -.2, -.3) = 0.1
     assert ci["n"] == 3 and ci["mean"] == pytest.approx(-0.2)
     assert (ci["lo"], ci["hi"]) == (pytest.approx(-0.2 - hw, abs=1e-6), pytest.approx(-0.2 + hw, abs=1e-6))
-    assert diagnose.mean_ci([1.0]) == dict(mean=1.0, lo=None, hi=None, n=1)
-    assert diagnose.mean_ci([None])["mean"] is None
+    assert stats.mean_ci([1.0]) == dict(mean=1.0, lo=None, hi=None, n=1)
+    assert stats.mean_ci([None])["mean"] is None
 
 
 HAND = [  # (x, y, on the front?)
@@ -97,15 +96,15 @@ HAND = [  # (x, y, on the front?)
 
 
 def test_pareto_front_on_a_hand_made_table():
-    assert diagnose.pareto_front([(x, y) for x, y, _ in HAND]) == [f for *_, f in HAND]
+    assert stats.pareto_front([(x, y) for x, y, _ in HAND]) == [f for *_, f in HAND]
 
 
 def test_random_like_keeps_each_layer_norm_and_is_seeded():
     v = {3: torch.tensor([3.0, 4.0, 0.0]), 5: torch.tensor([0.0, 0.0, 2.0])}
-    r = diagnose.random_like(v, 7)
+    r = diag_model.random_like(v, 7)
     assert {k: float(x.norm()) for k, x in r.items()} == pytest.approx({3: 5.0, 5: 2.0})
-    assert all(torch.equal(r[k], diagnose.random_like(v, 7)[k]) for k in v)
-    assert not torch.equal(r[3], diagnose.random_like(v, 8)[3])
+    assert all(torch.equal(r[k], diag_model.random_like(v, 7)[k]) for k in v)
+    assert not torch.equal(r[3], diag_model.random_like(v, 8)[3])
 
 
 def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
@@ -125,16 +124,16 @@ def test_barrier_order_puts_coherent_cells_with_most_new_trait_first():
 # ---------------------------------------------------------------- scripts on the tiny run
 
 def test_round_student_has_only_earlier_adapters_and_trials_leave_no_trace(store):
-    rm0 = diagnose.open_round(store, "a", 0, "cpu")
+    rm0 = diag_model.open_round(store, "a", 0, "cpu")
     assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config") and rm0.coef == 1.0
-    rm1 = diagnose.open_round(store, "a", 1, "cpu")
+    rm1 = diag_model.open_round(store, "a", 1, "cpu")
     assert rm1.stack.names == ["r0"] and rm1.vector is not None
     ids = rm1.tok("You see a man ignoring a rule.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = rm1.stack.model(ids).logits
         with rm1.stack.base():
             assert torch.equal(rm0.stack.model(ids).logits, rm1.stack.model(ids).logits)
-        with diagnose.trial_adapter(rm1.stack, rm1.lora, "r1", seed=1):
+        with diag_model.trial_adapter(rm1.stack, rm1.lora, "r1", seed=1):
             assert rm1.stack.names == ["r0", "r1"]
         assert torch.equal(rm1.stack.model(ids).logits, before) and rm1.stack.names == ["r0"]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from steer_heal import evaluate as E
+from steer_heal import contrast as C
+from steer_heal import mfv as E
 from steer_heal.config import FOUNDATIONS, ConfigError
 from steer_heal.data import load_vignettes
 
@@ -103,17 +104,17 @@ def test_eval_restores_train_mode(tiny, vignettes):
 
 
 def test_contrast_identical_continuations_are_exactly_zero(tiny):
-    res = E.contrast(*tiny, ITEMS, batch=3)
+    res = C.contrast(*tiny, ITEMS, batch=3)
     assert res["rows"][1]["diff"] == 0.0
     assert res["n"] == 3
     assert math.isclose(res["trait_nats"], sum(r["diff"] for r in res["rows"]) / 3)
     swapped = [dict(it, trait=it["opposite"], opposite=it["trait"]) for it in ITEMS]
-    assert E.contrast(*tiny, swapped, batch=3)["trait_nats"] == -res["trait_nats"]
+    assert C.contrast(*tiny, swapped, batch=3)["trait_nats"] == -res["trait_nats"]
 
 
 def test_contrast_batched_equals_one_at_a_time(tiny):
-    a = E.contrast(*tiny, ITEMS, batch=8)
-    b = E.contrast(*tiny, ITEMS, batch=1)
+    a = C.contrast(*tiny, ITEMS, batch=8)
+    b = C.contrast(*tiny, ITEMS, batch=1)
     for ra, rb in zip(a["rows"], b["rows"], strict=True):
         assert abs(ra["trait_lp"] - rb["trait_lp"]) < 1e-4 and abs(ra["opposite_lp"] - rb["opposite_lp"]) < 1e-4
 
@@ -126,7 +127,7 @@ def test_contrast_matches_full_log_softmax(tiny):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([prompt + cont])).logits[0].float(), -1)
     want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(cont)) / len(cont)
-    assert abs(E.contrast(model, tok, [it])["rows"][0]["trait_lp"] - want) < 1e-4
+    assert abs(C.contrast(model, tok, [it])["rows"][0]["trait_lp"] - want) < 1e-4
 
 
 @pytest.mark.slow

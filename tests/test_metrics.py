@@ -41,18 +41,18 @@ def test_kept_stats():
         M.kept_stats([1.0], [True, False])
 
 
-def test_cos():
+def test_cosine():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
-    assert M.cos(a, b) == pytest.approx(0.0)
-    assert M.cos(a, -3 * a) == pytest.approx(-1.0)
+    assert M.cosine(a, b) == pytest.approx(0.0)
+    assert M.cosine(a, -3 * a) == pytest.approx(-1.0)
     da = {12: torch.tensor([1.0, 0.0]), 13: torch.tensor([1.0, 0.0])}
     db = {13: torch.tensor([1.0, 0.0]), 12: torch.tensor([-1.0, 0.0])}  # key order must not matter
-    assert M.cos(da, db) == pytest.approx(0.0)
-    assert M.cos(da, da) == pytest.approx(1.0)
-    assert M.cos(a, torch.zeros(2)) == 0.0
+    assert M.cosine(da, db) == pytest.approx(0.0)
+    assert M.cosine(da, da) == pytest.approx(1.0)
+    assert M.cosine(a, torch.zeros(2)) == 0.0
     with pytest.raises(ValueError):
-        M.cos(da, {12: torch.ones(2)})
-    assert isinstance(M.cos(a, a), float) and math.isfinite(M.cos(a, a))
+        M.cosine(da, {12: torch.ones(2)})
+    assert isinstance(M.cosine(a, a), float) and math.isfinite(M.cosine(a, a))
 
 
 def test_foundation_column():

@@ -7,11 +7,13 @@ import torch
 from steer_heal.bake import CorruptAdapter, Stack, lora_config
 from steer_heal.config import Config, preset
 from steer_heal.dose import Starved, dose_walk
-from steer_heal.extract import cosine, extract, load_vector, save_vector, steer
+from steer_heal.extract import extract
 from steer_heal.filter import drop_counts, max_ngram_freq, score
 from steer_heal.generate import generate
 from steer_heal.heal import aggregate, heal
+from steer_heal.metrics import cosine
 from steer_heal.models import get_layers, load_model
+from steer_heal.steering import load_vector, save_vector, steer
 
 PROMPTS = ["My boss says ignore the injured man. What now?", "Should I report my friend?",
            "The rule says no visitors but she is lonely.", "Teacher forbids helping. Help?"]
@@ -65,7 +67,7 @@ def test_steer_hook_touches_only_band_and_always_leaves(tiny):
 
 def test_last_token_states_stop_early_match_a_full_forward(tiny):
     from steer_heal.extract import last_token_states
-    from steer_heal.models import encode_left
+    from steer_heal.tokens import encode_left
 
     model, tok = tiny
     got = last_token_states(model, tok, CTX, [0, 1], batch=3)
@@ -178,7 +180,7 @@ def test_only_current_adapter_gets_gradient(fresh):
 
 def _kl_to_base(st, tok, kept):
     from steer_heal.heal import divergence
-    from steer_heal.models import chat, completion_logits, pack
+    from steer_heal.tokens import chat, completion_logits, pack
 
     b = pack(tok, [chat(tok, k["prompt"]) for k in kept], [k["completion"] for k in kept], 96, "cpu", eos=True)
     with torch.no_grad():
@@ -197,7 +199,7 @@ def test_kl_rev_barrier_ends_closer_to_base_than_nll(model_cache):
         st = Stack(model)
         st.add("r0", lora_config(model, 4, 8, (0.0, 1.0)), seed=3)
         out = heal(st, tok, kept, cfg.replace(reg=reg), 0, seed=4, system="")
-        assert out["steps"][0]["div"] == 0.0 and out["steps"][-1]["nll"] < out["steps"][0]["nll"]
+        assert out.steps[0]["div"] == 0.0 and out.steps[-1]["nll"] < out.steps[0]["nll"]
         div[reg] = _kl_to_base(st, tok, kept)
     assert 0 < div["kl_rev"] < div["nll"]
 
@@ -219,7 +221,7 @@ def test_gnorm_split_and_ref_cache_change_nothing_but_the_log_and_the_work(model
         st = Stack(model)
         st.add("r0", lora_config(model, 4, 8, (0.0, 1.0)), seed=3)
         calls.clear()
-        logs[name] = [r["gnorm_barrier"] for r in heal(st, tok, kept, cfg.replace(**kw), 0, seed=4, system="")["steps"]]
+        logs[name] = [r["gnorm_barrier"] for r in heal(st, tok, kept, cfg.replace(**kw), 0, seed=4, system="").steps]
         forwards[name] = len(calls)
         weights[name] = torch.cat([p.detach().flatten() for p in st.trainable()])
     assert logs["plain"] == [None] * 4 and all(g is not None for g in logs["split"])

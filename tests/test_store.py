@@ -17,11 +17,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from steer_heal import store
+from steer_heal import files
 from steer_heal.store import TABLES, RunLog, connect, query, write_catalog
+from steer_heal.store import log as store_log
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-STORE_PY = SRC / "steer_heal" / "store.py"
 
 
 def _env() -> dict[str, str]:
@@ -30,12 +30,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-# Child processes load store.py by path, so they do not pay for whatever the
-# package's __init__ imports.
-_LOAD = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("store", {str(STORE_PY)!r})
-store = importlib.util.module_from_spec(spec); spec.loader.exec_module(store)
+# Child processes import only the store (the package's __init__ imports nothing heavy).
+_LOAD = """
+import sys
+from steer_heal import store
 """
 
 
@@ -141,7 +139,7 @@ def test_unknown_table_or_column_raises(tmp_path):
 
 
 def test_oversized_row_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(store_log, "MAX_LINE_BYTES", 1000)
     log = RunLog(tmp_path, "r1")
     log.append("completions", {"completion": "x" * 900})
     with pytest.raises(ValueError, match="limit is 1000"):
@@ -208,10 +206,10 @@ def test_catalog_opens_read_only_and_sees_new_rows(tmp_path):
 
 def test_atomic_write_and_sha256(tmp_path):
     p = tmp_path / "adapters" / "round_0.safetensors"
-    store.atomic_write_bytes(p, b"abc")
+    files.atomic_write_bytes(p, b"abc")
     assert p.read_bytes() == b"abc"
-    assert store.sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    store.atomic_write_bytes(p, b"new")
+    assert files.sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    files.atomic_write_bytes(p, b"new")
     assert p.read_bytes() == b"new" and list(p.parent.iterdir()) == [p]  # no tmp left
 
 
@@ -343,3 +341,32 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path, spawn):
     # A resumed writer appends cleanly after whatever the kill left.
     RunLog(tmp_path, "victim").append("heal_steps", {"round": 0, "step": n})
     assert query(tmp_path, "SELECT count(*), max(step) FROM heal_steps")[1] == [(n + 1, n)]
+
+
+# ---------------------------------------------------------------- docs/store.md follows the schema
+
+def _documented_columns() -> dict[str, set[str]]:
+    """{table: columns} from docs/store.md's "### `table`" sections (first cell of each table row, which may
+    list several columns) and its `view | columns` table for the diagnostics tables."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "store.md").read_text()
+    out: dict[str, set[str]] = {}
+    for section in doc.split("\n### ")[1:]:
+        head, _, body = section.partition("\n")
+        names = [n for n in head.split("`")[1::2]]
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines()
+                if line.startswith("|") and not set(line) <= set("|- ")]
+        header, rows = rows[0], rows[1:]
+        if header[:2] == ["view", "columns"]:
+            for view, cols in rows:
+                out[view] = {c.split()[0] for c in cols.split(",")}
+        elif len(names) == 1:
+            out[names[0]] = {c.strip().strip("`") for r in rows for c in r[0].split(",") if c.strip()}
+    return out
+
+
+def test_docs_store_md_lists_exactly_the_schema_columns():
+    doc = _documented_columns()
+    for table, cols in TABLES.items():
+        assert table in doc, f"docs/store.md has no section for table {table!r}"
+        assert doc[table] == set(cols), (table, "missing in docs:", set(cols) - doc[table],
+                                         "not in the schema:", doc[table] - set(cols))

@@ -4,8 +4,8 @@ Neither package is on PyPI, so `--evaluator builtin` and `--steerer builtin` are
 A user who installed one from its repository picks it with `--evaluator tinymfv` or
 `--steerer steering-lite`; the flow then calls
 
-    mfv = mfv_fn(cfg)      # same signature and return dict as evaluate.mfv
-    steer = steer_fn(cfg)  # same signature as extract.steer: steer(model, vec, coef) -> context manager
+    mfv = mfv_fn(cfg)      # same signature and return dict as mfv.mfv
+    steer = steer_fn(cfg)  # same signature as steering.steer: steer(model, vec, coef) -> context manager
 
 and stores the same metric names. Only this module imports the packages, and only when asked.
 
@@ -24,9 +24,10 @@ from importlib import metadata
 
 import torch
 
-from . import evaluate, extract
+from . import mfv as builtin_mfv
+from . import steering
 from .config import FOUNDATIONS, ConfigError
-from .models import get_layers
+from .models import evaluating, get_layers
 
 TINYMFV_URL = "https://github.com/wassname/tinymfv"
 STEERING_LITE_URL = "https://github.com/wassname/steering-lite"
@@ -54,23 +55,15 @@ def _version(dist: str) -> str:
 # ---------------------------------------------------------------- the seven-way probe
 
 def mfv_fn(cfg) -> Mfv:
-    """The seven-way probe the config names: evaluate.mfv (builtin) or the tinymfv adapter."""
+    """The seven-way probe the config names: mfv.mfv (builtin) or the tinymfv adapter."""
     if cfg.evaluator == "builtin":
-        return evaluate.mfv
+        return builtin_mfv.mfv
     if cfg.evaluator != "tinymfv":
         raise ConfigError(f"evaluator={cfg.evaluator!r} is not one of: builtin, tinymfv")
     mm = _import_tinymfv()
     if cfg.eval in ("mfv", "both") and cfg.think_tokens < 1:
         raise ConfigError(_THINK_MSG.format(k=cfg.think_tokens))
     return _tinymfv_mfv(mm)
-
-
-def run_evals(cfg, model, tok, vignettes: list[dict], dilemmas: list[dict], system: str) -> tuple[dict | None, dict | None]:
-    """The evaluators the config names, on the model as it is now: (mfv result, contrast result), None when off."""
-    m = (mfv_fn(cfg)(model, tok, vignettes, system=system, think_tokens=cfg.think_tokens, batch=cfg.eval_batch)
-         if cfg.eval in ("mfv", "both") else None)
-    c = evaluate.contrast(model, tok, dilemmas, system=system, batch=cfg.eval_batch) if cfg.eval in ("contrast", "both") else None
-    return m, c
 
 
 _THINK_MSG = ("think_tokens={k} is invalid with --evaluator tinymfv: its probe always thinks for exactly "
@@ -101,7 +94,7 @@ def _import_tinymfv():
 class _WithSystem:
     """The caller's tokenizer, except that a conversation templated with add_generation_prompt=True (the
     opening user turn, the only such call tinymfv makes) gets `system` as its first message, exactly as
-    evaluate.chat_ids builds it. tinymfv's evaluate() has no system-prompt input of its own."""
+    mfv.chat_ids builds it. tinymfv's evaluate() has no system-prompt input of its own."""
 
     def __init__(self, tok, system: str):
         object.__setattr__(self, "_tok", tok)
@@ -135,7 +128,7 @@ def _tinymfv_row(v: dict) -> dict:
 
 def _tinymfv_mfv(mm) -> Mfv:
     def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int = 0, batch: int = 16) -> dict:
-        """evaluate.mfv's contract, measured by tinymfv's forced-choice probe.
+        """mfv.mfv's contract, measured by tinymfv's forced-choice probe.
 
         tinymfv asks with its own prompt: the seven Clifford option sentences as a JSON enum, a greedy
         think of exactly `think_tokens` tokens (end-of-turn suppressed, so >= 1 is required), then
@@ -163,7 +156,7 @@ def _tinymfv_mfv(mm) -> Mfv:
         t = _WithSystem(tok, system) if system else tok
         saved = (tok.padding_side, tok.pad_token)  # tinymfv sets left padding (and a pad token) on the tokenizer
         try:
-            with evaluate._evaluating(model):
+            with evaluating(model):
                 rep = mm.evaluate(model, t, vignettes=[_tinymfv_row(v) for v in vignettes],
                                   conditions=("other_violate",), max_think_tokens=think_tokens,
                                   batch_size=batch, return_per_row=True, verbose=0)
@@ -191,7 +184,7 @@ def _tinymfv_mfv(mm) -> Mfv:
                     "coherence": None, "top1_agree": None, "n": 0, "rows": rows, "answer_format": TINYMFV_FORMAT}
         profile = {f: sum(r["p"][f] for r, _ in scored) / n for f in FOUNDATIONS}
         judged = [(r, v["human"]) for r, v in scored if v.get("human")]
-        top1 = (sum(evaluate._argmax(r["p"]) == evaluate._argmax(h) for r, h in judged) / len(judged)
+        top1 = (sum(builtin_mfv.top_foundation(r["p"]) == builtin_mfv.top_foundation(h) for r, h in judged) / len(judged)
                 if judged else None)
         return {"profile": profile,
                 "nats": {f: math.log(p) if p > 0 else float("-inf") for f, p in profile.items()},
@@ -204,9 +197,9 @@ def _tinymfv_mfv(mm) -> Mfv:
 # ---------------------------------------------------------------- the steering hooks
 
 def steer_fn(cfg) -> Steer:
-    """The steering hooks the config names: extract.steer (builtin) or the steering-lite adapter."""
+    """The steering hooks the config names: steering.steer (builtin) or the steering-lite adapter."""
     if cfg.steerer == "builtin":
-        return extract.steer
+        return steering.steer
     if cfg.steerer != "steering-lite":
         raise ConfigError(f"steerer={cfg.steerer!r} is not one of: builtin, steering-lite")
     return _steering_lite_steer(_import_steering_lite())
@@ -232,8 +225,8 @@ def _steering_lite_steer(sl) -> Steer:
     attached_attr = getattr(importlib.import_module("steering_lite.attach"), "_ATTACHED_ATTR", "_steering_lite_attached")
 
     @contextmanager
-    def steer(model, vec: extract.Vector | None, coef: float | torch.Tensor) -> Iterator[None]:
-        """extract.steer through steering-lite: its `mean_diff` method hooked on the same decoder layers,
+    def steer(model, vec: steering.Vector | None, coef: float | torch.Tensor) -> Iterator[None]:
+        """steering.steer through steering-lite: its `mean_diff` method hooked on the same decoder layers,
         which adds coeff * state["v"] to each layer's output -- the builtin's h + coef * v[layer].
 
         The raw vector goes in as the method's state as it is (steering-lite's own extract, which

@@ -20,14 +20,35 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load, save
 
 from .config import ConfigError
+from .files import atomic_write_bytes, sha256_bytes
 from .models import band, get_layers
-from .store import atomic_write_bytes, sha256_file
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class CorruptAdapter(ConfigError):
     """An adapter file is missing or does not match its recorded sha256."""
+
+
+def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
+    """The bytes of a stored artifact whose recorded sha256 they must match (the one hash check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptAdapter(f"{what} is missing: {path}. Restore the file; a run cannot resume past a lost "
+                             "artifact.")
+    data = path.read_bytes()
+    if (got := sha256_bytes(data)) != sha256:
+        raise CorruptAdapter(f"{what} at {path} does not match its recorded sha256 (file {got[:12]}..., store "
+                             f"{sha256[:12]}...): the file is corrupt or was replaced. Restore it; resume will "
+                             "not trust it.")
+    return data
+
+
+def bake(stack: Stack, name: str, path: str | Path) -> str:
+    """Freeze the stack (the trained adapter joins the history) and write the adapter; its sha256 is what the
+    store records and what every later load checks."""
+    stack.model.requires_grad_(False)
+    return stack.save(name, path)
 
 
 def lora_config(model, r: int, alpha: float, layers: tuple[float, float]) -> LoraConfig:
@@ -129,19 +150,15 @@ class Stack:
         """Write the adapter atomically; return its sha256."""
         sd = {k: v.detach().contiguous().cpu() for k, v in
               get_peft_model_state_dict(self.model, adapter_name=name).items()}
-        atomic_write_bytes(Path(path), save(sd))
-        return sha256_file(path)
+        data = save(sd)
+        atomic_write_bytes(Path(path), data)
+        return sha256_bytes(data)
 
     def load(self, name: str, path: str | Path, sha256: str, lora: LoraConfig) -> None:
         """Add a baked adapter from its file after checking the hash; it joins the frozen history."""
-        path = Path(path)
-        if not path.is_file():
-            raise CorruptAdapter(f"adapter {name} missing: {path}")
-        if (got := sha256_file(path)) != sha256:
-            raise CorruptAdapter(f"adapter {name} at {path} has sha256 {got[:12]}..., the store recorded "
-                                 f"{sha256[:12]}...: the file is corrupt or was replaced; re-run that round")
+        data = read_verified(path, sha256, f"adapter {name}")
         self.add(name, lora, seed=0)
-        res = set_peft_model_state_dict(self.model, load(path.read_bytes()), adapter_name=name)
+        res = set_peft_model_state_dict(self.model, load(data), adapter_name=name)
         if getattr(res, "unexpected_keys", None):
             raise CorruptAdapter(f"adapter {name} at {path} does not fit this model: {res.unexpected_keys[:3]}")
         self.model.requires_grad_(False)

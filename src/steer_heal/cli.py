@@ -13,6 +13,7 @@ from dataclasses import MISSING, fields
 from loguru import logger
 
 from .config import PRESETS, Config, ConfigError, preset
+from .console import setup_logging
 
 
 def _flag(name: str) -> str:
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"steer-heal: {e}", file=sys.stderr)
         return 2
-    logger.remove()
-    logger.add(sys.stderr, level=cfg.log_level, format="<green>{time:HH:mm:ss}</green> {level:<5} {message}")
+    setup_logging(cfg.log_level)
     from .run import run  # heavy imports only once the flags are good
 
     try:

@@ -193,7 +193,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_batch=16, n_demo=1, lr=1e-3,
     ),
     # SmolLM2-135M-Instruct on CPU: raw vector on layers 12-18 is coherent to C~0.5,
-    # borderline at 1, broken from 2 (DESIGN.md), so the walk starts at C=2.
+    # borderline at 1, broken from 2 (docs/results.md), so the walk starts at C=2.
     "small": dict(
         model="smollm2-135m", steer_layers=(0.4, 0.6), alphas=(2.0,), n_rounds=3, n_prompts=32,
         n_keep=24, min_train=8, probe_size=8, max_new_tokens=48, max_len=192, gen_batch=16,

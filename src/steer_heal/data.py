@@ -62,6 +62,11 @@ def persona(cfg) -> dict:
     return p
 
 
+def trait_sign(p: dict) -> int:
+    """+1 when the persona's trait raises the target foundation's nats, -1 when it lowers them."""
+    return 1 if p["direction"] == "up" else -1
+
+
 def contexts() -> list[str]:
     """User messages the vector is extracted over."""
     return _get("contexts.json")

@@ -24,16 +24,41 @@ class Starved(RuntimeError):
         self.counts = counts
 
 
+STEP_COLS = ("step", "kappa", "n", "n_kept", "rate", "accepted")
+
+
 @dataclass
 class DoseResult:
     kappa: float
     kept: list[dict]
     scored: list[dict]  # every completion with its scores, probes included
     steps: list[dict] = field(default_factory=list)  # one row per batch
+    seconds: float = 0.0
 
     @property
     def n_gen(self) -> int:
         return len(self.scored)
+
+    @property
+    def coef(self) -> float:
+        """The dose the kept completions came from (their mean coefficient): what the steered eval uses."""
+        return sum(x["coef"] for x in self.kept) / max(1, len(self.kept))
+
+    def rows(self) -> tuple[list[dict], list[dict]]:
+        """(completions rows, dose_steps rows) for the store, without the round column."""
+        return list(self.scored), [{k: x[k] for k in STEP_COLS} for x in self.steps]
+
+    @classmethod
+    def from_rows(cls, completions: list[dict], steps: list[dict], n_keep: int, kappa_min: float) -> DoseResult:
+        """The stage read back from its stored rows (one round's probe/collect completions and dose_steps)."""
+        kappa = settled_kappa(steps, kappa_min)
+        kept = [x for x in completions if x["keep"]][:n_keep]
+        return cls(kappa=kappa, kept=kept, scored=list(completions), steps=list(steps))
+
+
+def settled_kappa(steps: list[dict], kappa_min: float) -> float:
+    """The walk settles on the largest accepted probe kappa, kappa_min when none passed."""
+    return max((x["kappa"] for x in steps if x["accepted"]), default=kappa_min)
 
 
 def dose_walk(cfg: Config, prompts: list[str], sample: Callable[[list[dict], int], list[dict]]) -> DoseResult:
@@ -63,17 +88,17 @@ def dose_walk(cfg: Config, prompts: list[str], sample: Callable[[list[dict], int
         logger.debug(f"dose {phase} step {step}: kappa={kappa:.3f} kept {len(kept)}/{len(scored)}")
         return rate
 
-    lo, hi, best = math.log(cfg.kappa_min), 0.0, None
+    lo, hi = math.log(cfg.kappa_min), 0.0
     k = 1.0  # try the full dose first: if it passes there is nothing to walk
     for _ in range(cfg.bisect_steps + 1):
         if batch(k, cfg.probe_size, "probe") >= cfg.dose_target:
-            best, lo = k, math.log(k)
+            lo = math.log(k)
             if k == 1.0:
                 break
         else:
             hi = math.log(k)
         k = math.exp((lo + hi) / 2)
-    res.kappa = best if best is not None else cfg.kappa_min
+    res.kappa = settled_kappa(res.steps, cfg.kappa_min)
     for _ in range(cfg.max_batches):
         if len(res.kept) >= cfg.n_keep:
             break

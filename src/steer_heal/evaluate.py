@@ -1,203 +1,109 @@
-"""The two eval instruments: moral-foundations forced choice (mfv) and the trait contrast probe.
+"""evaluate: the eval stage, the one home of "evaluate the model as it is now".
 
-Both run on whatever model they are given (the caller turns adapters and
-steering on or off around the call), batched with left padding, greedy, without
-grad, and return plain python floats and dicts.
+`measure(model, tok, probe)` runs the evaluators the config names (the seven-way probe of mfv.py or
+of an optional backend, and the trait probe of contrast.py) on whatever model it is given: the caller
+turns adapters and steering on or off around the call. It returns a StageEval, which also owns the
+stage's rows in the store (`rows`) and how they are read back (`by_stage`).
+
+This module imports no torch at the top: the stage table and the plots read StageEvals back without
+loading a model.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import torch
-from tqdm import tqdm
+from .config import FOUNDATIONS, Config
 
-from .config import FOUNDATIONS, ConfigError
-from .models import chat, completion_logprobs, left_pad, pack
-
-# The word each foundation is offered as; "social" = not morally wrong, just unusual.
-OPTION_WORDS = {"Care": "care", "Fairness": "fairness", "Loyalty": "loyalty", "Authority": "authority",
-                "Sanctity": "sanctity", "Liberty": "liberty", "SocialNorms": "social"}
-# (answer slot, option rendering) in order of preference: the first whose seven first tokens are
-# distinct wins. Real tokenizers take the first; tiny ones may only know the capitalised words.
-RENDERINGS = (("Answer:", " {w}"), ("Answer:", " {W}"), ("Answer:\n", "{W}"), ("Answer:\n", "{w}"))
-QUESTION = ("{text}\n\nWhich moral foundation does this violate? Options: {options}.\n"
-            "({social} means it is not morally wrong, just unusual.)\nAnswer with one word.")
-PROGRESS_MIN_BATCHES = 4
+STAGES = ("base", "prompted", "steered", "healed")
 
 
-@dataclass(frozen=True)
-class Options:
-    slot: str                # text forced at the start of the answer, after any thinking
-    answers: dict[str, str]  # foundation -> answer text as it follows the slot, e.g. " care"
-    ids: dict[str, int]      # foundation -> first token of that answer text
-
-    @property
-    def words(self) -> dict[str, str]:
-        """foundation -> word as listed in the question"""
-        return {f: a.strip() for f, a in self.answers.items()}
-
-    @property
-    def format(self) -> str:
-        return self.slot + self.answers["Care"]
+def stage_order(key: tuple[int, str]) -> tuple[int, int]:
+    """Sort key of a (round, stage) pair: by round, then base, prompted, steered, healed."""
+    return key[0], STAGES.index(key[1])
 
 
-def answer_options(tok) -> Options:
-    """Pick the option rendering whose seven answer first-tokens are distinct for this tokenizer."""
-    tried = []
-    for slot, form in RENDERINGS:
-        shown = {f: form.format(w=w, W=w.capitalize()) for f, w in OPTION_WORDS.items()}
-        first = {f: tok(s, add_special_tokens=False)["input_ids"][0] for f, s in shown.items()}
-        if len(set(first.values())) == len(first):
-            return Options(slot, shown, first)
-        tried.append(" ".join(f"{s!r}->{tok.convert_ids_to_tokens(first[f])!r}" for f, s in shown.items()))
-    raise ConfigError("the seven answer options share first tokens under this tokenizer, so their probabilities "
-                      "cannot be told apart; tried:\n  " + "\n  ".join(tried))
+@dataclass
+class Probe:
+    """What a stage is evaluated on, and how: built from a run's config (`Probe.of`)."""
+    vignettes: list[dict]
+    dilemmas: list[dict]
+    system: str           # the system prompt of every stage but `prompted`
+    target: str           # the target foundation
+    sign: int             # +1 when the trait raises the target's nats, -1 when it lowers them
+    evaluators: str       # mfv | contrast | both
+    think_tokens: int = 0
+    batch: int = 16
+    mfv: Callable[..., dict] | None = None  # the seven-way probe (builtin or a backend's)
+
+    @classmethod
+    def of(cls, cfg: Config) -> Probe:
+        from . import backends, data
+
+        p = data.persona(cfg)
+        return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes), data.dilemmas(cfg.persona),
+                   cfg.gen_system or p["neutral"], p["target"], data.trait_sign(p), cfg.eval,
+                   cfg.think_tokens, cfg.eval_batch, backends.mfv_fn(cfg) if cfg.eval != "contrast" else None)
 
 
-# ---------------------------------------------------------------- batching helpers
+@dataclass
+class StageEval:
+    """One stage's evaluation: per-foundation nats and probabilities, coherence and top-1 agreement from the
+    seven-way probe (empty/None when it is off), trait_nats from the contrast probe (None when off)."""
+    nats: dict[str, float] = field(default_factory=dict)
+    prob: dict[str, float] = field(default_factory=dict)
+    coherence: float | None = None
+    top1_agree: float | None = None
+    n: int | None = None
+    trait_nats: float | None = None
+    n_trait: int | None = None
+    coef: float = 0.0
 
-def chat_ids(tok, system: str, user: str) -> list[int]:
-    """Token ids of a chat prompt ending at the assistant-turn start (template adds any BOS itself)."""
-    return tok(chat(tok, user, system), add_special_tokens=False)["input_ids"]
+    def target(self, target: str) -> float | None:
+        return self.nats.get(target)
+
+    def summary(self, target: str) -> dict:
+        """The plain numbers a diagnostic row carries."""
+        return dict(nats=self.nats, target_nats=self.nats.get(target), trait_nats=self.trait_nats,
+                    coherence=self.coherence, n=self.n)
+
+    def rows(self, round_: int, stage: str) -> list[dict]:
+        """stage_metrics rows: one per foundation (mfv) and one for the trait probe (contrast)."""
+        out = [dict(round=round_, stage=stage, evaluator="mfv", foundation=f, prob=self.prob[f], nats=self.nats[f],
+                    coherence=self.coherence, top1_agree=self.top1_agree, n=self.n, coef=self.coef)
+               for f in FOUNDATIONS if f in self.nats]
+        if self.n_trait is not None:
+            out.append(dict(round=round_, stage=stage, evaluator="contrast", foundation="trait", nats=self.trait_nats,
+                            n=self.n_trait, coef=self.coef))
+        return out
+
+    @classmethod
+    def by_stage(cls, rows: list[dict]) -> dict[tuple[int, str], StageEval]:
+        """stage_metrics rows (of one run) read back: {(round, stage): StageEval}."""
+        by: dict[tuple[int, str], StageEval] = {}
+        for m in rows:  # rows from SQL may carry only some columns
+            d = by.setdefault((m["round"], m["stage"]), cls())
+            d.coef = m["coef"] if m.get("coef") is not None else d.coef
+            if m["evaluator"] == "contrast":
+                d.trait_nats, d.n_trait = m["nats"], m.get("n")
+            else:
+                d.nats[m["foundation"]], d.prob[m["foundation"]] = m["nats"], m.get("prob")
+                d.coherence, d.top1_agree, d.n = m["coherence"], m.get("top1_agree"), m.get("n")
+        return by
 
 
-def _batches(seqs: list[list[int]], batch: int, desc: str):
-    """Yield index lists, similar lengths together (less padding); results are keyed back by index."""
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-    chunks = [order[i:i + batch] for i in range(0, len(order), batch)]
-    return tqdm(chunks, desc=desc, leave=False) if len(chunks) > PROGRESS_MIN_BATCHES else chunks
+def measure(model, tok, probe: Probe, system: str | None = None, coef: float = 0.0) -> StageEval:
+    """Evaluate the model as it is now with the probe's evaluators; `system` overrides the probe's prompt."""
+    from .contrast import contrast
 
-
-def _tail_logits(model, seqs: list[list[int]], keep: int, pad_id: int) -> torch.Tensor:
-    """float32 logits of the last `keep` positions of each (left-padded, hence right-aligned) sequence."""
-    out = model(**left_pad(seqs, pad_id, model.device), logits_to_keep=keep, use_cache=False)
-    return out.logits[:, -keep:].float()
-
-
-def _stop_ids(model, tok) -> set[int]:
-    ids = {tok.eos_token_id, tok.pad_token_id}
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    return {i for i in ids if i is not None}
-
-
-def _think(model, tok, seqs: list[list[int]], k: int, batch: int) -> list[list[int]]:
-    """k greedy tokens after each prompt, cut at the first end-of-turn token."""
-    from transformers import GenerationConfig
-
-    stop = _stop_ids(model, tok)
-    gcfg = GenerationConfig(do_sample=False, max_new_tokens=k, min_new_tokens=0,
-                            pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop))
-    out: list[list[int]] = [[] for _ in seqs]
-    for idx in _batches(seqs, batch, "think"):
-        b = left_pad([seqs[i] for i in idx], tok.pad_token_id, model.device)
-        gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                             generation_config=gcfg)[:, b["input_ids"].shape[1]:]
-        for i, row in zip(idx, gen.tolist(), strict=True):
-            cut = next((j for j, t in enumerate(row) if t in stop), len(row))
-            out[i] = row[:cut]
+    sys_ = probe.system if system is None else system
+    out = StageEval(coef=coef)
+    if probe.evaluators in ("mfv", "both"):
+        m = probe.mfv(model, tok, probe.vignettes, system=sys_, think_tokens=probe.think_tokens, batch=probe.batch)
+        out.nats, out.prob, out.coherence = m["nats"], m["profile"], m["coherence"]
+        out.top1_agree, out.n = m["top1_agree"], m["n"]
+    if probe.evaluators in ("contrast", "both"):
+        c = contrast(model, tok, probe.dilemmas, system=sys_, batch=probe.batch)
+        out.trait_nats, out.n_trait = c["trait_nats"], c["n"]
     return out
-
-
-class _evaluating:
-    """no_grad + eval mode (dropout off) for the call, restoring the caller's train/eval state."""
-
-    def __init__(self, model):
-        self.model, self.was_training, self.grad = model, model.training, torch.no_grad()
-
-    def __enter__(self):
-        self.grad.__enter__()
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-        self.grad.__exit__(*exc)
-
-
-# ---------------------------------------------------------------- mfv: seven-way forced choice
-
-def question(text: str, order: tuple[str, ...], opts: Options) -> str:
-    return QUESTION.format(text=text, options=", ".join(opts.words[f] for f in order), social=opts.words["SocialNorms"])
-
-
-def score_order(model, tok, vignettes: list[dict], order: tuple[str, ...] = FOUNDATIONS, system: str = "",
-                think_tokens: int = 0, batch: int = 16) -> list[dict]:
-    """Per vignette {p: {F: renormalised prob}, pmass: full-vocab mass on the options} with the options
-    listed in `order`. Results are keyed by foundation, whatever the listing order."""
-    if sorted(order) != sorted(FOUNDATIONS):
-        raise ValueError(f"order must list each of {FOUNDATIONS} once, got {order}")
-    opts = answer_options(tok)
-    option_ids = torch.tensor([opts.ids[f] for f in FOUNDATIONS])
-    with _evaluating(model):
-        prompts = [chat_ids(tok, system, question(v["text"], tuple(order), opts)) for v in vignettes]
-        thoughts = _think(model, tok, prompts, think_tokens, batch) if think_tokens > 0 else [[] for _ in prompts]
-        slot_plain = tok(opts.slot, add_special_tokens=False)["input_ids"]
-        slot_after = tok("\n" + opts.slot, add_special_tokens=False)["input_ids"]  # thinking ends its own line
-        seqs = [p + t + (slot_after if t else slot_plain) for p, t in zip(prompts, thoughts, strict=True)]
-        res: list[dict] = [{} for _ in seqs]
-        for idx in _batches(seqs, batch, "mfv"):
-            logp = torch.log_softmax(_tail_logits(model, [seqs[i] for i in idx], 1, tok.pad_token_id)[:, -1], -1)
-            lp = logp[:, option_ids.to(logp.device)].double().cpu()  # [B, 7] in FOUNDATIONS order
-            pmass = lp.logsumexp(-1).exp()
-            p = (lp - lp.logsumexp(-1, keepdim=True)).exp()
-            for j, i in enumerate(idx):
-                res[i] = {"p": dict(zip(FOUNDATIONS, p[j].tolist(), strict=True)), "pmass": float(pmass[j])}
-    return res
-
-
-def _argmax(d: dict[str, float]) -> str:
-    return max(FOUNDATIONS, key=lambda f: (d[f], -FOUNDATIONS.index(f)))  # ties go to the earlier foundation
-
-
-def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int = 0, batch: int = 16) -> dict:
-    """Moral-foundations forced choice, scored in both option orders and averaged so position bias cancels.
-
-    Returns profile {F: mean p}, nats {F: log profile}, coherence (mean pmass), top1_agree (share of
-    vignettes whose argmax p is the humans' argmax; None without human columns), n, rows.
-    """
-    if not vignettes:
-        raise ConfigError("mfv needs at least one vignette")
-    scored = [score_order(model, tok, vignettes, order, system, think_tokens, batch)
-              for order in (FOUNDATIONS, FOUNDATIONS[::-1])]
-    rows = []
-    for v, a, b in zip(vignettes, *scored, strict=True):
-        rows.append({"id": v["id"], "foundation": v["foundation"],
-                     "p": {f: (a["p"][f] + b["p"][f]) / 2 for f in FOUNDATIONS},
-                     "pmass": (a["pmass"] + b["pmass"]) / 2})
-    n = len(rows)
-    profile = {f: sum(r["p"][f] for r in rows) / n for f in FOUNDATIONS}
-    judged = [(r, v["human"]) for r, v in zip(rows, vignettes, strict=True) if v.get("human")]
-    top1 = sum(_argmax(r["p"]) == _argmax(h) for r, h in judged) / len(judged) if judged else None
-    return {"profile": profile,
-            "nats": {f: math.log(p) if p > 0 else float("-inf") for f, p in profile.items()},
-            "coherence": sum(r["pmass"] for r in rows) / n,
-            "top1_agree": top1, "n": n, "rows": rows, "answer_format": answer_options(tok).format}
-
-
-# ---------------------------------------------------------------- contrast: trait vs opposite continuation
-
-def contrast(model, tok, items: list[dict], system: str = "", batch: int = 16) -> dict:
-    """trait_nats = mean over items of (mean log-prob of the trait reply - that of the opposite reply)."""
-    if not items:
-        raise ConfigError("contrast needs at least one dilemma")
-    for it in items:
-        if not (it["trait"].strip() and it["opposite"].strip()):
-            raise ConfigError(f"dilemma {it['prompt'][:40]!r}: empty trait or opposite continuation")
-    # score each distinct (prompt, reply) once: identical replies then differ by exactly 0.0
-    unique = list(dict.fromkeys((chat(tok, it["prompt"], system), it[k]) for it in items for k in ("trait", "opposite")))
-    scores: dict[tuple, float] = {}
-    with _evaluating(model):
-        for s in range(0, len(unique), batch):
-            chunk = unique[s:s + batch]
-            # prompt and reply tokenised apart and joined, so the boundary never shifts
-            b = pack(tok, [p for p, _ in chunk], [c for _, c in chunk], 10**9, model.device)
-            lp = completion_logprobs(model, b).double().sum(-1) / b["cmask"].sum(-1)
-            scores.update(zip(chunk, lp.tolist(), strict=True))
-    rows = []
-    for it in items:
-        p = chat(tok, it["prompt"], system)
-        a, o = scores[(p, it["trait"])], scores[(p, it["opposite"])]
-        rows.append({"prompt": it["prompt"], "trait_lp": a, "opposite_lp": o, "diff": a - o})
-    return {"trait_nats": sum(r["diff"] for r in rows) / len(rows), "n": len(rows), "rows": rows}

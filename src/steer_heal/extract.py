@@ -1,22 +1,31 @@
-"""extract: the persona steering vector, and the hooks that apply it.
+"""extract: the persona steering vector of the current student.
 
 v[layer] = mean over contexts of h(pos persona + x) - h(neg persona + x), read at the
 assistant-turn start (last prompt token after the generation prompt), layer output.
+The hooks that apply a vector are in steering.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from pathlib import Path
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save
 
-from .models import chat, encode_left, get_layers
-from .store import atomic_write_bytes
+from .models import get_layers
+from .steering import Vector
+from .tokens import chat, encode_left
 
-Vector = dict[int, torch.Tensor]  # layer index -> [hidden] direction
+
+@dataclass
+class Extracted:
+    """What the extract stage hands on: the round's vector, its cosine with round 0's, and (from round 1)
+    the cosine of the student vector with it. The vector's file is the stage's stored output."""
+    vector: Vector
+    cos_v0: float
+    student_cos: float | None
+    seconds: float = 0.0
 
 
 class _Done(Exception):
@@ -75,48 +84,3 @@ def student_vector(model, tok, neutral: str, contexts: list[str], layers: list[i
     with base():
         hb = last_token_states(model, tok, texts, layers, batch)
     return {i: (hs[i] - hb[i]).mean(0) for i in layers}
-
-
-def cosine(a: Vector, b: Vector) -> float:
-    keys = sorted(set(a) & set(b))
-    x = torch.cat([a[k].flatten().float() for k in keys])
-    y = torch.cat([b[k].flatten().float() for k in keys])
-    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
-
-
-@contextmanager
-def steer(model, vec: Vector | None, coef: float | torch.Tensor) -> Iterator[None]:
-    """Add coef * v[layer] to the output of each layer in the band; hooks always removed.
-
-    coef may be a [batch] tensor so rows of one batch get different doses.
-    """
-    if vec is None:
-        with nullcontext():
-            yield
-        return
-    layers = get_layers(model)
-    handles = []
-
-    def hook_for(v: torch.Tensor):
-        def hook(_mod, _inp, out):
-            h = out[0] if isinstance(out, tuple) else out
-            c = coef.view(-1, 1, 1).to(h) if torch.is_tensor(coef) else coef
-            h = h + c * v.to(h)
-            return (h, *out[1:]) if isinstance(out, tuple) else h
-        return hook
-
-    try:
-        for i, v in vec.items():
-            handles.append(layers[i].register_forward_hook(hook_for(v)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def save_vector(vec: Vector, path: str | Path) -> None:
-    atomic_write_bytes(Path(path), save({f"layer.{i}": v.contiguous().cpu() for i, v in vec.items()}))
-
-
-def load_vector(path: str | Path) -> Vector:
-    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}

@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from .models import chat, completion_logprobs, pack
+from .tokens import chat, completion_logprobs, pack
 
 NARRATION = [r"\bI am (someone|a person|the kind of person) who\b", r"\bas someone who\b",
              r"\bmy (persona|role|character)\b", r"\bI (always )?(look after|defer to)\b",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .extract import Vector, steer
-from .models import chat, encode_left
+from .steering import Vector, steer
+from .tokens import chat, encode_left
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
     """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec.
 
     temperature/top_p of 0 keep the model's own generation_config defaults; `steerer` is the
-    hook context manager (extract.steer, or an optional backend's, see backends.py).
+    hook context manager (steering.steer, or an optional backend's, see backends.py).
     """
     dev = next(model.parameters()).device
     coefs = coefs if coefs is not None else [0.0] * len(prompts)

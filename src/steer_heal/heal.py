@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass, field
 
 import torch
 from loguru import logger
@@ -19,11 +20,31 @@ from tqdm.auto import tqdm
 
 from .bake import Stack
 from .config import Config
-from .models import chat, completion_logits, pack
+from .tokens import chat, completion_logits, pack
 
 
 class HealError(RuntimeError):
     """Training diverged (NaN/inf loss); the round is not baked."""
+
+
+@dataclass
+class HealResult:
+    """The heal's summary; `steps` are its heal_steps rows (one per micro-batch)."""
+    heal_nll: float         # mean train nll over the last epoch
+    val_nll: float | None   # held-out nll after the last epoch (None without a val split)
+    steps: list[dict] = field(default_factory=list)
+    div: float | None = None  # the last step's divergence
+    n_train: int = 0
+    n_val: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def from_steps(cls, steps: list[dict], epochs: int, **kw) -> HealResult:
+        """The summary from heal_steps rows: what a run stores and what resume reads back."""
+        last = [r["nll"] for r in steps if r["epoch"] == epochs - 1]
+        return cls(heal_nll=sum(last) / max(1, len(last)),
+                   val_nll=next((r["val_nll"] for r in reversed(steps) if r["val_nll"] is not None), None),
+                   steps=list(steps), div=steps[-1]["div"] if steps else None, **kw)
 
 
 def divergence(lp: torch.Tensor, lq: torch.Tensor, reg: str) -> torch.Tensor:
@@ -64,8 +85,8 @@ def spectral_norm(model) -> torch.Tensor:
 
 
 def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: int, system: str,
-         on_step=None) -> dict:
-    """Train the stack's current adapter on `kept` ({prompt, completion}). Returns plain rows and summaries."""
+         on_step=None) -> HealResult:
+    """Train the stack's current adapter on `kept` ({prompt, completion}): the rows and their summary."""
     model = stack.model
     dev = next(model.parameters()).device
     rng = random.Random(seed)
@@ -189,10 +210,7 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
         bar.close()
         model.eval()
         opt.zero_grad(set_to_none=True)
-    last = [r["nll"] for r in steps if r["epoch"] == cfg.epochs - 1]
-    return dict(steps=steps, heal_nll=sum(last) / max(1, len(last)),
-                val_nll=next((r["val_nll"] for r in reversed(steps) if r["val_nll"] is not None), None),
-                div=steps[-1]["div"] if steps else None, n_train=len(train), n_val=len(val))
+    return HealResult.from_steps(steps, cfg.epochs, n_train=len(train), n_val=len(val))
 
 
 def _delta_norm(params, before) -> float:

@@ -1,11 +1,9 @@
-"""Pure metric functions, named as in DESIGN.md "Metrics" and stored under these names."""
+"""Pure metric functions, named as in spec.md "Round metrics" and stored under these names."""
 
 from __future__ import annotations
 
 import math
 import statistics
-
-import torch
 
 from .config import FOUNDATIONS
 
@@ -64,18 +62,50 @@ def kept_stats(ppls: list[float], kept: list[bool]) -> dict:
             "ppl_median": statistics.median(finite) if finite else None}
 
 
-def _flat(v) -> torch.Tensor:
-    if isinstance(v, dict):
-        return torch.cat([_flat(v[k]) for k in sorted(v)])
-    return torch.as_tensor(v).detach().flatten().double().cpu()
+def cosine(a, b) -> float:
+    """Cosine of two tensors, or of two steering vectors ({layer: tensor}) flattened and concatenated in
+    layer order, in float32. Vectors on different layers (or tensors of different sizes) do not compare:
+    that raises rather than quietly using the overlap."""
+    import torch  # here, not at the top: the stage table and the plots import this module without a model
 
-
-def cos(a, b) -> float:
-    """Cosine of two vectors, or of two {layer: tensor} dicts flattened and concatenated in layer order."""
     if isinstance(a, dict) != isinstance(b, dict) or (isinstance(a, dict) and sorted(a) != sorted(b)):
-        raise ValueError("cos needs two tensors or two dicts with the same layers")
+        raise ValueError(f"cosine needs two tensors or two vectors on the same layers, got {_layers(a)} and {_layers(b)}")
     x, y = _flat(a), _flat(b)
     if x.shape != y.shape:
-        raise ValueError(f"cos of different sizes {tuple(x.shape)} and {tuple(y.shape)}")
-    den = float(x.norm() * y.norm())
-    return float(x @ y) / den if den > 0 else 0.0
+        raise ValueError(f"cosine of different sizes {tuple(x.shape)} and {tuple(y.shape)}")
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+
+def _flat(v):
+    import torch
+
+    if isinstance(v, dict):
+        return torch.cat([v[k].flatten().float() for k in sorted(v)])
+    return torch.as_tensor(v).detach().flatten().float()
+
+
+def _layers(v) -> str:
+    return f"layers {sorted(v)}" if isinstance(v, dict) else f"a tensor of shape {tuple(v.shape)}"
+
+
+def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs: dict) -> dict:
+    """Everything round r measured, by the store's column names (spec.md "Round metrics").
+
+    ext: extract.Extracted, dose: dose.DoseResult, heal: heal.HealResult, steered/healed/base:
+    evaluate.StageEval of those stages (base is round -1's).
+    """
+    ks = kept_stats([x["ppl"] for x in dose.scored], [x["keep"] for x in dose.scored])
+    row = dict(round=r, kappa=dose.kappa, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
+               cos_v0=ext.cos_v0, student_cos=ext.student_cos, heal_nll=heal.heal_nll, val_nll=heal.val_nll,
+               trait_nats=healed.trait_nats, coherence=healed.coherence,
+               steered_trait_nats=steered.trait_nats, steered_coherence=steered.coherence, **secs)
+    for f, v in healed.nats.items():
+        row[foundation_column(f)] = v
+    if healed.nats:
+        t_h, t_s, t_b = healed.nats[target], steered.nats[target], base.nats[target]
+        row.update(target_nats=t_h, steered_target_nats=t_s, retain=retain(t_h, t_s, t_b),
+                   coh_cost=coh_cost(healed.coherence, base.coherence, t_h, t_b),
+                   surgical=surgical(t_h - t_b, {f: healed.nats[f] - base.nats[f] for f in FOUNDATIONS}, target=target))
+    if healed.trait_nats is not None:
+        row["retain_trait"] = retain(healed.trait_nats, steered.trait_nats, base.trait_nats)
+    return row

@@ -1,10 +1,14 @@
-"""End-of-run tables: the compact per-round log table and the run's markdown report."""
+"""Tables: the compact per-round log table, the run's markdown report, and the aligned SQL result table."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+from typing import Any
 
-from .store import RunLog, atomic_write_bytes
+from .evaluate import StageEval, stage_order
+from .files import atomic_write_bytes
+from .store import RunLog
 
 ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("heal_nll", "heal_nll"),
               ("target_nats", "target"), ("trait_nats", "trait"), ("coherence", "coh"), ("cos_v0", "cos_v0"),
@@ -34,19 +38,6 @@ def round_table(rounds: list[dict], md: bool = False) -> str:
     return table([h for _, h in ROUND_COLS], [[r.get(c) for c, _ in ROUND_COLS] for r in rows], md)
 
 
-def by_stage(metrics: list[dict]) -> dict[tuple, dict]:
-    """stage_metrics rows -> {(round, stage): {nats: {foundation: nats}, coherence, trait_nats}}."""
-    by: dict[tuple, dict] = {}
-    for m in metrics:
-        d = by.setdefault((m["round"], m["stage"]), {"nats": {}, "coherence": None, "trait_nats": None})
-        if m["evaluator"] == "contrast":
-            d["trait_nats"] = m["nats"]
-        else:
-            d["nats"][m["foundation"]] = m["nats"]
-            d["coherence"] = m["coherence"]
-    return by
-
-
 def _delta(x, base):
     return None if x is None or base is None else x - base
 
@@ -54,14 +45,13 @@ def _delta(x, base):
 def write_report(log: RunLog, target: str = "Authority") -> str:
     rounds = log.read("rounds")
     info = (log.read("run_info") or [{}])[-1]
-    by = by_stage(log.read("stage_metrics"))
-    base = by.get((-1, "base"), {})
+    by = StageEval.by_stage(log.read("stage_metrics"))
+    base = by.get((-1, "base"), StageEval())
     rows = []
-    for (r, stage), d in sorted(by.items(), key=lambda x: (x[0][0], ["base", "prompted", "steered", "healed"].index(x[0][1]))):
-        t = d.get("nats", {}).get(target)
-        bt = base.get("nats", {}).get(target)
-        rows.append([r, stage, t, _delta(t, bt), d["trait_nats"], _delta(d["trait_nats"], base.get("trait_nats")),
-                     d["coherence"], _delta(d["coherence"], base.get("coherence"))])
+    for (r, stage), d in sorted(by.items(), key=lambda x: stage_order(x[0])):
+        t, bt = d.nats.get(target), base.nats.get(target)
+        rows.append([r, stage, t, _delta(t, bt), d.trait_nats, _delta(d.trait_nats, base.trait_nats),
+                     d.coherence, _delta(d.coherence, base.coherence)])
     demos = [c for c in log.read("completions") if (c["phase"] or "").startswith("demo")]
     parts = [f"# Run {log.run_id}", "", f"model `{info.get('model')}`, reg `{info.get('reg')}`, seed {info.get('seed')}, "
              f"config hash `{info.get('config_hash')}`", "", "## Rounds", "", round_table(rounds, md=True), "",
@@ -88,3 +78,30 @@ def _extras(log: RunLog) -> list[str]:
             r = "" if d.get("round") is None else f" round {d['round']}"
             out.append(f"- {d['kind']}{r}: [{f.parent.name}](../../diagnostics/{f.parent.name}/report.md)")
     return out
+
+
+def _cell(v: Any, width: int = 60) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, dt.datetime):
+        return v.isoformat(sep=" ", timespec="seconds")
+    s = str(v).replace("\n", "\\n")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def format_table(columns: list[str], rows: list[tuple]) -> str:
+    """Aligned plain-text table of SQL results (`just sql`); numbers right-aligned, long text cut."""
+    cells = [[_cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+               for i in range(len(columns))]
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(vals, widths, numeric, strict=True)).rstrip()
+
+    out = [line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)

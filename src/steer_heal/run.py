@@ -1,8 +1,7 @@
-"""Start or resume a run: store bookkeeping around the Prefect flow (flows/steer_heal.py)."""
+"""Start or resume a run: store bookkeeping around the Prefect flow (flow.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import secrets
@@ -15,13 +14,10 @@ from pathlib import Path
 
 from loguru import logger
 
+from . import student
 from .config import RUNTIME_FIELDS, Config, ConfigError
+from .console import quiet_env
 from .store import RunLog
-
-FLOW_FILE = Path(__file__).resolve().parents[2] / "flows" / "steer_heal.py"
-QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
-         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def prefect_home(home: Path) -> Path:
@@ -66,22 +62,13 @@ def _prefect_template(version: str) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_flow():
-    if not FLOW_FILE.exists():
-        raise ConfigError(f"flow file not found at {FLOW_FILE}: install the repo editable (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("steer_heal_flow", FLOW_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def environment(cfg: Config) -> dict:
     import torch
     import transformers
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=FLOW_FILE.parent).stdout.strip()
+                                cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     import peft
@@ -98,11 +85,7 @@ def new_run_id(cfg: Config) -> str:
 
 def resume_config(cfg: Config, explicit: dict) -> Config:
     """The stored config of cfg.resume, with only runtime overrides applied."""
-    log = RunLog(cfg.out, cfg.resume) if (Path(cfg.out) / "runs" / cfg.resume).is_dir() else None
-    info = log.read("run_info") if log else []
-    if not info:
-        raise ConfigError(f"no run {cfg.resume!r} under {cfg.out}/runs: see `just runs` for run ids")
-    stored = Config.from_dict(info[0]["config"])
+    stored = student.stored_config(student.run_log(cfg.out, cfg.resume))
     changed = sorted(k for k, v in explicit.items() if k not in RUNTIME_FIELDS and v != getattr(stored, k))
     if changed:
         raise ConfigError(f"resume of {cfg.resume} refuses overrides that change the experiment: "
@@ -129,24 +112,8 @@ def preflight(cfg: Config) -> None:
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
 
 
-def check_adapters(log: RunLog) -> None:
-    """Every baked round's adapter file must exist and match its recorded sha256 (before any work)."""
-    from .bake import CorruptAdapter
-    from .store import sha256_file
-
-    for rec in log.read("adapters"):
-        path = log.dir / rec["path"]
-        if not path.is_file():
-            raise CorruptAdapter(f"adapter of round {rec['round']} is missing: {path}. Restore the file; "
-                                 "a run cannot resume past a lost adapter.")
-        if sha256_file(path) != rec["sha256"]:
-            raise CorruptAdapter(f"adapter of round {rec['round']} at {path} does not match its recorded sha256: "
-                                 "the file is corrupt or was replaced. Restore it; resume will not trust it.")
-
-
 def run(cfg: Config, explicit: dict) -> int:
-    for k, v in QUIET.items():
-        os.environ.setdefault(k, v)
+    quiet_env()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
     if cfg.resume:
         run_id = cfg.resume
@@ -158,7 +125,7 @@ def run(cfg: Config, explicit: dict) -> int:
             logger.info(f"run {run_id} is already done ({len(done)} rounds): nothing to do")
             return 0
         preflight(cfg)
-        check_adapters(log)
+        student.check_adapters(log)
         logger.info(f"resuming {run_id} at round {len(done)} of {cfg.n_rounds}")
     else:
         preflight(cfg)
@@ -179,9 +146,10 @@ def run(cfg: Config, explicit: dict) -> int:
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(prefect_home(log.dir / "prefect"))
     log.append("status", dict(status="running", reason="resumed" if explicit.get("resume") else ""))
-    mod = _load_flow()
+    from .flow import steer_heal
+
     try:
-        result = mod.steer_heal(cfg.to_dict(), run_id)
+        result = steer_heal(cfg.to_dict(), run_id)
     except KeyboardInterrupt:
         log.append("status", dict(status="interrupted", reason="Ctrl-C"))
         logger.warning(f"interrupted; finished rounds are kept. Resume with: just resume {run_id}")

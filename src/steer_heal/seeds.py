@@ -1,4 +1,6 @@
-"""Seeds derived from (seed, round, stage): a resumed stage draws exactly what it would have."""
+"""Named seed streams, each derived from (seed, round, stage): a resumed stage draws exactly what it
+would have, and a diagnostic that re-runs a stage (the barrier sweep's run cell) draws the same numbers
+by calling the same helper, never by spelling the label again."""
 
 import hashlib
 
@@ -6,3 +8,23 @@ import hashlib
 def seed_for(seed: int, round_: int, stage: str) -> int:
     h = hashlib.sha256(f"{seed}/{round_}/{stage}".encode()).digest()
     return int.from_bytes(h[:4], "little")  # < 2**32: fits every RNG's seed
+
+
+def lora_init(seed: int, round_: int) -> int:
+    """The fresh adapter's A matrices (B = 0) of round `round_`."""
+    return seed_for(seed, round_, "lora_init")
+
+
+def heal_shuffle(seed: int, round_: int) -> int:
+    """The heal's train/val split and its per-epoch shuffles."""
+    return seed_for(seed, round_, "heal")
+
+
+def dose_batch(seed: int, round_: int, step: int) -> int:
+    """The sampling of dose-walk batch `step` (probe or collect)."""
+    return seed_for(seed, round_, f"dose.{step}")
+
+
+def random_vector(seed: int, round_: int, k: int) -> int:
+    """The k-th equal-norm random control vector of a round (c-sweep)."""
+    return seed_for(seed, round_, f"csweep.random.{k}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .store import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 STAGE_MARKERS = {"base": "o", "prompted": "*", "steered": "^", "healed": "s"}
 # the three numbers every evaluation gives, as (key, panel title)

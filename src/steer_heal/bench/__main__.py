@@ -1,0 +1,109 @@
+"""`just bench [--only a,b,...]` (`python -m steer_heal.bench`): where a round's time goes, measured with the
+package's own functions. One module per part: gen.py (a, b), heal.py (c), evals.py (d), orch.py (e), sql.py (f).
+
+Parts (each prints one compact table; ratios side by side, same model and inputs in one run):
+  a  steered generation (generate.generate, vector from extract.extract on band 0.4-0.6):
+     batch 16 vs one prompt at a time on the same 16 prompts, a fixed number of new tokens
+  b  filter perplexity (filter.perplexity): batch 16 vs one at a time on the same 16 completions
+  c  one heal step (heal.heal, epochs=1, batch_size=4, 4 completions of ~200 tokens, one fresh
+     adapter): reg=nll vs kl_rev vs a one-backward kl_rev step, time and peak RSS, each variant
+     in a fresh subprocess
+  d  eval: evaluate.mfv seconds per vignette, think_tokens 0 vs 8; evaluate.contrast per dilemma
+  e  orchestration: one fast-dev round through the real flow in a subprocess (OMP_NUM_THREADS=1), plain
+     and under cProfile: the task bodies vs Prefect's task runs around them, the store's reads and writes
+  f  the per-round Pareto SQL of docs/store.md over a synthetic store of 200 runs x 10 rounds
+
+Every figure carries the 1-minute load average read right after it (other processes may share the
+CPU). On a shared 2-core box pass --threads 1 when other torch jobs run: 2-thread torch beside them
+slows down several-fold. Methods and the figures of a run are in docs/performance.md.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the tables
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from .common import Ctx, machine  # noqa: E402
+from .evals import part_d  # noqa: E402
+from .gen import part_a, part_b  # noqa: E402
+from .heal import heal_worker, part_c  # noqa: E402
+from .orch import part_e  # noqa: E402
+from .sql import part_f  # noqa: E402
+
+PROG = "just bench"
+PARTS = "abcdef"
+VIGNETTES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="model for parts a-d (name as for --model of a run)")
+    p.add_argument("--cache", default="out/models", help="model cache folder (smollm2-135m's fp32 copy lives here)")
+    p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts to run, e.g. a,b (default: all)")
+    p.add_argument("--device", default="auto", help="torch device for parts a-d")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for parts a-d (0: torch's default)")
+    p.add_argument("--reps", type=int, default=2, help="timed repeats per measurement in a, b, d (best is reported)")
+    p.add_argument("--new-tokens", type=int, default=32, help="part a: new tokens per completion (forced)")
+    p.add_argument("--coef", type=float, default=1.0, help="part a: steering coefficient C")
+    p.add_argument("--heal-tokens", type=int, default=200, help="part c: tokens per completion")
+    p.add_argument("--vignettes", default=str(VIGNETTES), help="part d: vignette JSONL (missing: bundled smoke set)")
+    p.add_argument("--n-vignettes", type=int, default=28, help="part d: vignettes (stratified subset)")
+    p.add_argument("--runs", type=int, default=200, help="part f: synthetic runs")
+    p.add_argument("--rounds", type=int, default=10, help="part f: rounds per synthetic run")
+    p.add_argument("--json", default="", help="also write every figure to this JSON file")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: heal variant / orch
+    p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    parts = [x for x in args.only if x not in ", "]
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        p.error(f"--only: unknown part(s) {bad}; choose from {','.join(PARTS)}")
+    args.parts = [x for x in PARTS if x in parts]
+    return args
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.worker:  # part c's fresh process per variant
+        out = heal_worker(args)
+        Path(args.worker_out).write_text(json.dumps(out))
+        return 0
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    print(f"{PROG}: parts {','.join(args.parts)} on {args.model}; {info['nproc']} CPUs ({info['cpu']}), "
+          f"{info['ram_gib']} GiB, torch {info['torch']} with {info['torch_threads']} threads; "
+          f"load {' '.join(f'{x:.2f}' for x in info['load'])}")
+    res: dict = {"machine": info, "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")}}
+    ctx = Ctx(args)
+    t0 = time.time()
+    for part in args.parts:
+        fn = {"a": part_a, "b": part_b, "d": part_d}.get(part)
+        if fn is not None:
+            fn(ctx, res)
+        else:
+            {"c": part_c, "e": part_e, "f": part_f}[part](args, res)
+        sys.stdout.flush()
+    res["seconds"] = time.time() - t0
+    res["load_end"] = os.getloadavg()
+    print(f"\ndone in {res['seconds']:.0f} s; load {' '.join(f'{x:.2f}' for x in res['load_end'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

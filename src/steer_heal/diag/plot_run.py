@@ -1,0 +1,68 @@
+"""`just plot RUN_ID`: target nats, trait nats and coherence by round (steered and healed), with base
+and prompted as reference lines, and the kept fraction. PNG and SVG under out/runs/RUN_ID/plots/,
+listed in the diagnostic's report.md. Reads the store with SQL; no model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import data
+from ..console import script
+from ..evaluate import StageEval, stage_order
+from ..report import table
+from ..store import connect
+from ..student import run_log, stored_config
+from . import plots
+from .record import Diagnostic
+from .runs import sql_rows
+
+PROG = "just plot"
+METRICS_SQL = ("SELECT round, stage, evaluator, foundation, nats, coherence FROM stage_metrics "
+               "WHERE run_id = ? ORDER BY round, stage")
+KEPT_SQL = "SELECT round, any_value(kept_frac) AS kept_frac FROM rounds WHERE run_id = ? GROUP BY round ORDER BY round"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("run_id")
+    p.add_argument("--out", default="out", help="store root")
+    return p.parse_args(argv)
+
+
+def series(stage_metrics: list[dict], target: str) -> dict[tuple[int, str], dict]:
+    """{(round, stage): {target_nats, trait_nats, coherence}} from stage_metrics rows."""
+    return {k: dict(target_nats=s.nats.get(target), trait_nats=s.trait_nats, coherence=s.coherence)
+            for k, s in StageEval.by_stage(stage_metrics).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    log = run_log(a.out, a.run_id)
+    target = data.persona(stored_config(log))["target"]
+    con = connect(a.out)
+    try:
+        stages = series(sql_rows(con, METRICS_SQL, [a.run_id]), target)
+        kept = {r["round"]: r["kept_frac"] for r in sql_rows(con, KEPT_SQL, [a.run_id])}
+    finally:
+        con.close()
+    rows = [dict(run_id=a.run_id, round=r, stage=st, **v, kept_frac=kept.get(r) if st == "healed" else None)
+            for (r, st), v in sorted(stages.items(), key=lambda kv: stage_order(kv[0]))]
+    diag = Diagnostic(a.out, "plot", a.run_id, None, dict(target=target))
+    diag.add(rows)
+    files = plots.save(plots.run_figure(stages, kept, f"run {a.run_id} (target {target})"),
+                       log.dir / "plots" / "rounds")
+    text = table(["r", "stage", "target", "trait", "coh", "kept"],
+                 [[r["round"], r["stage"], r["target_nats"], r["trait_nats"], r["coherence"], r["kept_frac"]]
+                  for r in rows])
+    diag.finish(text, files)
+    return 0
+
+
+def cli() -> int:
+    return script(PROG, main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,103 @@
+"""What the diagnostics ask the store about runs: each run's target and trait sign, which runs are seeds
+of one config (and a short label for it), and SQL rows as plain dicts."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from .. import data
+from ..config import Config, ConfigError
+from ..store import RunLog, connect
+
+
+def trait_sign(cfg: Config) -> int:
+    """+1 when the trait raises the target foundation's nats, -1 when it lowers them."""
+    return data.trait_sign(data.persona(cfg))
+
+
+def seedless(cfg: Config) -> dict:
+    """The experiment without its seed: runs equal here are repeats of one config."""
+    return {k: v for k, v in cfg.experiment().items() if k != "seed"}
+
+
+def config_key(cfg: Config) -> str:
+    return Config.from_dict(seedless(cfg)).hash()
+
+
+def config_labels(exps: dict[str, dict]) -> dict[str, str]:
+    """A short name per config: only the knobs that differ between them ('lam=0.5 reg=nll'), else reg."""
+    keys = sorted({k for e in exps.values() for k in e})
+    varying = [k for k in keys if len({json.dumps(e.get(k), default=str) for e in exps.values()}) > 1]
+    return {name: " ".join(f"{k}={_short(e.get(k))}" for k in varying) or str(e.get("reg"))
+            for name, e in exps.items()}
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(_short, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def run_meta(root: str | Path) -> list[dict]:
+    """Per run: target foundation, trait direction and sign, seedless config key and label."""
+    con = connect(root)
+    try:
+        got = con.execute("SELECT run_id, config FROM run_info QUALIFY row_number() "
+                          "OVER (PARTITION BY run_id ORDER BY created) = 1 ORDER BY run_id").fetchall()
+    finally:
+        con.close()
+    cfgs = {run_id: Config.from_dict(json.loads(c)) for run_id, c in got}
+    keys = {run_id: config_key(cfg) for run_id, cfg in cfgs.items()}
+    labels = config_labels({keys[r]: seedless(cfg) for r, cfg in cfgs.items()})
+    out = []
+    for run_id, cfg in cfgs.items():
+        p = data.persona(cfg)
+        out.append(dict(run_id=run_id, target=p["target"], direction=p["direction"], sign=trait_sign(cfg),
+                        seed=cfg.seed, reg=cfg.reg, config_key=keys[run_id], config_label=labels[keys[run_id]]))
+    return out
+
+
+def connect_meta(root: str | Path) -> duckdb.DuckDBPyConnection:
+    """store.connect plus a `run_meta` table (run_meta() as rows), so SQL can pick each run's target
+    foundation and trait direction, which live in the bundled persona table, not in the store."""
+    con = connect(root)
+    con.execute("CREATE TEMP TABLE run_meta (run_id VARCHAR, target VARCHAR, direction VARCHAR, sign INTEGER, "
+                "seed BIGINT, reg VARCHAR, config_key VARCHAR, config_label VARCHAR)")
+    rows = run_meta(root)
+    if rows:
+        con.executemany("INSERT INTO run_meta VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [list(r.values()) for r in rows])
+    return con
+
+
+def sql_rows(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> list[dict]:
+    """Rows as dicts; DECIMAL (what SQL makes of a literal like 0.5) as float, so rows store as JSON."""
+    cur = con.execute(sql, params) if params is not None else con.execute(sql)
+    cols = [c[0] for c in cur.description]
+    return [{c: float(v) if isinstance(v, Decimal) else v for c, v in zip(cols, r, strict=True)}
+            for r in cur.fetchall()]
+
+
+
+def latest_round(log: RunLog) -> int:
+    """The newest round whose vector is stored: the default round of a diagnostic."""
+    done = [r["round"] for r in log.read("stages") if r["stage"] == "extract"]
+    if not done:
+        raise ConfigError(f"run {log.run_id} has no extracted round yet")
+    return max(done)
+
+
+def check_history(log: RunLog, r: int) -> None:
+    """Round r's student is the baked rounds 0..r-1: all of them must be stored."""
+    missing = sorted(set(range(r)) - {a["round"] for a in log.read("adapters")})
+    if missing:
+        raise ConfigError(f"run {log.run_id} round {r}: rounds {missing} are not baked yet, so the student that "
+                          f"started round {r} does not exist; pick an earlier round")
+
+
+def delta(x: float | None, base: float | None) -> float | None:
+    return None if x is None or base is None else x - base

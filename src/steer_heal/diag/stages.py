@@ -1,0 +1,141 @@
+"""`just stages RUN_ID...`: base / prompted / steered / healed for every round of the given runs.
+
+Per stage: target nats and its change against the run's base (d_tgt), trait nats (d_trait),
+coherence (d_coh), and, as the run's round rows define them, retain (healed against steered),
+coh_cost and surgical. Every stage of a run is evaluated on the run's own vignettes; a stage whose
+n differs from base's is not paired, so it gets no deltas (and the table says so).
+
+Runs that share a config and differ only in seed are a group: each cell then also gets the mean
+and a 95% t-interval over the seeds (mean +- t(0.975, k-1) * sd / sqrt(k)).
+Reads the store only; no model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+
+from .. import data, metrics
+from ..console import script
+from ..evaluate import StageEval, stage_order
+from ..report import table
+from ..student import run_log, stored_config
+from .record import Diagnostic
+from .runs import config_key, config_labels, delta, seedless
+from .stats import mean_ci
+
+PROG = "just stages"
+# the per-stage numbers averaged over seeds
+AGG = ("d_target", "d_trait", "d_coh", "retain", "retain_trait", "coh_cost")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    p.add_argument("--out", default="out", help="store root")
+    return p.parse_args(argv)
+
+
+def run_rows(run_id: str, stage_metrics: list[dict], target: str) -> list[dict]:
+    """One row per (round, stage) of one run, deltas against its base."""
+    by = StageEval.by_stage(stage_metrics)
+    base = by.get((-1, "base"))
+    if base is None:
+        return []
+    bt = base.nats.get(target)
+    rows = []
+    for key in sorted(by, key=stage_order):
+        (r, stage), s = key, by[key]
+        t = s.nats.get(target)
+        row = dict(run_id=run_id, round=r, stage=stage, n=s.n, paired=s.n == base.n,
+                   target_nats=t, trait_nats=s.trait_nats, coherence=s.coherence)
+        if row["paired"]:
+            row.update(d_target=delta(t, bt), d_trait=delta(s.trait_nats, base.trait_nats),
+                       d_coh=delta(s.coherence, base.coherence))
+        if row["paired"] and stage != "base":
+            row["coh_cost"] = metrics.coh_cost(s.coherence, base.coherence, t, bt)
+            if row["d_target"] is not None:
+                off = {f: delta(s.nats.get(f), base.nats.get(f)) for f in metrics.OFF_TARGET}
+                row["surgical"] = metrics.surgical(row["d_target"], off, target=target)
+        if row["paired"] and stage == "healed" and (r, "steered") in by:
+            st = by[(r, "steered")]
+            row.update(retain=metrics.retain(t, st.nats.get(target), bt),
+                       retain_trait=metrics.retain(s.trait_nats, st.trait_nats, base.trait_nats))
+        rows.append(row)
+    return rows
+
+
+def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, str]) -> list[dict]:
+    """Per config with two or more seeds, per (round, stage): mean and 95% interval of each AGG number."""
+    out = []
+    for key, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        cells = defaultdict(list)
+        for r in rows:
+            if r["run_id"] in runs:
+                cells[(r["round"], r["stage"])].append(r)
+        for (rnd, stage) in sorted(cells, key=stage_order):
+            if stage == "base":  # every delta is against base: nothing to average
+                continue
+            got = cells[(rnd, stage)]
+            agg = dict(level="seeds", config=labels[key], config_key=key, runs=[r["run_id"] for r in got],
+                       round=rnd, stage=stage, n_seeds=len(got),
+                       surgical=sum(bool(r.get("surgical")) for r in got))
+            for m in AGG:
+                ci = mean_ci([r.get(m) for r in got])
+                agg.update({f"{m}_mean": ci["mean"], f"{m}_lo": ci["lo"], f"{m}_hi": ci["hi"]})
+            out.append(agg)
+    return out
+
+
+def _yn(v) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def _pm(row: dict, m: str) -> str:
+    mean, lo, hi = row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"]
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" if lo is None else f"{mean:.3f}±{(hi - lo) / 2:.3f}"
+
+
+def summary(rows: list[dict], agg: list[dict]) -> str:
+    text = table(["run", "r", "stage", "n", "target", "d_tgt", "trait", "d_trait", "coh", "d_coh", "retain",
+                  "coh_cost", "surgical"],
+                 [[r["run_id"], r["round"], r["stage"] + ("" if r["paired"] else " (unpaired)"), r["n"],
+                   r["target_nats"], r.get("d_target"), r["trait_nats"], r.get("d_trait"), r["coherence"],
+                   r.get("d_coh"), r.get("retain"), r.get("coh_cost"), _yn(r.get("surgical"))] for r in rows])
+    if agg:
+        text += "\n\nover seeds: mean ± half-width of the 95% t-interval\n" + table(
+            ["config", "r", "stage", "seeds", *AGG, "surgical"],
+            [[a["config"], a["round"], a["stage"], a["n_seeds"], *[_pm(a, m) for m in AGG],
+              f"{a['surgical']}/{a['n_seeds']}"] for a in agg])
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    rows, groups, exps = [], defaultdict(list), {}
+    for run_id in dict.fromkeys(a.run_ids):
+        log = run_log(a.out, run_id)
+        cfg = stored_config(log)
+        key = config_key(cfg)
+        groups[key].append(run_id)
+        exps[key] = seedless(cfg)
+        rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"])
+    agg = seed_rows(rows, groups, config_labels(exps))
+    diag = Diagnostic(a.out, "stages", ",".join(dict.fromkeys(a.run_ids)), None,
+                      dict(runs=list(dict.fromkeys(a.run_ids)), level=0.95))
+    diag.add([dict(level="run", **r) for r in rows] + agg)
+    diag.finish(summary(rows, agg))
+    return 0
+
+
+def cli() -> int:
+    return script(PROG, main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,258 @@
+"""The steer-heal Prefect flow: it wires the stages, records what they return and decides the next step.
+
+Round -1: base and prompted evals and a base demo. Rounds 0..N-1: extract, dose walk (generate + filter),
+steered eval, heal, bake, healed eval and demo, each a task. The run's state (config, store log, the
+student stack, the stage inputs) is a `Run` handed to every task; each task is also callable in-process
+as `task.fn(run, ...)`. The model lives in this process: Prefect neither hashes nor persists a task's
+inputs or results here (NO_CACHE, persist_result=False). The store, not Prefect's cache, is what resume
+reads: a stage writes its rows, then its marker in `stages`; a marked stage is read back as its own
+result type, an unmarked one has its partial rows dropped (store.STAGE_ROWS) and is redone with the
+same seeds. docs/architecture.md maps stage -> module -> task -> store tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from loguru import logger
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from . import backends, data, metrics, seeds, student
+from .bake import Stack, bake, lora_config
+from .config import Config
+from .dose import DoseResult, Starved, dose_walk
+from .evaluate import Probe, StageEval, measure
+from .extract import Extracted, extract, student_vector
+from .filter import drop_counts, score
+from .generate import generate
+from .heal import HealError, HealResult, heal
+from .models import band, get_layers
+from .report import round_table, write_report
+from .steering import load_vector, save_vector
+from .store import STAGE_ROWS, RunLog
+
+
+@dataclass
+class Stop:
+    """An outcome that ends the run without a crash (starved filter, diverged heal): a status and why."""
+    status: str
+    reason: str
+
+
+class Run:
+    """One run's worker-process state: config, store log, the student stack and the stage inputs."""
+
+    def __init__(self, cfg: Config, run_id: str):
+        self.cfg, self.log = cfg, RunLog(cfg.out, run_id)
+        model, self.tok = student.base_model(cfg, cfg.out)
+        self.stack = Stack(model)
+        self.layers = band(cfg.steer_layers, len(get_layers(model)))
+        self.lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers)
+        self.persona = data.persona(cfg)
+        self.probe = Probe.of(cfg)
+        self.system = self.probe.system
+        self.contexts = data.contexts()
+        self.prompts = data.prompts(cfg.n_prompts)
+        self.steer = backends.steer_fn(cfg)
+        self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
+        self.vectors: dict[int, dict] = {}
+
+    def mark(self, r: int, stage: str, seconds: float) -> None:
+        self.log.append("stages", dict(round=r, stage=stage, seconds=seconds))
+        self.done.add((r, stage))
+
+    def forget_partial(self, r: int, stage: str) -> None:
+        """Drop rows a crashed attempt at this stage left behind, before redoing it."""
+        for table, which in STAGE_ROWS.get(stage, ()):
+            self.log.drop(table, lambda x, which=which: x["round"] == r and which(x))
+
+    def baked(self, r: int) -> dict | None:
+        """Round r's adapters row: written once its adapter file is, so it is what resume trusts."""
+        return next((x for x in self.log.read("adapters") if x["round"] == r), None)
+
+    def evaluate(self, stage: str, r: int, coef: float = 0.0, system: str | None = None) -> StageEval:
+        """Evaluate the model as it is now and store the stage's rows."""
+        ev = measure(self.stack.model, self.tok, self.probe, system=system, coef=coef)
+        self.log.append("stage_metrics", ev.rows(r, stage))
+        return ev
+
+    def demo(self, stage: str, r: int) -> None:
+        ps = self.prompts[: self.cfg.n_demo]
+        if not ps:
+            return
+        outs = generate(self.stack.model, self.tok, ps, system=self.system, max_new_tokens=self.cfg.max_new_tokens,
+                        greedy=True, batch=self.cfg.gen_batch, steerer=self.steer)
+        self.log.append("completions", [dict(round=r, phase=f"demo:{stage}", idx=i, coef=0.0, prompt=p, completion=o)
+                                        for i, (p, o) in enumerate(zip(ps, outs))])
+        logger.info(f"demo {stage} r{r}: {ps[0]!r}\n    -> {outs[0]!r}")
+
+
+def crash_point(where: str) -> None:
+    """Fault injection for crash-and-resume tests: STEER_HEAL_KILL_AT=<where> SIGKILLs the
+    whole process group here (the Prefect server included), like a power cut would."""
+    if os.environ.get("STEER_HEAL_KILL_AT") == where:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _opts(name: str) -> dict:
+    return dict(name=name, cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(**_opts("eval-base"))
+def eval_base(run: Run) -> None:
+    t = time.time()
+    with run.stack.base():
+        run.evaluate("base", -1)
+        run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
+        run.demo("base", -1)
+    run.mark(-1, "eval_base", time.time() - t)
+
+
+@task(**_opts("extract"))
+def extract_task(run: Run, r: int) -> Extracted:
+    cfg, t, path = run.cfg, time.time(), student.vector_path(run.log, r)
+    if (r, "extract") in run.done and path.exists():
+        v = load_vector(path)
+    else:
+        v = extract(run.stack.model, run.tok, run.persona["pos"], run.persona["neg"], run.contexts, run.layers,
+                    cfg.steer_system, cfg.normalize, cfg.eval_batch)
+        save_vector(v, path)
+        run.mark(r, "extract", time.time() - t)
+    run.vectors[r] = v
+    v0 = run.vectors.get(0) or load_vector(student.vector_path(run.log, 0))
+    student_cos = None
+    if r > 0:
+        sv = student_vector(run.stack.model, run.tok, run.system, run.contexts, run.layers, run.stack.base,
+                            cfg.eval_batch)
+        student_cos = metrics.cosine(sv, v)
+    return Extracted(v, metrics.cosine(v, v0), student_cos, time.time() - t)
+
+
+@task(**_opts("dose"))
+def dose_task(run: Run, r: int) -> DoseResult | Stop:
+    cfg, t, v = run.cfg, time.time(), run.vectors[r]
+    if (r, "dose") in run.done:
+        return student.stored_dose(run.log, r, cfg)
+    run.forget_partial(r, "dose")
+
+    def sample(items: list[dict], step: int) -> list[dict]:
+        outs = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
+                        coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
+                        seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature, top_p=cfg.top_p,
+                        batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}", steerer=run.steer)
+        crash_point(f"dose:r{r}:step{step}")
+        with run.stack.base():  # perplexity under the original model, no steering
+            return score(run.stack.model, run.tok, [dict(x, completion=o) for x, o in zip(items, outs)],
+                         system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
+                         max_len=cfg.max_len, batch=cfg.gen_batch)
+
+    try:
+        res = dose_walk(cfg, run.prompts, sample)
+    except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
+        return Stop("starved", str(e))
+    completions, steps = res.rows()
+    run.log.append("completions", [dict(round=r, **x) for x in completions])
+    run.log.append("dose_steps", [dict(round=r, **x) for x in steps])
+    run.mark(r, "dose", time.time() - t)
+    logger.info(f"r{r} dose: kappa={res.kappa:.3f} kept {len(res.kept)}/{res.n_gen} drops={drop_counts(res.scored)}")
+    res.seconds = time.time() - t
+    return res
+
+
+@task(**_opts("eval-steered"))
+def eval_steered(run: Run, r: int, coef: float) -> StageEval:
+    if (r, "eval_steered") in run.done:
+        return student.stored_evals(run.log).get((r, "steered"), StageEval())
+    run.forget_partial(r, "eval_steered")
+    t = time.time()
+    with run.steer(run.stack.model, run.vectors[r], coef):
+        out = run.evaluate("steered", r, coef=coef)
+    run.mark(r, "eval_steered", time.time() - t)
+    return out
+
+
+@task(**_opts("heal"))
+def heal_task(run: Run, r: int, kept: list[dict]) -> HealResult | Stop:
+    cfg = run.cfg
+    if run.baked(r) is not None:  # trained and baked before a crash: reuse, don't retrain
+        return student.stored_heal(run.log, r, cfg)
+    run.forget_partial(r, "heal")
+    t = time.time()
+    run.stack.add(f"r{r}", run.lora, seed=seeds.lora_init(cfg.seed, r))
+    try:
+        out = heal(run.stack, run.tok, kept, cfg, r, seeds.heal_shuffle(cfg.seed, r), run.system,
+                   on_step=lambda step: crash_point(f"heal:r{r}:step{step}"))
+    except HealError as e:
+        return Stop("failed", str(e))
+    run.log.append("heal_steps", [dict(round=r, **x) for x in out.steps])
+    out.seconds = time.time() - t
+    return out
+
+
+@task(**_opts("bake"))
+def bake_task(run: Run, r: int, heal_seconds: float) -> float:
+    """The round's adapter joins the frozen history: written with its sha256 (then the heal stage counts as
+    done), or, when a crash came after that, read back from its file. Returns the seconds it took."""
+    t, name, path, rec = time.time(), f"r{r}", student.adapter_path(run.log, r), run.baked(r)
+    if rec is not None:
+        if name not in run.stack.names:
+            run.stack.load(name, run.log.dir / rec["path"], rec["sha256"], run.lora)
+        return 0.0
+    sha = bake(run.stack, name, path)
+    run.log.append("adapters", dict(round=r, path=str(path.relative_to(run.log.dir)), sha256=sha))
+    run.mark(r, "heal", heal_seconds + time.time() - t)
+    return time.time() - t
+
+
+@task(**_opts("eval-healed"))
+def eval_healed(run: Run, r: int) -> StageEval:
+    if (r, "eval_healed") in run.done:
+        return student.stored_evals(run.log).get((r, "healed"), StageEval())
+    run.forget_partial(r, "eval_healed")
+    t = time.time()
+    out = run.evaluate("healed", r)
+    run.demo("healed", r)
+    run.mark(r, "eval_healed", time.time() - t)
+    return out
+
+
+@flow(name="steer-heal", log_prints=False)
+def steer_heal(config: dict, run_id: str) -> str:
+    """Run (or continue) `run_id` from round -1 to n_rounds - 1. Returns the final status[:reason]."""
+    cfg = Config.from_dict(config).validate()
+    run = Run(cfg, run_id)
+    if (-1, "eval_base") not in run.done:
+        eval_base(run)
+    base = student.stored_evals(run.log).get((-1, "base"), StageEval())
+    finished = {x["round"] for x in run.log.read("rounds")}
+    first = next(r for r in itertools.count() if r not in finished)
+    student.replay(run.stack, run.log, run.lora, upto=first)  # the baked history, hash-checked
+    target = run.persona["target"]
+    for r in range(first, cfg.n_rounds):
+        t0 = time.time()
+        logger.info(f"round {r}/{cfg.n_rounds - 1}")
+        ext = extract_task(run, r)
+        dose = dose_task(run, r)
+        if isinstance(dose, Stop):
+            return f"{dose.status}:{dose.reason}"
+        steered = eval_steered(run, r, dose.coef)
+        hl = heal_task(run, r, dose.kept)
+        if isinstance(hl, Stop):
+            return f"{hl.status}:{hl.reason}"
+        sec_bake = bake_task(run, r, hl.seconds)
+        healed = eval_healed(run, r)
+        secs = dict(sec_extract=ext.seconds, sec_dose=dose.seconds, sec_heal=hl.seconds + sec_bake,
+                    sec_total=time.time() - t0)
+        secs["sec_eval"] = secs["sec_total"] - secs["sec_extract"] - secs["sec_dose"] - secs["sec_heal"]
+        run.log.append("rounds", metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs))
+        logger.info("\n" + round_table(run.log.read("rounds")))
+        if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor:
+            write_report(run.log, target)
+            return f"stopped:healed coherence {healed.coherence:.3f} < coh_floor {cfg.coh_floor}"
+    write_report(run.log, target)
+    return "done"

@@ -1,0 +1,58 @@
+"""The built-in steering hooks: add coef * v[layer] to the output of each decoder layer in the band.
+
+A steering vector is {layer index: [hidden] direction}, stored as safetensors. backends.py offers
+steering-lite's hooks as a drop-in for `steer`; both have the signature steer(model, vec, coef).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .files import atomic_write_bytes, sha256_file
+from .models import get_layers
+
+Vector = dict[int, torch.Tensor]  # layer index -> [hidden] direction
+
+
+@contextmanager
+def steer(model, vec: Vector | None, coef: float | torch.Tensor) -> Iterator[None]:
+    """Add coef * v[layer] to the output of each layer in the band; hooks always removed.
+
+    coef may be a [batch] tensor so rows of one batch get different doses.
+    """
+    if vec is None:
+        yield
+        return
+    layers = get_layers(model)
+    handles = []
+
+    def hook_for(v: torch.Tensor):
+        def hook(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            c = coef.view(-1, 1, 1).to(h) if torch.is_tensor(coef) else coef
+            h = h + c * v.to(h)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        return hook
+
+    try:
+        for i, v in vec.items():
+            handles.append(layers[i].register_forward_hook(hook_for(v)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def save_vector(vec: Vector, path: str | Path) -> str:
+    """Write the vector atomically; return the file's sha256."""
+    atomic_write_bytes(Path(path), save({f"layer.{i}": v.contiguous().cpu() for i, v in vec.items()}))
+    return sha256_file(path)
+
+
+def load_vector(path: str | Path) -> Vector:
+    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}

@@ -1,0 +1,246 @@
+"""RunLog: append-only JSON lines, one file per table per run (or per diagnostic).
+
+Why not one .duckdb file: a read-write DuckDB database locks out every other
+process while it is open, so concurrent runs and a person's SQL session could
+not coexist. Appending whole lines to per-run files needs no lock at all, and
+DuckDB reads them through globs at query time (views.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from ..files import atomic_write_bytes
+from .schema import AUTO_NOW, KINDS, MAX_LINE_BYTES, TABLES, tables_of, utcnow
+
+# ---------------------------------------------------------------- values
+
+def _scalar(v: Any) -> Any:
+    """numpy/torch scalars (and 0-d/1-element arrays) -> Python; NaN/inf -> None."""
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)) and callable(v.item):
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError):  # not a single element: leave for the caller
+            return v
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _timestamp(v: dt.datetime | dt.date) -> str:
+    if isinstance(v, dt.datetime) and v.tzinfo is not None:
+        v = v.astimezone(dt.UTC).replace(tzinfo=None)
+    return v.isoformat()
+
+
+def _json_safe(v: Any) -> Any:
+    """Recursively turn a value into plain JSON (for JSON columns)."""
+    v = _scalar(v)
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v
+    if isinstance(v, (dt.datetime, dt.date)):
+        return _timestamp(v)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _json_safe(dataclasses.asdict(v))
+    if isinstance(v, Mapping):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if hasattr(v, "tolist"):  # arrays, tensors
+        return _json_safe(v.tolist())
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_json_safe(x) for x in v]
+    raise TypeError(f"cannot store a {type(v).__name__} as JSON")
+
+
+def _convert(table: str, col: str, typ: str, v: Any) -> Any:
+    """Coerce one value to what its column type reads back as. A mismatch raises
+    here instead of silently turning into NULL in the views."""
+    if typ == "JSON":
+        try:
+            return _json_safe(v)
+        except TypeError as e:
+            raise ValueError(f"{table}.{col}: {e}") from None
+    v = _scalar(v)
+    if v is None:
+        return None
+    ok: Any = None
+    if typ == "DOUBLE" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        ok = float(v)
+    elif typ == "BIGINT" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        ok = int(v) if float(v).is_integer() else None
+    elif typ == "BOOLEAN" and isinstance(v, bool):
+        ok = v
+    elif typ == "VARCHAR" and isinstance(v, (str, os.PathLike)):
+        ok = os.fspath(v)
+    elif typ == "TIMESTAMP" and isinstance(v, (dt.date, str)):
+        try:  # parse strings too, so offsets get normalised and junk is refused
+            ok = _timestamp(dt.datetime.fromisoformat(v) if isinstance(v, str) else v)
+        except ValueError:
+            ok = None
+    if ok is None:
+        raise ValueError(f"{table}.{col} is {typ}; got {type(v).__name__} {v!r}")
+    return ok
+
+
+def _ends_torn(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
+class RunLog:
+    """Appends rows to one run's (or one diagnostic's) table files.
+
+    Each append is a single os.write on an O_APPEND descriptor: the kernel
+    places it at the end of the file and does not interleave it with other
+    writers' appends, and a kill -9 can only lose (or tear) the line being
+    written, never an earlier one. No lock, no long-lived handle.
+    """
+
+    def __init__(self, root: str | os.PathLike, run_id: str, kind: str = "runs"):
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; allowed: {sorted(KINDS)}")
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise ValueError(f"bad id {run_id!r}")
+        self.root, self.run_id, self.kind = Path(root), run_id, kind
+        self.id_col = KINDS[kind]
+        self.tables = tables_of(kind)
+        self.dir = self.root / kind / run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._tail_checked: set[str] = set()
+
+    def path(self, table: str) -> Path:
+        self._check_table(table)
+        return self.dir / f"{table}.jsonl"
+
+    def _check_table(self, table: str) -> None:
+        if table not in self.tables:
+            raise ValueError(f"unknown table {table!r} for {self.kind}; "
+                             f"allowed: {', '.join(self.tables)}")
+
+    def _line(self, table: str, row: Mapping[str, Any]) -> bytes:
+        cols = TABLES[table]
+        unknown = [c for c in row if c not in cols]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown} for table {table!r}; "
+                             f"allowed: {', '.join(cols)}")
+        given = row.get(self.id_col, self.run_id)
+        if given != self.run_id:
+            raise ValueError(f"{table}.{self.id_col}={given!r} but this log is {self.run_id!r}")
+        out = {self.id_col: self.run_id}
+        for c, typ in cols.items():
+            if c == self.id_col:
+                continue
+            if c in row:
+                out[c] = _convert(table, c, typ, row[c])
+            elif c in AUTO_NOW and typ == "TIMESTAMP":
+                out[c] = _timestamp(utcnow())
+        # "replace" only matters for lone surrogates, which UTF-8 cannot hold.
+        line = (json.dumps(out, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+        if len(line) > MAX_LINE_BYTES:
+            raise ValueError(f"{table} row is {len(line)} bytes; the limit is {MAX_LINE_BYTES}")
+        return line
+
+    def append(self, table: str, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> int:
+        """Append one row (a dict) or several; returns how many were written.
+        All rows are validated before anything is written."""
+        path = self.path(table)
+        rows = [rows] if isinstance(rows, Mapping) else list(rows)
+        if not rows:
+            return 0
+        data = b"".join(self._line(table, r) for r in rows)
+        if table not in self._tail_checked:
+            # A writer killed mid-line (say, before a resume) leaves a torn tail;
+            # start on a fresh line so our rows are not glued onto it and lost
+            # with it. Once per table: after that the file ends in our own "\n".
+            # Racing another writer's in-flight line costs at most a blank line,
+            # which both readers skip.
+            if _ends_torn(path):
+                data = b"\n" + data
+            self._tail_checked.add(table)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            n = os.write(fd, data)
+            if n != len(data):  # only on disk full and the like
+                self._tail_checked.discard(table)  # we just left a torn tail ourselves
+                raise OSError(f"short write to {path}: {n} of {len(data)} bytes")
+        finally:
+            os.close(fd)
+        return len(rows)
+
+    def read(self, table: str) -> list[dict[str, Any]]:
+        """This run's rows of one table, parsed in pure Python (no DuckDB), with
+        every column present (None when absent) and timestamps as datetime.
+        Unparseable lines (a torn tail from a killed writer) are skipped."""
+        path = self.path(table)
+        if not path.exists():
+            return []
+        cols = TABLES[table]
+        lines = path.read_bytes().split(b"\n")
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                if i < len(lines) - 1:  # the last line may just be in flight
+                    logger.warning("skipping torn line {} of {}", i + 1, path)
+                continue
+            row = {c: obj.get(c) for c in cols}
+            for c, typ in cols.items():
+                if typ == "TIMESTAMP" and isinstance(row[c], str):
+                    row[c] = dt.datetime.fromisoformat(row[c])
+            out.append(row)
+        return out
+
+    def touch_all(self) -> None:
+        """Create every table file (empty) so the views' globs always match."""
+        for t in self.tables:
+            os.close(os.open(self.path(t), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+
+    def drop(self, table: str, where) -> int:
+        """Rewrite a table without the rows where `where(row)` holds (tmp + rename).
+
+        Resume uses it to clear a crashed stage's partial rows before redoing the
+        stage. Only the run's own process writes its files, so no append is lost.
+        """
+        path = self.path(table)
+        if not path.exists():
+            return 0
+        keep, n = [], 0
+        for line in path.read_bytes().split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn line from the crash
+            if where({c: row.get(c) for c in TABLES[table]}):
+                n += 1
+            else:
+                keep.append(line + b"\n")
+        if n:
+            atomic_write_bytes(path, b"".join(keep))
+        self._tail_checked.add(table)
+        return n
+
+

@@ -1,0 +1,129 @@
+"""One way to open a run's student from the store: its config read back, the base model loaded, the
+baked adapters replayed up to a round (each hash-checked), and what a stage stored read back as that
+stage's own result type. The flow's resume, `just export` and every diagnostic go through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError
+from .store import RunLog
+
+
+def run_log(root: str | Path, run_id: str) -> RunLog:
+    """The run's log; a clear error (and no empty folder left behind) when there is no such run."""
+    if not (Path(root) / "runs" / run_id / "run_info.jsonl").is_file():
+        raise ConfigError(f"no run {run_id!r} under {root}/runs: see `just runs` for run ids (or pass --out)")
+    return RunLog(root, run_id)
+
+
+def stored_config(log: RunLog) -> Config:
+    """The config the run started with (the one resume reloads)."""
+    info = log.read("run_info")
+    if not info:
+        raise ConfigError(f"no run {log.run_id!r} under {log.root}/runs: see `just runs` for run ids")
+    return Config.from_dict(info[0]["config"])
+
+
+def check_adapters(log: RunLog) -> None:
+    """Every baked round's adapter file exists and matches its recorded sha256 (before any work)."""
+    from .bake import read_verified
+
+    for rec in log.read("adapters"):
+        read_verified(log.dir / rec["path"], rec["sha256"], f"adapter of round {rec['round']}")
+
+
+def base_model(cfg: Config, root: str | Path, device: str | None = None):
+    """(model, tokenizer) the run starts from; model presets are cached under <root>/models."""
+    from .models import load_model
+
+    return load_model(cfg.model, dtype=cfg.dtype, device=device or cfg.device, attn_impl=cfg.attn_impl,
+                      trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file, cache=f"{root}/models")
+
+
+def replay(stack, log: RunLog, lora, upto: int | None = None) -> list[int]:
+    """Load the run's baked adapters of rounds < upto (all by default) into the stack, hash-checked, in
+    round order; they join its frozen history. Returns the rounds loaded."""
+    done = []
+    for rec in sorted(log.read("adapters"), key=lambda x: x["round"]):
+        if upto is not None and rec["round"] >= upto:
+            break
+        stack.load(f"r{rec['round']}", log.dir / rec["path"], rec["sha256"], lora)
+        done.append(rec["round"])
+    return done
+
+
+@dataclass
+class Student:
+    """A run's base model with its baked history replayed up to (not including) round `upto`."""
+    run_id: str
+    log: RunLog
+    cfg: Config
+    stack: object   # bake.Stack, gated student on
+    tok: object
+    lora: object    # the LoraConfig every round's adapter uses
+    upto: int | None
+
+
+def open_student(root: str | Path, run_id: str, upto: int | None = None, device: str = "cpu") -> Student:
+    from .bake import Stack, lora_config
+
+    log = run_log(root, run_id)
+    cfg = stored_config(log)
+    model, tok = base_model(cfg, root, device)
+    stack, lora = Stack(model), lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers)
+    replay(stack, log, lora, upto)
+    return Student(run_id, log, cfg, stack, tok, lora, upto)
+
+
+# ---------------------------------------------------------------- a round's stored stage outputs
+
+def vector_path(log: RunLog, r: int) -> Path:
+    return log.dir / "vectors" / f"round_{r}.safetensors"
+
+
+def adapter_path(log: RunLog, r: int) -> Path:
+    return log.dir / "adapters" / f"round_{r}.safetensors"
+
+
+def stage_done(log: RunLog, r: int, stage: str) -> bool:
+    return any(s["round"] == r and s["stage"] == stage for s in log.read("stages"))
+
+
+def stored_vector(log: RunLog, r: int):
+    """Round r's steering vector, None while the round has not extracted it."""
+    from .steering import load_vector
+
+    path = vector_path(log, r)
+    return load_vector(path) if path.is_file() else None
+
+
+def stored_dose(log: RunLog, r: int, cfg: Config):
+    """Round r's dose stage read back (its scored completions, kept ones in the order the heal used them)."""
+    from .dose import DoseResult
+
+    comps = [c for c in log.read("completions") if c["round"] == r and c["phase"] in ("probe", "collect")]
+    steps = [x for x in log.read("dose_steps") if x["round"] == r]
+    return DoseResult.from_rows(comps, steps, cfg.n_keep, cfg.kappa_min)
+
+
+def stored_kept(log: RunLog, r: int, cfg: Config) -> list[dict]:
+    """The completions round r healed on; refuses a round whose dose stage has not finished."""
+    if not stage_done(log, r, "dose"):
+        raise ConfigError(f"run {log.run_id} round {r} has not finished its dose stage: no kept completions yet")
+    return stored_dose(log, r, cfg).kept
+
+
+def stored_heal(log: RunLog, r: int, cfg: Config):
+    from .heal import HealResult
+
+    return HealResult.from_steps([x for x in log.read("heal_steps") if x["round"] == r], cfg.epochs)
+
+
+def stored_evals(log: RunLog) -> dict:
+    """{(round, stage): evaluate.StageEval} of every stored evaluation of the run."""
+    from .evaluate import StageEval
+
+    return StageEval.by_stage(log.read("stage_metrics"))

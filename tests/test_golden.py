@@ -1,0 +1,39 @@
+"""Numbers do not move by accident: a fast-dev run with seed 0 gives the rounds rows (every non-timing
+column) and the adapter sha256s recorded in tests/golden/fast_dev_seed0.json.
+
+Bitwise equality (and so the sha256s) holds on the platform the values were recorded on (same torch
+build, same CPU kernel family); elsewhere the floats are compared to 1e-6 and the hashes are skipped.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_flow import steer_heal
+
+from steer_heal.store import RunLog
+
+GOLDEN = Path(__file__).parent / "golden" / "fast_dev_seed0.json"
+
+
+def test_fast_dev_seed0_matches_the_recorded_rounds_and_adapters(tmp_path):
+    want = json.loads(GOLDEN.read_text())
+    rc, _, se = steer_heal(tmp_path, "--preset", "fast-dev", "--seed", "0", "--run-id", "g")
+    assert rc == 0, se[-3000:]
+    log = RunLog(tmp_path, "g")
+    got = [{k: v for k, v in r.items() if not k.startswith("sec_") and k != "run_id"}
+           for r in sorted(log.read("rounds"), key=lambda r: r["round"])]
+    same_platform = (want["platform"]["torch"] == torch.__version__
+                     and want["platform"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability())
+    assert [r["round"] for r in got] == [r["round"] for r in want["rounds"]]
+    for g, w in zip(got, want["rounds"]):
+        assert set(g) == set(w)
+        for k in w:
+            if same_platform or not isinstance(w[k], float):
+                assert g[k] == w[k], (g["round"], k, g[k], w[k])
+            else:
+                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (g["round"], k)
+    if not same_platform:
+        pytest.skip(f"adapter sha256s were recorded on {want['platform']}; bitwise values differ elsewhere")
+    assert {str(a["round"]): a["sha256"] for a in log.read("adapters")} == want["adapters"]
