@@ -173,6 +173,18 @@ def vignettes():
     return load_vignettes("", 14)
 
 
+def test_tinymfv_gets_the_vignettes_frame_as_its_condition(vignettes):
+    """The text goes under the frame's column and that frame is the one condition asked for (self-violate
+    files were sent as other_violate before); an unknown frame falls back to tinymfv's default."""
+    selfish = [dict(v, frame="self_violate") for v in vignettes]
+    assert backends._tinymfv_condition(selfish) == "self_violate"
+    row = backends._tinymfv_row(selfish[0], "self_violate")
+    assert row["self_violate"] == selfish[0]["text"] and "other_violate" not in row and len(row) == 3 + 7
+    assert backends._tinymfv_condition([dict(v, frame=None) for v in vignettes]) == "other_violate"
+    with pytest.raises(ConfigError, match="mix frames"):
+        backends._tinymfv_condition([selfish[0], vignettes[1]])
+
+
 @needs_tinymfv
 def test_tinymfv_needs_a_think(tiny, vignettes):
     with pytest.raises(ConfigError, match="think-tokens 1 or more"):

@@ -65,7 +65,7 @@ def test_contexts_prompts_dilemmas():
 def test_bundled_vignettes_cover_every_foundation():
     vs = data.load_vignettes()
     assert {v["foundation"] for v in vs} == set(FOUNDATIONS)
-    assert all(set(v) == {"id", "text", "foundation", "human"} for v in vs)
+    assert all(set(v) == {"id", "text", "foundation", "human", "frame"} and v["frame"] == "other_violate" for v in vs)
     assert len({v["id"] for v in vs}) == len(vs)
 
 
@@ -128,3 +128,66 @@ def test_clifford_file_loads_and_stratifies():
     assert len(vs) == 132 and all(len(v["human"]) == 7 for v in vs)
     sub = data.load_vignettes(CLIFFORD, 14)
     assert len(sub) == 14 and {v["foundation"] for v in sub} == set(FOUNDATIONS)
+
+
+# ---------------------------------------------------------------- tinymfv shapes and frames
+
+def old_shape(r: dict) -> dict:
+    """r in tinymfv's older label shape: percent strings under the foundation's name, "Not Wrong" for
+    SocialNorms, no human_* columns."""
+    out = {k: v for k, v in r.items() if not k.startswith("human_")}
+    out |= {(f if f != "SocialNorms" else "Not Wrong"): f"{r['human_' + f]:.0f} %" for f in FOUNDATIONS}
+    return out
+
+
+def test_old_tinymfv_labels_are_read_not_dropped(tmp_path):
+    rows = [row(i, f) for i, f in enumerate(FOUNDATIONS)]
+    new = data.load_vignettes(write(tmp_path, rows, "new.jsonl"))
+    old = data.load_vignettes(write(tmp_path, [old_shape(r) for r in rows], "old.jsonl"))
+    assert [v["human"] for v in old] == [v["human"] for v in new] and all(len(v["human"]) == 7 for v in old)
+    assert old[6]["human"]["SocialNorms"] == 90.0  # "Not Wrong" is SocialNorms
+    bare = [{k: v for k, v in old_shape(row(1)).items() if k != "Not Wrong"}]
+    with pytest.raises(ConfigError, match="Not Wrong"):
+        data.load_vignettes(write(tmp_path, bare, "partial.jsonl"))
+    with pytest.raises(ConfigError, match="not a number or a percentage"):
+        data.load_vignettes(write(tmp_path, [row(1, human_Care="lots")], "bad.jsonl"))
+
+
+def test_frame_from_the_file_name_the_texts_or_the_flag(tmp_path):
+    selfish = [row(i, text=f"You laugh at person {i}.") for i in range(3)]
+    assert data.vignette_info(write(tmp_path, [row(1)]))["frame"] == "other_violate"  # "You see ..."
+    assert data.vignette_info(write(tmp_path, selfish, "s.jsonl"))["frame"] == "self_violate"
+    assert data.vignette_info(write(tmp_path, [row(1)], "vignettes_x_self_violate.jsonl"))["frame"] == "self_violate"
+    mixed = write(tmp_path, [row(1), *selfish], "mixed.jsonl")
+    assert data.vignette_info(mixed)["frame"] is None and data.load_vignettes(mixed)[0]["frame"] is None
+    assert {v["frame"] for v in data.load_vignettes(mixed, frame="self")} == {"self_violate"}
+    with pytest.raises(ConfigError, match="--frame self contradicts"):
+        data.load_vignettes(write(tmp_path, [row(1)], "vignettes_x_other_violate.jsonl"), frame="self")
+
+
+def test_packed_tinymfv_rows_read_the_frame_column(tmp_path):
+    packed = [{k: v for k, v in row(i).items() if k != "text"} | {"other_violate": f"You see {i}.",
+                                                                   "self_violate": f"You do {i}."} for i in range(2)]
+    p = write(tmp_path, packed)
+    assert [v["text"] for v in data.load_vignettes(p)] == ["You see 0.", "You see 1."]
+    assert data.vignette_info(p)["frame_from"].startswith("packed rows")
+    vs = data.load_vignettes(p, frame="self")
+    assert [(v["text"], v["frame"]) for v in vs] == [("You do 0.", "self_violate"), ("You do 1.", "self_violate")]
+
+
+def test_missing_labels_are_said_once(tmp_path):
+    from loguru import logger
+
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(str(m)), level="WARNING")
+    try:
+        info = data.vignette_info(write(tmp_path, [{"text": "You see a hat.", "foundation_coarse": "Care"}]))
+    finally:
+        logger.remove(sink)
+    assert info["labelled"] == 0 and len(said) == 1 and "top1_agree will be NULL" in said[0]
+
+
+@pytest.mark.skipif(not CLIFFORD.is_file(), reason="Clifford vignettes not present")
+def test_clifford_file_is_other_violate_by_its_name():
+    info = data.vignette_info(CLIFFORD)
+    assert (info["frame"], info["frame_from"], info["labelled"]) == ("other_violate", "the file name", 132)

@@ -3,10 +3,12 @@ and nothing expensive started (each case returns before the model or Prefect loa
 
 import hashlib
 import importlib.util
+import shutil
 
 from steer_heal.cli import main
 from steer_heal.config import Config, preset
 from steer_heal.store import RunLog
+from steer_heal.tiny import build_tiny
 
 FAST = ["--preset", "fast-dev"]
 
@@ -33,6 +35,10 @@ def cases(tmp):
     fake_run(tmp, "corrupt", recorded="0" * 64)
     fake_run(tmp, "missing").dir.joinpath("adapters", "round_0.safetensors").unlink()
     fake_run(tmp, "ok")
+    base = tmp / "base-model"  # a model whose tokenizer has no chat template, as a base GGUF
+    shutil.copytree(build_tiny("qwen3", 0, tmp / "models"), base)
+    (base / "chat_template.jinja").unlink()
+    (tmp / "vignettes_x_other_violate.jsonl").write_text('{"text": "You see x.", "foundation_coarse": "Care"}\n')
     o = ["--out", str(tmp)]
     return [
         (FAST + o + ["--model", str(tmp / "no-such-model")], "unknown model"),
@@ -57,6 +63,13 @@ def cases(tmp):
         (o + ["--resume", "ok", "--reg", "nll"], "refuses overrides that change the experiment: --reg"),
         (o + ["--resume", "ok", "--n-rounds", "1"], "may only grow"),
         (FAST + ["--out", str(tmp / "afile" / "store")], "not writable"),
+        (FAST + o + ["--model", str(base)], "has no chat template (its tokenizer defines none), so its prompts would "
+                                            "be guessed: pass --chat-template plain"),
+        (FAST + o + ["--chat-template", str(tmp / "none.jinja")], "not auto, chatml, plain or an existing Jinja file"),
+        (FAST + o + ["--lora-targets", "query_key_value"], "--lora-targets query_key_value: no linear named"),
+        (FAST + o + ["--lora-targets", "auto", "q_proj"], "lora_targets"),
+        (FAST + o + ["--frame", "self", "--vignettes", str(tmp / "vignettes_x_other_violate.jsonl")],
+         "--frame self contradicts"),
     ]
 
 

@@ -4,7 +4,8 @@ import importlib.util
 import pytest
 import torch
 
-from steer_heal.models import band, build_tiny, get_layers, load_model, text_config
+from steer_heal.models import attn_for, band, get_layers, load_model, text_config
+from steer_heal.tiny import build_tiny
 
 
 def _digest(path):
@@ -31,16 +32,31 @@ def test_tiny_chat_template_renders(tiny):
 
 
 @pytest.mark.parametrize("arch,cls", [("qwen3", "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM"),
-                                      ("gemma3", "Gemma3ForCausalLM"), ("gemma3mm", "Gemma3ForConditionalGeneration")])
+                                      ("gemma3", "Gemma3ForCausalLM"), ("gemma3mm", "Gemma3ForConditionalGeneration"),
+                                      ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM"),
+                                      ("phi3", "Phi3ForCausalLM"), ("gemma2", "Gemma2ForCausalLM"),
+                                      ("gpt-neox", "GPTNeoXForCausalLM")])
 def test_layers_and_text_config_per_family(arch, cls, model_cache):
     model, tok = load_model(f"tiny-random-{arch}", cache=model_cache)
     assert type(model).__name__ == cls
+    # the requested sdpa where the family has it; Gemma2 (softcapping) falls back to eager
+    assert model.config._attn_implementation == ("eager" if arch == "gemma2" else "sdpa")
     layers = get_layers(model)
     tc = text_config(model)
     assert len(layers) == tc.num_hidden_layers == 4 and tc.hidden_size == 64
     assert "vision" not in type(layers[0]).__name__.lower()
     if arch == "gemma3mm":  # the text config is nested, as in google/gemma-3-4b-it
         assert model.config.text_config is tc
+
+
+def test_attention_falls_back_to_eager_only_where_unsupported():
+    from transformers import Gemma2Config, LlamaConfig, PretrainedConfig
+
+    assert attn_for(LlamaConfig(), "sdpa") == ("sdpa", "")
+    impl, note = attn_for(Gemma2Config(), "sdpa")
+    assert impl == "eager" and "Gemma2ForCausalLM does not support --attn-impl sdpa" in note
+    assert attn_for(Gemma2Config(), "eager") == ("eager", "")
+    assert attn_for(PretrainedConfig(), "sdpa") == ("sdpa", "")  # not a known family: asked for as given
 
 
 def test_band():

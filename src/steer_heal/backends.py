@@ -118,10 +118,18 @@ class _WithSystem:
         return self._tok.apply_chat_template(conversation, *args, **kwargs)
 
 
-def _tinymfv_row(v: dict) -> dict:
-    """Our vignette {id, text, foundation, human: {F: %}} as a tinymfv row; our text is third-person
-    ("You see a ..."), which is tinymfv's `other_violate` condition."""
-    row = {"id": v["id"], "foundation_coarse": v["foundation"], "other_violate": v["text"]}
+def _tinymfv_condition(vignettes: list[dict]) -> str:
+    """The tinymfv condition the vignettes' texts are in (data.load_vignettes' `frame`); one per run, and
+    tinymfv's default, other_violate, when the frame could not be told."""
+    frames = {v.get("frame") or "other_violate" for v in vignettes}
+    if len(frames) != 1:
+        raise ConfigError(f"vignettes mix frames {sorted(frames)}: evaluate one frame at a time")
+    return frames.pop()
+
+
+def _tinymfv_row(v: dict, condition: str) -> dict:
+    """Our vignette {id, text, foundation, human: {F: %}} as a tinymfv row: the text under its condition."""
+    row = {"id": v["id"], "foundation_coarse": v["foundation"], condition: v["text"]}
     row.update({f"human_{f}": float(x) for f, x in (v.get("human") or {}).items()})
     return row
 
@@ -157,8 +165,9 @@ def _tinymfv_mfv(mm) -> Mfv:
         saved = (tok.padding_side, tok.pad_token)  # tinymfv sets left padding (and a pad token) on the tokenizer
         try:
             with evaluating(model):
-                rep = mm.evaluate(model, t, vignettes=[_tinymfv_row(v) for v in vignettes],
-                                  conditions=("other_violate",), max_think_tokens=think_tokens,
+                cond = _tinymfv_condition(vignettes)
+                rep = mm.evaluate(model, t, vignettes=[_tinymfv_row(v, cond) for v in vignettes],
+                                  conditions=(cond,), max_think_tokens=think_tokens,
                                   batch_size=batch, return_per_row=True, verbose=0)
         finally:
             if tok.padding_side != saved[0]:

@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load, save
+from transformers.pytorch_utils import Conv1D
 
 from .config import ConfigError
 from .files import atomic_write_bytes, sha256_bytes
 from .models import band, get_layers
-
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class CorruptAdapter(ConfigError):
@@ -51,18 +50,38 @@ def bake(stack: Stack, name: str, path: str | Path) -> str:
     return stack.save(name, path)
 
 
-def lora_config(model, r: int, alpha: float, layers: tuple[float, float]) -> LoraConfig:
-    """A LoRA on every projection of the decoder layers in the band (never a vision tower)."""
+def lora_targets(model, layers: tuple[float, float], targets: tuple[str, ...] = ()) -> list[str]:
+    """Full dotted names of the linears a round's LoRA adapts: inside the decoder layers of the band, so
+    never a vision tower's or lm_head. No `targets` (auto): every linear there, attention and MLP,
+    fused ones (qkv_proj, gate_up_proj, query_key_value) included. Else the ones whose name ends with
+    one of `targets` ("q_proj", "mlp.down_proj"). Call it on the plain model, before any adapter."""
+    targets = () if tuple(targets) == ("auto",) else tuple(targets)
     dec = get_layers(model)
-    keep = {id(dec[i]) for i in band(layers, len(dec))}
-    names = []
-    for i, layer in enumerate(dec):
-        if id(layer) not in keep:
-            continue
-        prefix = next(n for n, m in model.named_modules() if m is dec) + f".{i}."
-        names += [prefix + n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in PROJ]
+    prefix = next(n for n, m in model.named_modules() if m is dec)
+    linear = (torch.nn.Linear, Conv1D)
+    names, seen, hit = [], {}, set()
+    for i in band(layers, len(dec)):
+        for n, m in dec[i].named_modules():
+            if isinstance(m, linear):
+                seen[n] = None
+                t = next((t for t in targets if n == t or n.endswith("." + t)), None)
+                if t or not targets:
+                    names.append(f"{prefix}.{i}.{n}")
+                    hit.add(t)
+    lacking = [t for t in targets if t not in hit]
+    if not names or lacking:
+        why = f"no linear named {' or '.join(lacking)}" if lacking else "no linear to adapt"
+        raise ConfigError(f"--lora-targets {' '.join(targets) or 'auto'}: {why} in the decoder layers of "
+                          f"{type(model).__name__} ({prefix}.N); their linears: {' '.join(seen) or 'none'}. "
+                          "Pass --lora-targets with names from that list")
+    return names
+
+
+def lora_config(model, r: int, alpha: float, layers: tuple[float, float], targets: tuple[str, ...] = ()) -> LoraConfig:
+    """The LoRA every round's adapter uses: lora_targets(model, layers, targets) at rank r."""
     # init_lora_weights=True: B = 0, so a fresh adapter is an exact no-op
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, init_lora_weights=True)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model, layers, targets),
+                      init_lora_weights=True)
 
 
 class Stack:

@@ -45,6 +45,7 @@ class Config:
     device: str = knob("auto", "torch device (auto: cuda if present else cpu)")
     attn_impl: str = knob("sdpa", "attention implementation passed to transformers (sdpa|eager|flash_attention_2)")
     trust_remote_code: bool = knob(False, "allow model repos to run their own code (off: safer)")
+    chat_template: str = knob("auto", "chat template: auto (the tokenizer's own; a model without one is refused), plain (User:/Assistant: lines, for base models), chatml, or a Jinja file path")
     # persona and prompts
     persona: str = knob("care_vs_authority", "bundled persona pair (see src/steer_heal/data/personas.json)")
     persona_pos: str = knob("", "override the pair's positive persona text")
@@ -86,6 +87,7 @@ class Config:
     lora_r: int = knob(8, "LoRA rank")
     lora_alpha: float = knob(16.0, "LoRA alpha")
     lora_layers: tuple[float, float] = knob((0.0, 1.0), "LoRA layer band as fractions of depth [lo, hi], inclusive")
+    lora_targets: tuple[str, ...] = knob(("auto",), "linears the LoRA adapts in the band's decoder layers: auto (all: attention and MLP, fused ones included) or name suffixes, e.g. q_proj v_proj")
     epochs: int = knob(2, "heal epochs over the kept completions")
     batch_size: int = knob(4, "heal batch size")
     grad_accum: int = knob(1, "gradient accumulation steps")
@@ -97,7 +99,8 @@ class Config:
     gnorm_every: int = knob(10, "log the sft and barrier gradient norms apart every N micro-batches (a second backward there; 0 = never)")
     val_frac: float = knob(0.125, "fraction of kept completions held out for val nll")
     # eval
-    vignettes: str = knob("", "vignette JSONL in the Clifford shape ('' = bundled smoke set)")
+    vignettes: str = knob("", "vignette JSONL: Clifford or tinymfv rows, docs/usage.md ('' = bundled smoke set)")
+    frame: str = knob("", "vignette frame: other (someone else violates, 'You see ...'), self (you do); '' = from the file name or the texts", ("", "other", "self"))
     n_vignettes: int = knob(0, "vignettes to evaluate (0 = all)")
     think_tokens: int = knob(0, "greedy tokens the model may think before the forced answer")
     target: str = knob("", "target foundation ('' = the persona pair's)", ("",) + FOUNDATIONS)
@@ -153,6 +156,8 @@ class Config:
                 bad(name, "two fractions lo <= hi inside [0, 1], e.g. 0.4 0.6")
         if not self.alphas or any(a <= 0 for a in self.alphas):
             bad("alphas", "one or more positive numbers")
+        if not self.lora_targets or ("auto" in self.lora_targets and len(self.lora_targets) > 1):
+            bad("lora_targets", "auto, or module-name suffixes such as q_proj v_proj (not both)")
         if not self.model.strip():
             bad("model", "a model id, path or preset")
         for name in ("dose_target", "val_frac", "warmup"):

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from functools import cache, lru_cache
 from itertools import cycle, islice
 from pathlib import Path
+
+from loguru import logger
 
 from .config import FOUNDATIONS, ConfigError
 
@@ -102,38 +105,89 @@ def _foundation(name: str, where: str) -> str:
     raise ConfigError(f"{where}: unknown foundation {name!r}: must be one of {', '.join(FOUNDATIONS)}")
 
 
-def _parse_line(line: str, where: str, default_id: str) -> dict:
+# tinymfv's older files: percent strings under the foundation's own name, "Not Wrong" for SocialNorms
+OLD_LABELS = {**{f: f for f in FOUNDATIONS[:-1]}, "Not Wrong": "SocialNorms"}
+# --frame -> tinymfv's condition: who violates the norm, someone you watch ("You see ...") or you
+FRAMES = {"other": "other_violate", "self": "self_violate"}
+
+
+def _share(x, where: str, col: str) -> float | None:
+    """83.0, "83 %" or "83%" -> 83.0; absent or blank -> None."""
+    if x is None or str(x).strip() == "":
+        return None
+    try:
+        return float(str(x).strip().removesuffix("%")) if isinstance(x, str) else float(x)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: column {col!r} is {x!r}, not a number or a percentage") from None
+
+
+def _labels(row: dict, where: str) -> dict[str, float]:
+    """The human label shares {F: %}: all seven `human_<F>` columns (tinymfv now), or tinymfv's older
+    Care..Liberty + "Not Wrong" percent columns, or none."""
+    cols = {f"human_{f}": f for f in FOUNDATIONS}
+    if not any(c in row for c in cols) and any(c in row for c in OLD_LABELS):
+        cols = {c: f for c, f in OLD_LABELS.items()}
+    vals = {f: _share(row.get(c), where, c) for c, f in cols.items()}
+    lack = [c for c, f in cols.items() if vals[f] is None]
+    if 0 < len(lack) < len(cols):
+        raise ConfigError(f"{where}: missing column(s) {lack} (give all seven label columns or none)")
+    return {} if lack else {f: vals[f] for f in FOUNDATIONS}
+
+
+def _parse_line(line: str, where: str, default_id: str, column: str) -> dict:
+    """One vignette; its text from the `text` column, or (tinymfv's packed rows) the frame's `column`."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for col in ("text", "foundation_coarse"):
-        if not str(row.get(col) or "").strip():
-            raise ConfigError(f"{where}: missing column {col!r}")
-    present = [f for f in FOUNDATIONS if row.get(f"human_{f}") is not None]
-    if present and len(present) < len(FOUNDATIONS):
-        lack = [f"human_{f}" for f in FOUNDATIONS if f not in present]
-        raise ConfigError(f"{where}: missing column(s) {lack} (give all seven human_<F> columns or none)")
-    try:
-        human = {f: float(row[f"human_{f}"]) for f in present}
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: human_<F> columns must be numbers") from None
-    return {"id": str(row.get("id") or default_id), "text": str(row["text"]).strip(),
-            "foundation": _foundation(row["foundation_coarse"], where), "human": human}
+    text = str(row.get("text") or row.get(column) or "").strip()
+    if not text:
+        raise ConfigError(f"{where}: missing column 'text'" + (f" (or {column!r})" if column in row else ""))
+    if not str(row.get("foundation_coarse") or "").strip():
+        raise ConfigError(f"{where}: missing column 'foundation_coarse'")
+    return {"id": str(row.get("id") or default_id), "text": text,
+            "foundation": _foundation(row["foundation_coarse"], where), "human": _labels(row, where),
+            "packed": "text" not in row}
+
+
+def _named(p: Path) -> str | None:
+    """The condition in a tinymfv file name (vignettes_<set>_<condition>.jsonl), if any."""
+    return next((c for c in FRAMES.values() if c in p.name), None)
+
+
+def _frame(p: Path, texts: list[str], packed: bool, frame: str) -> tuple[str | None, str]:
+    """(tinymfv condition or None, how it was decided): --frame, else the file name, else the texts: all
+    "You see ..." is other_violate, all first-person "You ..." is self_violate, anything else cannot be told."""
+    named = _named(p)
+    if frame:
+        if named and named != FRAMES[frame]:
+            raise ConfigError(f"--frame {frame} contradicts the vignette file {p.name} ({named}): drop --frame "
+                              "or pass the other file")
+        return FRAMES[frame], "--frame"
+    if named:
+        return named, "the file name"
+    if packed:
+        return "other_violate", "packed rows: tinymfv's default condition (--frame self reads self_violate)"
+    if all(t.startswith("You see ") for t in texts):
+        return "other_violate", "the texts: all 'You see ...'"
+    if all(re.match(r"You\b", t) and not t.startswith("You see ") for t in texts):
+        return "self_violate", "the texts: all first-person 'You ...'"
+    return None, "not inferable (texts neither all 'You see ...' nor all first-person): pass --frame other|self"
 
 
 @lru_cache(maxsize=8)
-def _read_vignettes(path: str, _mtime_ns: int) -> tuple:
+def _read_vignettes(path: str, _mtime_ns: int, frame: str) -> tuple[tuple, str]:
     p = Path(path)
-    rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            rows.append(_parse_line(line, f"{path} line {i}", f"{p.stem}-{i}"))
-    if not rows:
+    lines = [(i, line) for i, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
         raise ConfigError(f"vignette file {path} is empty: it needs one JSON object per line with text and foundation_coarse")
-    return tuple(rows)
+    column = FRAMES.get(frame) or _named(p) or "other_violate"
+    rows = [_parse_line(line, f"{path} line {i}", f"{p.stem}-{i}", column) for i, line in lines]
+    packed = [r.pop("packed") for r in rows]
+    cond, how = _frame(p, [r["text"] for r in rows], all(packed), frame)
+    return tuple(dict(r, frame=cond) for r in rows), how
 
 
 def stratified(rows: list[dict], n: int) -> list[dict]:
@@ -151,16 +205,41 @@ def stratified(rows: list[dict], n: int) -> list[dict]:
     return [rows[i] for i in sorted(picked)]
 
 
-def load_vignettes(path: str | Path = "", n: int = 0) -> list[dict]:
-    """Vignettes [{id, text, foundation, human: {F: float}}] from a Clifford-shape JSONL ('' = bundled smoke set).
+def load_vignettes(path: str | Path = "", n: int = 0, frame: str = "") -> list[dict]:
+    """Vignettes [{id, text, foundation, human: {F: %}, frame}] from a JSONL file ('' = bundled smoke set).
 
-    n > 0 takes a deterministic stratified subset, so even a small n covers every foundation.
+    Accepted shapes: Clifford/tinymfv rows with `text`, `foundation_coarse` and optional labels
+    (`human_<F>` numbers, or tinymfv's older percent columns with "Not Wrong"), and tinymfv's packed
+    rows (`other_violate` / `self_violate` text columns; `frame` picks one). `frame` ('', other, self)
+    is each row's tinymfv condition, None when it cannot be told (_frame). n > 0 takes a
+    deterministic stratified subset, so even a small n covers every foundation.
     """
+    return [dict(r, human=dict(r["human"])) for r in _vignette_rows(path, n, frame)[0]]
+
+
+def vignette_info(path: str | Path = "", n: int = 0, frame: str = "") -> dict:
+    """What run_info records of the vignettes a run evaluates on (file, count, frame, labels), logged once,
+    with a warning where a number will be missing."""
+    rows, how = _vignette_rows(path, n, frame)
+    info = {"path": str(path) or "bundled smoke set", "n": len(rows), "frame": rows[0]["frame"], "frame_from": how,
+            "labelled": sum(bool(r["human"]) for r in rows)}
+    logger.info(f"vignettes: {info['n']} from {info['path']}, frame {info['frame']} (from {how}), "
+                f"{info['labelled']} with human labels")
+    if info["labelled"] < info["n"]:
+        logger.warning(f"{info['n'] - info['labelled']} of {info['n']} vignettes have no human labels (human_<F> or "
+                       "tinymfv's Care..Liberty/'Not Wrong' columns): top1_agree "
+                       + ("will be NULL at every stage" if not info["labelled"] else "counts only the labelled ones"))
+    if info["frame"] is None:
+        logger.warning("vignette frame unknown: stored as NULL; pass --frame other|self to record it")
+    return info
+
+
+def _vignette_rows(path: str | Path, n: int, frame: str) -> tuple[list[dict], str]:
     if n < 0:
         raise ConfigError(f"n_vignettes={n} is invalid: must be an integer >= 0")
     p = Path(path) if str(path) else SMOKE_VIGNETTES
     if not p.is_file():
         raise ConfigError(f"vignette file not found: {p}; pass an existing JSONL file with --vignettes PATH"
                           " (or leave --vignettes empty for the bundled smoke set)")
-    rows = [dict(r, human=dict(r["human"])) for r in _read_vignettes(str(p.resolve()), p.stat().st_mtime_ns)]
-    return stratified(rows, n) if n else rows
+    rows, how = _read_vignettes(str(p.resolve()), p.stat().st_mtime_ns, frame)
+    return (stratified(list(rows), n) if n else list(rows)), how

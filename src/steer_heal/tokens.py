@@ -4,12 +4,76 @@ and log-probs at the completion positions only. Every stage that runs a forward 
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
+
+from .config import ConfigError
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# For base models: the system prompt as a first paragraph, then "User: ..." / "Assistant: ..." lines. A base
+# model runs on into the next turn, so generation stops at USER_TURN (generate.py).
+PLAIN = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+USER_TURN = "\nUser:"
+TEMPLATES = {"chatml": CHATML, "plain": PLAIN}
+BOS = "{{ bos_token }}"
 
 
 def chat(tok, user: str, system: str = "") -> str:
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def use_template(tok, choice: str = "auto", model: str = "the model") -> dict:
+    """Set the chat template every consumer of `tok` renders with; return what run_info records of it.
+
+    choice: auto (the tokenizer's own; refused when it has none), chatml, plain, or a Jinja file. A BOS
+    token is put in front when the tokenizer defines one and adds it to plain text, and the template
+    does not start with it: prompts are tokenised with add_special_tokens=False everywhere, so the
+    template is the only place BOS can come from (a base model like gemma-3-270m babbles without it).
+    """
+    own = tok.chat_template.get("default") if isinstance(tok.chat_template, dict) else tok.chat_template
+    if choice == "auto":
+        if not (isinstance(own, str) and own.strip()):
+            raise ConfigError(
+                f"{model} has no chat template (its tokenizer defines none), so its prompts would be guessed: "
+                "pass --chat-template plain (User:/Assistant: lines, for a base model), chatml (<|im_start|> "
+                "turns, for a model trained on them) or PATH (a Jinja template file)")
+        text = own
+    elif choice in TEMPLATES:
+        text = TEMPLATES[choice]
+    elif Path(choice).is_file():
+        text = Path(choice).read_text()
+    else:
+        raise ConfigError(f"--chat-template {choice!r} is not auto, chatml, plain or an existing Jinja file")
+    sample = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    try:
+        rendered = tok.apply_chat_template(sample, chat_template=text, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja errors, a template's own raise_exception ("System role not supported")
+        raise ConfigError(f"the chat template ({choice}) of {model} cannot render a system + user turn, which every "
+                          f"stage needs ({type(e).__name__}: {str(e).splitlines()[0]}): pass --chat-template "
+                          "plain, chatml or PATH") from None
+    bos = "none"
+    if tok.bos_token and rendered.startswith(tok.bos_token):
+        bos = "in template"
+    elif tok.bos_token and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        text, bos = BOS + text, "prepended"
+    tok.chat_template = text
+    return {"name": choice, "sha256": hashlib.sha256(text.encode()).hexdigest(), "bos": bos}
+
+
+def stop_strings(tok) -> tuple[str, ...]:
+    """Text that ends a completion under tok's template: the next user turn of the plain template."""
+    t = tok.chat_template
+    return (USER_TURN,) if isinstance(t, str) and t.removeprefix(BOS) == PLAIN else ()
 
 
 def left_pad(ids: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
