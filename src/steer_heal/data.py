@@ -127,8 +127,14 @@ def _parse_line(line: str, where: str, default_id: str) -> dict:
 @lru_cache(maxsize=8)
 def _read_vignettes(path: str, _mtime_ns: int) -> tuple:
     p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"vignette file {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} on line {line}): "
+                          "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
     rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             rows.append(_parse_line(line, f"{path} line {i}", f"{p.stem}-{i}"))
     if not rows:
