@@ -241,3 +241,18 @@ def test_sql_cannot_change_the_store(tmp_path, capsys, sql):
     assert {p.name: p.read_bytes() for p in log.dir.rglob("*") if p.is_file()} == before
     assert store_main(["sql", "--out", str(tmp_path), "SELECT count(*) AS n FROM rounds"]) == 0
     assert "1" in capsys.readouterr().out
+
+
+def test_max_len_must_hold_the_longest_chat_prompt(tiny):
+    """Checked once the tokenizer is known (the run's first step): a max_len that leaves a completion fewer
+    than 8 tokens is refused with the size to pass; one under prompt + max_new_tokens only warns."""
+    from steer_heal.config import ConfigError
+    from steer_heal.data import prompts
+    from steer_heal.tokens import MIN_COMPLETION, chat, check_room
+
+    _, tok = tiny
+    ps = prompts(6)
+    longest = max(len(tok(chat(tok, p, "Be brief."), add_special_tokens=False)["input_ids"]) for p in ps)
+    with pytest.raises(ConfigError, match=f"longest chat prompt is {longest} tokens.*--max-len {longest + 16}"):
+        check_room(tok, ps, "Be brief.", longest + MIN_COMPLETION - 1, 16)
+    check_room(tok, ps, "Be brief.", longest + MIN_COMPLETION, 16)  # cut completions: a warning, no error

@@ -89,3 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only store: what failed where, in one line
         logger.error(f"{one_line(e)}. Free space or fix permissions, then `just resume` the run")
         return 1
+    except KeyboardInterrupt:  # before the flow started (during the run it is recorded as interrupted)
+        logger.warning("interrupted")
+        return 130

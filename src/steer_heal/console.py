@@ -50,7 +50,7 @@ def one_line(e: BaseException) -> str:
 
 def script(prog: str, body: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     """Run an entry point's body offline and quietly; a bad input exits 2 with its message, an I/O failure
-    (a full disk, a read-only store) exits 1 with what failed where; no traceback either way."""
+    (a full disk, a read-only store) exits 1 with what failed where, Ctrl-C exits 130; no traceback."""
     quiet_env()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
     setup_logging(os.environ.get("STEER_HEAL_LOG_LEVEL", "INFO"))
@@ -62,3 +62,6 @@ def script(prog: str, body: Callable[[list[str] | None], int], argv: list[str] |
     except OSError as e:
         print(f"{prog}: {one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
