@@ -189,6 +189,29 @@ def run(cfg: Config, explicit: dict) -> int:
         return _run_flow(cfg, log, resumed)
 
 
+class CtrlC:
+    """Notes a SIGINT, then raises KeyboardInterrupt as Python's own handler does. Prefect can turn the interrupt
+    into another exception when it lands inside its task-run setup (ValueError: Task run is not set); with
+    the note the run still ends as interrupted, not failed."""
+
+    hit = False
+
+    def __enter__(self) -> CtrlC:
+        try:
+            self.before = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: signals go elsewhere
+            self.before = None
+        return self
+
+    def _on_sigint(self, *_) -> None:
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None:
+            signal.signal(signal.SIGINT, self.before)
+
+
 def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     run_id = cfg.run_id
     # a Prefect database per run keeps concurrent jobs off one SQLite file, and its own server (server.py)
@@ -198,14 +221,18 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     from .flow import steer_heal  # imports Prefect, which configures its loggers: quieten them after
 
     if cfg.log_level.upper() not in ("TRACE", "DEBUG"):  # a failure is reported below, once, in one line
-        for name in ("prefect.flow_runs", "prefect.task_runs"):
+        for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     record(log, "running", "resumed" if resumed else "")
 
+    ctrl_c = CtrlC()
     try:
-        with serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))):
+        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))):
             result = steer_heal(cfg.to_dict(), run_id)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
+            record(log, "failed", one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")
+            raise
         before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the status write
         try:
             record(log, "interrupted", "Ctrl-C")
@@ -213,12 +240,6 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
             signal.signal(signal.SIGINT, before)
         logger.warning(f"interrupted; finished rounds are kept. Resume with: just resume {run_id}")
         return 130
-    except (ConfigError, OSError) as e:
-        record(log, "failed", one_line(e))
-        raise
-    except Exception as e:
-        record(log, "failed", f"{type(e).__name__}: {e}")
-        raise
     status, _, reason = result.partition(":")
     record(log, status, reason)
     if status in ("starved", "failed"):

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .config import ConfigError
+
 # Run in the server process: SIGTERM itself (uvicorn then shuts down cleanly) once stdin reaches EOF,
 # that is once the run that started it is gone; exit hard if the clean shutdown hangs.
 _WATCH = """
@@ -74,7 +76,11 @@ def serve(home: Path) -> Iterator[None]:
     server = _server_class()(port=port)
     server.log = home / "server.log"
     home.mkdir(parents=True, exist_ok=True)
-    server.start()
+    try:
+        server.start()
+    except RuntimeError as e:  # Prefect's start() says only "timed out" and the like: point at the server's log
+        raise ConfigError(f"the run's Prefect server did not start ({str(e).splitlines()[0][:200]}); its log is "
+                          f"{server.log}") from None
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
