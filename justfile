@@ -47,43 +47,43 @@ small-run *ARGS: smollm2
     extra=(); [ -f "$v" ] && extra=(--vignettes "$(realpath "$v")")
     exec {{python}} -m steer_heal --preset small "${extra[@]}" "$@"
 
-# continue a crashed or stopped run at its first unfinished round
+# continue a crashed or stopped run at its first unfinished round (one writer per run: a second resume is refused)
 resume RUN_ID *ARGS:
-    @{{python}} -m steer_heal --resume "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} -m steer_heal --resume "$@"
 
-# SQL over every run: just sql "SELECT round, auth_nats, coherence FROM rounds" [--csv]
+# one reading SQL statement over every run: just sql "SELECT round, auth_nats, coherence FROM rounds" [--csv] [--out DIR]
 sql QUERY *ARGS:
     @{{python}} -m steer_heal.store sql "$@"
 
-# one line per run: id, created, model, reg, rounds done, status
-runs:
-    @{{python}} -m steer_heal.store runs
+# one line per run: id, created, model, reg, rounds done, status (stale: running, but its process is gone) [--out DIR]
+runs *ARGS:
+    @{{python}} -m steer_heal.store runs "$@"
 
-# merge a run's baked adapters into a plain HF model dir: just export RUN_ID DIR
-export RUN_ID DIR:
-    @{{python}} -m steer_heal.export "$@"
+# merge a run's baked adapters into a new or empty HF model dir: just export RUN_ID DIR [--out STORE]
+export RUN_ID DIR *ARGS:
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} -m steer_heal.export "$@"
 
 # ---- diagnostics: steer_heal/diag/ reads a run from the store and writes a diagnostic record back (docs/diagnostics.md)
 
 # dose sweep of one round, with an equal-norm random control: just csweep RUN_ID [ROUND] [--coefs -1 0 1 2] [--random 3]
 csweep RUN_ID *ARGS:
-    @{{python}} scripts/csweep.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/csweep.py "$@"
 
 # base / prompted / steered / healed per round; seed means with 95% intervals: just stages RUN_ID...
 stages +RUN_IDS:
-    @{{python}} scripts/stages.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/stages.py "$@"
 
 # re-heal one round over a barrier grid: just barrier-sweep RUN_ID ROUND --reg nll kl_rev --lam 0.3 1 --tau 0 0.01
 barrier-sweep RUN_ID ROUND *ARGS:
-    @{{python}} scripts/barrier_sweep.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/barrier_sweep.py "$@"
 
 # per-round front of trait moved vs coherence: just pareto [--by run|config] [--sql "SELECT label, round, stage, trait_moved, coherence ..."]
 pareto *ARGS:
-    @{{python}} scripts/pareto.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/pareto.py "$@"
 
 # one run by round (target, trait, coherence, kept fraction), PNG + SVG under out/runs/RUN_ID/plots/
 plot RUN_ID *ARGS:
-    @{{python}} scripts/plot_run.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/plot_run.py "$@"
 
 # queue `just csweep ...` with pueue (group steer-heal, or $PUEUE_GROUP)
 queue-csweep RUN_ID *ARGS:

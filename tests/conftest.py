@@ -34,3 +34,14 @@ def tiny(model_cache):
     from steer_heal.models import load_model
 
     return load_model("tiny-random", cache=model_cache)
+
+
+@pytest.fixture(scope="session")
+def ref(tmp_path_factory):
+    """An undisturbed run "ref" with test_flow.ARGS, shared by the flow and fault tests."""
+    from test_flow import ARGS, steer_heal
+
+    out = tmp_path_factory.mktemp("ref")
+    rc, so, se = steer_heal(out, *ARGS, "--run-id", "ref")
+    assert rc == 0, se[-3000:]
+    return out

@@ -53,14 +53,6 @@ def assert_same_rounds(a, b):
                 assert x[k] == y[k], k
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    rc, so, se = steer_heal(out, *ARGS, "--run-id", "ref")
-    assert rc == 0, se[-3000:]
-    return out
-
-
 def test_two_round_flow_writes_rows_and_views(ref):
     cols, rows = query(ref, "SELECT round, auth_nats, coherence, trait_nats, kept_frac, kappa, n_gen, n_kept "
                             "FROM rounds WHERE run_id = 'ref' ORDER BY round")

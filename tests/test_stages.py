@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from steer_heal.bake import CorruptAdapter, Stack, lora_config
+from steer_heal.bake import CorruptArtifact, Stack, lora_config
 from steer_heal.config import Config, preset
 from steer_heal.dose import Starved, dose_walk
 from steer_heal.extract import extract
@@ -265,5 +265,5 @@ def test_stack_rebuilt_from_files_and_merged_export(fresh, model_cache, tmp_path
         assert torch.allclose(merged(ids).logits, student, atol=1e-4)
     (tmp_path / "r1.safetensors").write_bytes(b"corrupt")
     m3, _ = load_model("tiny-random", cache=model_cache)
-    with pytest.raises(CorruptAdapter, match="sha256"):
+    with pytest.raises(CorruptArtifact, match="sha256"):
         Stack(m3).load("r1", tmp_path / "r1.safetensors", shas[1], lora)

@@ -18,8 +18,10 @@ import duckdb
 import pytest
 
 from steer_heal import files
-from steer_heal.store import TABLES, RunLog, connect, query, write_catalog
+from steer_heal.store import TABLES, RunLocked, RunLog, SqlRefused, WriterLock, connect, query, write_catalog
+from steer_heal.store import lock as store_lock
 from steer_heal.store import log as store_log
+from steer_heal.store.lock import LOCK_FILE, STALE_S
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -182,11 +184,71 @@ def _seed_two_runs(root: Path) -> None:
 
 def test_runs_view_latest_status_and_rounds_done(tmp_path):
     _seed_two_runs(tmp_path)
-    _, rows = query(tmp_path, "SELECT run_id, status, reason, rounds_done, last_ts "
-                              "FROM runs ORDER BY run_id")
+    sql = "SELECT run_id, status, reason, rounds_done, last_ts FROM runs ORDER BY run_id"
     t0 = dt.datetime(2024, 1, 1)
-    assert rows == [("a", "done", "all rounds", 3, t0 + dt.timedelta(minutes=9)),
-                    ("b", "running", None, 1, t0 + dt.timedelta(hours=2))]
+    with WriterLock(tmp_path / "runs" / "b"):  # b's writer is alive
+        assert query(tmp_path, sql)[1] == [("a", "done", "all rounds", 3, t0 + dt.timedelta(minutes=9)),
+                                           ("b", "running", None, 1, t0 + dt.timedelta(hours=2))]
+
+
+def test_a_running_run_without_a_live_writer_reads_stale(tmp_path):
+    """`running` needs a heartbeat younger than STALE_S: a killed writer's run reads `stale`, as does a
+    run with no writer lock at all; `done` stays `done` however old its heartbeat."""
+    _seed_two_runs(tmp_path)
+    RunLog(tmp_path, "c").append("status", {"status": "running"})  # never had a writer lock
+    sql = "SELECT run_id, status FROM runs ORDER BY run_id"
+    lock = WriterLock(tmp_path / "runs" / "b").acquire()
+    lock.release()  # what a SIGKILL does to the lock; the heartbeat file stays
+    assert query(tmp_path, sql)[1] == [("a", "done"), ("b", "running")]  # heartbeat still fresh
+    old = time.time() - STALE_S - 5
+    os.utime(tmp_path / "runs" / "b" / LOCK_FILE, (old, old))
+    assert query(tmp_path, sql)[1] == [("a", "done"), ("b", "stale")]
+    RunLog(tmp_path, "c").append("run_info", {"created": dt.datetime(2024, 1, 2), "model": "m"})
+    assert query(tmp_path, sql)[1] == [("a", "done"), ("b", "stale"), ("c", "stale")]
+    with WriterLock(tmp_path / "runs" / "b"):  # a resume takes over: running again at once
+        assert query(tmp_path, sql)[1][1] == ("b", "running")
+
+
+def test_the_heartbeat_keeps_a_long_run_running(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_lock, "HEARTBEAT_S", 0.05)
+    path = tmp_path / LOCK_FILE
+    with WriterLock(tmp_path):
+        os.utime(path, (0, 0))
+        time.sleep(0.5)
+        assert time.time() - path.stat().st_mtime < 5  # touched again by the heartbeat thread
+    os.utime(path, (0, 0))
+    time.sleep(0.2)
+    assert path.stat().st_mtime == 0  # released: no more beats
+
+
+def test_a_second_writer_process_is_refused_naming_the_holder(tmp_path, spawn):
+    """flock across processes: the holder's pid and host in the refusal; free again once it is killed."""
+    holder = spawn("""
+        from steer_heal.store import WriterLock
+        lock = WriterLock(sys.argv[1]).acquire()
+        print("locked", flush=True)
+        sys.stdin.read()
+        """, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunLocked, match=f"is being written by pid {holder.pid} on .* since .*just resume"):
+        WriterLock(tmp_path).acquire()
+    holder.kill()
+    holder.wait()
+    WriterLock(tmp_path).acquire().release()  # the kernel dropped the dead holder's lock
+
+
+def test_torn_tail_then_drop_then_append_loses_no_row(tmp_path):
+    """A drop that matches nothing must still rewrite a torn tail away, or the next append is glued onto
+    the torn line and lost with it."""
+    log = RunLog(tmp_path, "r1")
+    log.append("heal_steps", [{"round": 0, "step": s} for s in range(3)])
+    with open(log.path("heal_steps"), "ab") as f:  # a kill mid-write
+        f.write(b'{"run_id": "r1", "round": 1, "st')
+    resumed = RunLog(tmp_path, "r1")
+    assert resumed.drop("heal_steps", lambda x: x["round"] == 5) == 0  # nothing to drop
+    resumed.append("heal_steps", {"round": 1, "step": 0})
+    assert [(r["round"], r["step"]) for r in resumed.read("heal_steps")] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert query(tmp_path, "SELECT count(*) FROM heal_steps")[1] == [(4,)]
 
 
 def test_catalog_opens_read_only_and_sees_new_rows(tmp_path):
@@ -242,7 +304,7 @@ def test_cli_table_csv_runs_and_errors(tmp_path):
     body = [line.split() for line in r.stdout.splitlines()[2:-1]]
     assert [row[0] for row in body] == ["a", "b"]
     assert body[0][-4:] == ["tiny", "kl", "3", "done"]
-    assert body[1][-4:] == ["smol", "none", "1", "running"]
+    assert body[1][-4:] == ["smol", "none", "1", "stale"]  # running, but no live writer (no heartbeat)
 
     r = _cli("sql", "SELEC oops", "--root", str(tmp_path))
     assert r.returncode != 0
@@ -370,3 +432,23 @@ def test_docs_store_md_lists_exactly_the_schema_columns():
         assert table in doc, f"docs/store.md has no section for table {table!r}"
         assert doc[table] == set(cols), (table, "missing in docs:", set(cols) - doc[table],
                                          "not in the schema:", doc[table] - set(cols))
+
+
+def test_the_query_path_reads_only_and_only_under_the_root(tmp_path):
+    _seed_two_runs(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("secret\n")
+    for sql in (f"COPY rounds TO '{tmp_path}/runs/a/rounds.jsonl'", f"ATTACH '{tmp_path}/w.db'",
+                "SELECT 1; SELECT 2", "EXPLAIN ANALYZE DELETE FROM rounds", "CALL pragma_version()"):
+        with pytest.raises(SqlRefused):
+            query(tmp_path, sql)
+    assert query(tmp_path, "WITH r AS (SELECT * FROM rounds) SELECT count(*) FROM r")[1] == [(5,)]
+    assert query(tmp_path, "EXPLAIN SELECT * FROM rounds")[0]  # a plan, not refused
+    assert query(tmp_path, "PIVOT (SELECT run_id, round FROM rounds) ON run_id USING count(*) GROUP BY round "
+                           "ORDER BY round")[1] == [(0, 1, 1), (1, 1, 0), (2, 2, 0)]
+    con = connect(tmp_path)
+    with pytest.raises(duckdb.PermissionException):  # reads outside the root fail even on a raw connection
+        con.execute(f"SELECT * FROM read_text('{outside}')").fetchall()
+    with pytest.raises(duckdb.Error, match="locked"):
+        con.execute("SET enable_external_access = true")
+    assert con.execute(f"SELECT count(*) FROM read_text('{tmp_path}/runs/a/rounds.jsonl')").fetchone() == (1,)

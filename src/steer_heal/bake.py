@@ -25,19 +25,19 @@ from .files import atomic_write_bytes, sha256_bytes
 from .models import band, get_layers
 
 
-class CorruptAdapter(ConfigError):
-    """An adapter file is missing or does not match its recorded sha256."""
+class CorruptArtifact(ConfigError):
+    """A stored adapter or vector file is missing or does not match its recorded sha256."""
 
 
 def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
     """The bytes of a stored artifact whose recorded sha256 they must match (the one hash check)."""
     path = Path(path)
     if not path.is_file():
-        raise CorruptAdapter(f"{what} is missing: {path}. Restore the file; a run cannot resume past a lost "
+        raise CorruptArtifact(f"{what} is missing: {path}. Restore the file; a run cannot resume past a lost "
                              "artifact.")
     data = path.read_bytes()
     if (got := sha256_bytes(data)) != sha256:
-        raise CorruptAdapter(f"{what} at {path} does not match its recorded sha256 (file {got[:12]}..., store "
+        raise CorruptArtifact(f"{what} at {path} does not match its recorded sha256 (file {got[:12]}..., store "
                              f"{sha256[:12]}...): the file is corrupt or was replaced. Restore it; resume will "
                              "not trust it.")
     return data
@@ -179,7 +179,7 @@ class Stack:
         self.add(name, lora, seed=0)
         res = set_peft_model_state_dict(self.model, load(data), adapter_name=name)
         if getattr(res, "unexpected_keys", None):
-            raise CorruptAdapter(f"adapter {name} at {path} does not fit this model: {res.unexpected_keys[:3]}")
+            raise CorruptArtifact(f"adapter {name} at {path} does not fit this model: {res.unexpected_keys[:3]}")
         self.model.requires_grad_(False)
 
     def export(self, out_dir: str | Path, tok=None) -> Path:

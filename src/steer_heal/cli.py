@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from loguru import logger
 
 from .config import PRESETS, Config, ConfigError, preset
-from .console import setup_logging
+from .console import Parser, one_line, setup_logging
 
 
 def _flag(name: str) -> str:
@@ -21,7 +21,7 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m steer_heal",
         description="Run N rounds of steer -> generate -> filter -> heal -> bake (see spec.md).",
     )
@@ -86,3 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         logger.error(str(e))
         return 2
+    except OSError as e:  # a full disk, a read-only store: what failed where, in one line
+        logger.error(f"{one_line(e)}. Free space or fix permissions, then `just resume` the run")
+        return 1
+    except KeyboardInterrupt:  # before the flow started (during the run it is recorded as interrupted)
+        logger.warning("interrupted")
+        return 130

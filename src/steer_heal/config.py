@@ -10,8 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .files import safe_name
 
 REGS = ("nll", "kl_fwd", "kl_rev")
 KL_AGGS = ("mean", "rmse", "p95", "max")
@@ -23,6 +27,15 @@ EVALS = ("mfv", "contrast", "both")
 # Fields that say where/how a run executes, not what the experiment is. They are
 # left out of the config hash and may change on resume (n_rounds may only grow).
 RUNTIME_FIELDS = ("out", "run_id", "device", "n_rounds", "resume", "log_level")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# Integers go to BIGINT columns; a seed or size past 2**63 would read back as NULL.
+MAX_INT = 2**63
+# C = kappa * alpha, kappa in (0, 1]: SmolLM2's text breaks from C ~ 2 (docs/results.md), so a dose past
+# 1000 only tests float overflow (fp16 tops out at 65504 once multiplied by the vector's norm).
+MAX_ALPHA = 1e3
+# Fewer tokens than this cannot hold a chat prompt and a completion; preflight checks the real prompts.
+MIN_MAX_LEN = 16
 
 
 class ConfigError(ValueError):
@@ -43,7 +56,7 @@ class Config:
     gguf_file: str = knob("", "GGUF file name inside --model when --model is a directory")
     dtype: str = knob("auto", "weights dtype (auto: bfloat16 on GPU, float32 on CPU)", DTYPES)
     device: str = knob("auto", "torch device (auto: cuda if present else cpu)")
-    attn_impl: str = knob("sdpa", "attention implementation passed to transformers (sdpa|eager|flash_attention_2)")
+    attn_impl: str = knob("sdpa", "attention implementation passed to transformers", ATTN_IMPLS)
     trust_remote_code: bool = knob(False, "allow model repos to run their own code (off: safer)")
     chat_template: str = knob("auto", "chat template: auto (the tokenizer's own; a model without one is refused), plain (User:/Assistant: lines, for base models), chatml, or a Jinja file path")
     # persona and prompts
@@ -117,7 +130,7 @@ class Config:
     out: str = knob("out", "store root")
     run_id: str = knob("", "run id ('' = generated)")
     resume: str = knob("", "resume this run id")
-    log_level: str = knob("INFO", "loguru level")
+    log_level: str = knob("INFO", "loguru level: " + ", ".join(LOG_LEVELS))
 
     def replace(self, **kw: Any) -> Config:
         return dataclasses.replace(self, **kw)
@@ -143,50 +156,81 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def validate(self) -> Config:
+        """Every knob checked in one place: its type, finite, in range. The CLI, a stored config read back
+        and a diagnostic's grid all come through here, so NaN, inf or a typo never reaches a stage."""
         def bad(name: str, allowed: str) -> None:
             raise ConfigError(f"config {name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
+        hints = typing.get_type_hints(Config)
         for f in fields(self):
+            v, t = getattr(self, f.name), hints[f.name]
+            if typing.get_origin(t) is tuple:
+                args = typing.get_args(t)
+                ok = isinstance(v, tuple) and all(_is_num(x) for x in v) and (args[-1] is Ellipsis or len(v) == len(args))
+                if not ok:
+                    bad(f.name, f"{'one or more' if args[-1] is Ellipsis else len(args)} finite numbers")
+            elif t is float and not _is_num(v):
+                bad(f.name, "a finite number")
+            elif t is int and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT):
+                bad(f.name, "an integer in [0, 2**63)")
+            elif t in (bool, str) and type(v) is not t:
+                bad(f.name, "true or false" if t is bool else "a string")
             ch = f.metadata.get("choices")
-            if ch and getattr(self, f.name) not in ch:
+            if ch and v not in ch:
                 bad(f.name, "one of " + ", ".join(repr(c) for c in ch))
         for name in ("steer_layers", "lora_layers"):
             band = getattr(self, name)
-            if len(band) != 2 or not (0.0 <= band[0] <= band[1] <= 1.0):
+            if not (0.0 <= band[0] <= band[1] <= 1.0):
                 bad(name, "two fractions lo <= hi inside [0, 1], e.g. 0.4 0.6")
-        if not self.alphas or any(a <= 0 for a in self.alphas):
-            bad("alphas", "one or more positive numbers")
+        if not self.alphas or any(not 0 < a <= MAX_ALPHA for a in self.alphas):
+            bad("alphas", f"one or more positive numbers up to {MAX_ALPHA:g}")
         if not self.lora_targets or ("auto" in self.lora_targets and len(self.lora_targets) > 1):
             bad("lora_targets", "auto, or module-name suffixes such as q_proj v_proj (not both)")
         if not self.model.strip():
             bad("model", "a model id, path or preset")
-        for name in ("dose_target", "val_frac", "warmup"):
-            if not 0.0 <= getattr(self, name) <= 1.0 or (name != "dose_target" and getattr(self, name) == 1.0):
-                bad(name, "a fraction in [0, 1]" if name == "dose_target" else "a fraction in [0, 1)")
+        for name in ("run_id", "resume"):
+            if getattr(self, name) and not safe_name(getattr(self, name)):
+                bad(name, "a plain name: letters, digits and . _ + = - (no '/', not starting with '.')")
+        if self.log_level.upper() not in LOG_LEVELS:
+            bad("log_level", "one of " + ", ".join(LOG_LEVELS) + " (any case)")
+        for name in ("dose_target", "top_p", "coh_floor"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                bad(name, "a fraction in [0, 1]")
+        for name in ("val_frac", "warmup"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "a fraction in [0, 1)")
         if not 0.0 < self.kappa_min <= 1.0:
             bad("kappa_min", "in (0, 1]")
-        for name in ("probe_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "max_len",
-                     "gen_batch", "lora_r", "epochs", "batch_size", "grad_accum", "eval_batch", "n_rounds"):
+        for name in ("probe_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "gen_batch", "lora_r",
+                     "epochs", "batch_size", "grad_accum", "eval_batch", "n_rounds"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("bisect_steps", "max_batches", "gnorm_every", "ref_cache_mb", "ppl_window", "n_vignettes", "think_tokens", "n_demo", "seed"):
-            if getattr(self, name) < 0:
-                bad(name, "an integer >= 0")
-        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "top_p", "coh_floor", "grad_clip"):
+        if self.max_len < MIN_MAX_LEN:
+            bad("max_len", f"an integer >= {MIN_MAX_LEN} (a chat prompt plus some completion tokens)")
+        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")
         if self.n_keep < self.min_train:
             bad("n_keep", f">= min_train ({self.min_train}); lower --min-train or raise --n-keep")
-        if self.lr <= 0 or self.ppl_tau <= 0 or self.rep_tau <= 0 or self.lora_alpha <= 0:
-            bad(next(n for n in ("lr", "ppl_tau", "rep_tau", "lora_alpha") if getattr(self, n) <= 0), "a number > 0")
-        if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
+        for name in ("lr", "ppl_tau", "rep_tau", "lora_alpha", "grad_clip"):
+            if getattr(self, name) <= 0:
+                bad(name, "a number > 0" + (" (a huge value such as 1e9 turns clipping off)" if name == "grad_clip" else ""))
+        if not all(0.0 <= b < 1.0 for b in self.betas):
             bad("betas", "two numbers in [0, 1)")
         if bool(self.persona_pos.strip()) != bool(self.persona_neg.strip()):
             bad("persona_neg" if self.persona_pos.strip() else "persona_pos",
                 "non-empty, given together with the other persona text (both or neither)")
-        if "{persona}" not in self.steer_system:
-            bad("steer_system", "a template containing {persona}")
+        try:
+            ok = "\0" in self.steer_system.format(persona="\0")
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            bad("steer_system", "a template containing {persona} and no other {field} (write {{ }} for braces)")
         return self
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -180,7 +180,13 @@ def _frame(p: Path, texts: list[str], packed: bool, frame: str) -> tuple[str | N
 @lru_cache(maxsize=8)
 def _read_vignettes(path: str, _mtime_ns: int, frame: str) -> tuple[tuple, str]:
     p = Path(path)
-    lines = [(i, line) for i, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"vignette file {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} on line {line}): "
+                          "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ConfigError(f"vignette file {path} is empty: it needs one JSON object per line with text and foundation_coarse")
     column = FRAMES.get(frame) or _named(p) or "other_violate"

@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+# A run or diagnostic id is one path component: no separators, no leading dot ("..", hidden files).
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+
+
+def safe_name(s: str) -> bool:
+    return isinstance(s, str) and _SAFE.fullmatch(s) is not None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -16,8 +25,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make adapters unreadable to the group, unlike the rest
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -27,6 +37,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stray_tmp(d: Path) -> list[Path]:
+    """Delete the temp files a writer killed inside atomic_write_bytes left in `d` (only the writer that
+    holds the run's lock may call this: a live writer's temp file would go too)."""
+    gone = [p for p in Path(d).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def fsync_dir(d: Path) -> None:

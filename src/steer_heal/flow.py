@@ -33,8 +33,9 @@ from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
 from .report import round_table, write_report
-from .steering import load_vector, save_vector
+from .steering import save_vector
 from .store import STAGE_ROWS, RunLog
+from .tokens import check_room
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Run:
         self.system = self.probe.system
         self.contexts = data.contexts()
         self.prompts = data.prompts(cfg.n_prompts)
+        check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)
         self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
         self.vectors: dict[int, dict] = {}
@@ -93,8 +95,10 @@ class Run:
 
 
 def crash_point(where: str) -> None:
-    """Fault injection for crash-and-resume tests: STEER_HEAL_KILL_AT=<where> SIGKILLs the
-    whole process group here (the Prefect server included), like a power cut would."""
+    """Fault injection for crash-and-resume tests: STEER_HEAL_KILL_AT=<where> SIGKILLs the whole process
+    group here (its Prefect server, in a session of its own, follows its parent), like a power cut would.
+    Points: eval_base:prompted, extract:r{r}:saved, dose:r{r}:step{s}, heal:r{r}:step{s}, bake:r{r}:saved,
+    eval_healed:r{r}:demo."""
     if os.environ.get("STEER_HEAL_KILL_AT") == where:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
@@ -105,9 +109,11 @@ def _opts(name: str) -> dict:
 
 @task(**_opts("eval-base"))
 def eval_base(run: Run) -> None:
+    run.forget_partial(-1, "eval_base")
     t = time.time()
     with run.stack.base():
         run.evaluate("base", -1)
+        crash_point("eval_base:prompted")
         run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
         run.demo("base", -1)
     run.mark(-1, "eval_base", time.time() - t)
@@ -116,15 +122,18 @@ def eval_base(run: Run) -> None:
 @task(**_opts("extract"))
 def extract_task(run: Run, r: int) -> Extracted:
     cfg, t, path = run.cfg, time.time(), student.vector_path(run.log, r)
-    if (r, "extract") in run.done and path.exists():
-        v = load_vector(path)
+    if (r, "extract") in run.done:
+        v = student.stored_vector(run.log, r)  # hash-checked, like an adapter
     else:
+        run.forget_partial(r, "extract")
         v = extract(run.stack.model, run.tok, run.persona["pos"], run.persona["neg"], run.contexts, run.layers,
                     cfg.steer_system, cfg.normalize, cfg.eval_batch)
-        save_vector(v, path)
+        sha = save_vector(v, path)
+        crash_point(f"extract:r{r}:saved")
+        run.log.append("vectors", dict(round=r, path=str(path.relative_to(run.log.dir)), sha256=sha))
         run.mark(r, "extract", time.time() - t)
     run.vectors[r] = v
-    v0 = run.vectors.get(0) or load_vector(student.vector_path(run.log, 0))
+    v0 = run.vectors.get(0) or student.stored_vector(run.log, 0)
     student_cos = None
     if r > 0:
         sv = student_vector(run.stack.model, run.tok, run.system, run.contexts, run.layers, run.stack.base,
@@ -204,6 +213,7 @@ def bake_task(run: Run, r: int, heal_seconds: float) -> float:
             run.stack.load(name, run.log.dir / rec["path"], rec["sha256"], run.lora)
         return 0.0
     sha = bake(run.stack, name, path)
+    crash_point(f"bake:r{r}:saved")
     run.log.append("adapters", dict(round=r, path=str(path.relative_to(run.log.dir)), sha256=sha))
     run.mark(r, "heal", heal_seconds + time.time() - t)
     return time.time() - t
@@ -216,6 +226,7 @@ def eval_healed(run: Run, r: int) -> StageEval:
     run.forget_partial(r, "eval_healed")
     t = time.time()
     out = run.evaluate("healed", r)
+    crash_point(f"eval_healed:r{r}:demo")
     run.demo("healed", r)
     run.mark(r, "eval_healed", time.time() - t)
     return out

@@ -31,6 +31,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # attn_impl -> the class flag transformers sets when a family implements it
 ATTN_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
               "flex_attention": "_supports_flex_attn"}
+# Any one of these in a model dir means it carries a tokenizer.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"})
 
 
 class ModelError(ConfigError):
@@ -63,9 +65,20 @@ def band(frac: tuple[float, float], n_layers: int) -> list[int]:
 
 
 def pick_device(device: str) -> torch.device:
+    """The torch device a name means; one that does not parse or is not here is refused, named."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"device {device!r} is not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {device!r}: MPS is not available here; use --device cpu or auto")
+    return dev
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -160,6 +173,10 @@ def read_part(part: str, where: str | Path, gguf: str = "", trust_remote_code: b
             f"cannot load model {str(where)!r}: not a local directory{' and HF_HUB_OFFLINE=1' if offline else ''}"
             f" or not a Hugging Face id ({str(e).splitlines()[0]}). Use a local path, a cached id, or a"
             " preset: tiny-random, smollm2-135m") from None
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, the cause is the model input
+        why = (str(e).strip().splitlines() or [""])[0]
+        hint = " Pass --trust-remote-code only if you trust its code." if "trust_remote_code" in str(e) else ""
+        raise ModelError(f"cannot load model {str(where)!r}: {type(e).__name__}: {why}.{hint}") from None
 
 
 def read_tokenizer_config(where: str | Path, gguf: str = "", trust_remote_code: bool = False):
@@ -207,7 +224,7 @@ def resolve(name: str, gguf_file: str = "", cache: str | Path = "out/models", se
     return Path(name), gguf_file
 
 
-def check_model(name: str, gguf_file: str = "") -> None:
+def check_model(name: str, gguf_file: str = "", trust_remote_code: bool = False) -> None:
     """Fail fast, before any expensive work, on a model that cannot be loaded from here."""
     if tiny_arch(name):
         return
@@ -222,6 +239,15 @@ def check_model(name: str, gguf_file: str = "") -> None:
             raise ModelError(f"GGUF file not found: {path}")
         return
     if Path(name).is_dir():
+        files = {p.name for p in Path(name).iterdir()}
+        if "config.json" not in files:
+            raise ModelError(f"model dir {name} has no config.json: not a Hugging Face model directory")
+        if not files & TOKENIZER_FILES:
+            raise ModelError(f"model dir {name} has no tokenizer ({', '.join(sorted(TOKENIZER_FILES))}): save the "
+                             "model's tokenizer into it (tok.save_pretrained(DIR))")
+        if not trust_remote_code and any(_auto_map(Path(name) / f) for f in ("config.json", "tokenizer_config.json")):
+            raise ModelError(f"model dir {name} ships its own Python code (auto_map in its config): pass "
+                             "--trust-remote-code only if you trust that code")
         return
     if os.environ.get("HF_HUB_OFFLINE") == "1" or name.count("/") > 1 or name.startswith((".", "/")):
         from huggingface_hub import try_to_load_from_cache
@@ -232,6 +258,13 @@ def check_model(name: str, gguf_file: str = "") -> None:
                 f"unknown model {name!r}: not a local directory and not in the Hugging Face cache, and "
                 "HF_HUB_OFFLINE=1. Download it first (HF_HUB_OFFLINE=0 huggingface-cli download "
                 f"{name}), pass a local path or a .gguf file, or use a preset: tiny-random, smollm2-135m")
+
+
+def _auto_map(path: Path) -> bool:
+    try:
+        return "auto_map" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_impl: str = "sdpa",
@@ -262,6 +295,10 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_imp
             raise
         raise ModelError(f"{name} cannot load with --attn-impl {impl} ({str(e).splitlines()[0][:160]}): pass "
                          "--attn-impl eager") from None
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, the cause is the model input
+        why = (str(e).strip().splitlines() or [""])[0]
+        hint = " Pass --trust-remote-code only if you trust its code." if "trust_remote_code" in str(e) else ""
+        raise ModelError(f"cannot load model {name!r} from {where}: {type(e).__name__}: {why}.{hint}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,8 +18,10 @@ from loguru import logger
 
 from . import student
 from .config import RUNTIME_FIELDS, Config, ConfigError
-from .console import quiet_env
-from .store import RunLog
+from .console import one_line, quiet_env
+from .files import remove_stray_tmp
+from .server import serve
+from .store import RunLog, WriterLock
 
 
 def prefect_home(home: Path) -> Path:
@@ -76,6 +80,7 @@ def environment(cfg: Config) -> dict:
 
     return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, prefect=prefect.__version__, git_commit=commit, host=platform.node(),
+                threads=torch.get_num_threads(),
                 device=("cuda:" + torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu")
 
 
@@ -84,9 +89,11 @@ def new_run_id(cfg: Config) -> str:
 
 
 def resume_config(cfg: Config, explicit: dict) -> Config:
-    """The stored config of cfg.resume, with only runtime overrides applied."""
+    """The stored config of cfg.resume, with only runtime overrides applied. trust_remote_code comes from this
+    command's own flag, never from the store (student.allow_remote_code)."""
     stored = student.stored_config(student.run_log(cfg.out, cfg.resume))
-    changed = sorted(k for k, v in explicit.items() if k not in RUNTIME_FIELDS and v != getattr(stored, k))
+    changed = sorted(k for k, v in explicit.items()
+                     if k not in RUNTIME_FIELDS and k != "trust_remote_code" and v != getattr(stored, k))
     if changed:
         raise ConfigError(f"resume of {cfg.resume} refuses overrides that change the experiment: "
                           + ", ".join(f"--{k.replace('_', '-')} (stored {getattr(stored, k)!r}, given {explicit[k]!r})"
@@ -94,6 +101,7 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
     n_rounds = explicit.get("n_rounds", stored.n_rounds)
     if n_rounds < stored.n_rounds:
         raise ConfigError(f"--n-rounds {n_rounds} is below the stored {stored.n_rounds}: it may only grow on resume")
+    stored = student.allow_remote_code(stored, cfg.trust_remote_code, f"just resume {cfg.resume} --trust-remote-code")
     return stored.replace(n_rounds=n_rounds, run_id=cfg.resume, out=cfg.out,
                           device=explicit.get("device", stored.device), log_level=cfg.log_level)
 
@@ -102,9 +110,10 @@ def preflight(cfg: Config) -> dict:
     """Read every input the run needs before anything expensive: bad ones fail here, named. Returns what
     run_info records of the decisions made on them (family.check and the vignettes)."""
     from . import backends, data, family
-    from .models import check_model
+    from .models import check_model, pick_device
 
-    check_model(cfg.model, cfg.gguf_file)
+    check_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
+    pick_device(cfg.device)
     if cfg.eval != "contrast":
         backends.mfv_fn(cfg)
     backends.steer_fn(cfg)
@@ -114,57 +123,128 @@ def preflight(cfg: Config) -> dict:
     return dict(family.check(cfg), vignettes=vignettes)
 
 
+def resume_checks(cfg: Config, log: RunLog) -> bool:
+    """Under the writer lock: False when the run is already done; else its inputs and every stored artifact
+    are checked and a killed write's temp files are gone."""
+    last = (log.read("status") or [{}])[-1]
+    done = {r["round"] for r in log.read("rounds")}
+    if last.get("status") == "done" and len(done) >= cfg.n_rounds:
+        logger.info(f"run {cfg.run_id} is already done ({len(done)} rounds): nothing to do")
+        return False
+    preflight(cfg)
+    student.check_artifacts(log)
+    for d in (log.dir, log.dir / "adapters", log.dir / "vectors"):
+        remove_stray_tmp(d)
+    _same_threads(log)
+    logger.info(f"resuming {cfg.run_id} at round {len(done)} of {cfg.n_rounds}")
+    return True
+
+
+def start(cfg: Config, log: RunLog, resolved: dict) -> None:
+    """Under the writer lock: a new run's files and its run_info row."""
+    if log.read("run_info"):
+        raise ConfigError(f"run {cfg.run_id} exists already: resume it with --resume {cfg.run_id}")
+    log.touch_all()
+    log.append("run_info", dict(model=cfg.model, preset="", reg=cfg.reg, seed=cfg.seed, n_rounds=cfg.n_rounds,
+                                config_hash=cfg.hash(), config=cfg.to_dict(), env=environment(cfg),
+                                resolved=resolved))
+    logger.info(f"run {cfg.run_id}: {cfg.model} reg={cfg.reg} rounds={cfg.n_rounds} -> {log.dir}")
+
+
+def _same_threads(log: RunLog) -> None:
+    """CPU float sums depend on the thread count: a resume on other threads matches its undisturbed run
+    only to rounding, so say so (just resume sets OMP_NUM_THREADS=1, like fast-dev)."""
+    import torch
+
+    was = ((log.read("run_info") or [{}])[0].get("env") or {}).get("threads")
+    if was is not None and was != torch.get_num_threads() and not torch.cuda.is_available():
+        logger.warning(f"run started on {was} CPU threads, resume runs on {torch.get_num_threads()}: its numbers "
+                       f"can differ from an undisturbed run in the last digits (set OMP_NUM_THREADS={was})")
+
+
+def record(log: RunLog, status: str, reason: str = "") -> None:
+    """Append a status row; on a full or read-only disk say so instead of raising over the first error."""
+    try:
+        log.append("status", dict(status=status, reason=reason))
+    except OSError as e:
+        logger.error(f"could not record status {status!r} ({one_line(e)}); `just runs` shows the run as stale")
+
+
 def run(cfg: Config, explicit: dict) -> int:
     quiet_env()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
-    if cfg.resume:
-        run_id = cfg.resume
+    resumed = bool(cfg.resume)
+    if resumed:
         cfg = resume_config(cfg, explicit)
-        log = RunLog(cfg.out, run_id)
-        last = (log.read("status") or [{}])[-1]
-        done = {r["round"] for r in log.read("rounds")}
-        if last.get("status") == "done" and len(done) >= cfg.n_rounds:
-            logger.info(f"run {run_id} is already done ({len(done)} rounds): nothing to do")
-            return 0
-        preflight(cfg)
-        student.check_adapters(log)
-        logger.info(f"resuming {run_id} at round {len(done)} of {cfg.n_rounds}")
+        log = student.run_log(cfg.out, cfg.run_id)
     else:
         resolved = preflight(cfg)
-        run_id = cfg.run_id or new_run_id(cfg)
+        cfg = cfg.replace(run_id=cfg.run_id or new_run_id(cfg))
         try:
-            log = RunLog(cfg.out, run_id)
+            log = RunLog(cfg.out, cfg.run_id)
         except OSError as e:
             raise ConfigError(f"store root {cfg.out!r} is not writable ({e.strerror}): pass --out DIR") from None
-        if log.read("run_info"):
-            raise ConfigError(f"run {run_id} exists already: resume it with --resume {run_id}")
-        cfg = cfg.replace(run_id=run_id)
-        log.touch_all()
-        log.append("run_info", dict(model=cfg.model, preset="", reg=cfg.reg, seed=cfg.seed, n_rounds=cfg.n_rounds,
-                                    config_hash=cfg.hash(), config=cfg.to_dict(), env=environment(cfg),
-                                    resolved=resolved))
-        logger.info(f"run {run_id}: {cfg.model} reg={cfg.reg} rounds={cfg.n_rounds} -> {log.dir}")
-    # an ephemeral Prefect server per run keeps concurrent jobs off one SQLite file,
-    # unless the user points Prefect at a server of their own
+    with WriterLock(log.dir):  # one writer per run, held until it ends: a second one is refused at once
+        if resumed and not resume_checks(cfg, log):
+            return 0
+        if not resumed:
+            start(cfg, log, resolved)
+        return _run_flow(cfg, log, resumed)
+
+
+class CtrlC:
+    """Notes a SIGINT, then raises KeyboardInterrupt as Python's own handler does. Prefect can turn the interrupt
+    into another exception when it lands inside its task-run setup (ValueError: Task run is not set); with
+    the note the run still ends as interrupted, not failed."""
+
+    hit = False
+
+    def __enter__(self) -> CtrlC:
+        try:
+            self.before = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: signals go elsewhere
+            self.before = None
+        return self
+
+    def _on_sigint(self, *_) -> None:
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None:
+            signal.signal(signal.SIGINT, self.before)
+
+
+def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
+    run_id = cfg.run_id
+    # a Prefect database per run keeps concurrent jobs off one SQLite file, and its own server (server.py)
+    # keeps a terminal's Ctrl-C from killing it, unless the user points Prefect at a server of their own
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(prefect_home(log.dir / "prefect"))
-    log.append("status", dict(status="running", reason="resumed" if explicit.get("resume") else ""))
-    from .flow import steer_heal
+    from .flow import steer_heal  # imports Prefect, which configures its loggers: quieten them after
 
+    if cfg.log_level.upper() not in ("TRACE", "DEBUG"):  # a failure is reported below, once, in one line
+        for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    record(log, "running", "resumed" if resumed else "")
+
+    ctrl_c = CtrlC()
     try:
-        result = steer_heal(cfg.to_dict(), run_id)
-    except KeyboardInterrupt:
-        log.append("status", dict(status="interrupted", reason="Ctrl-C"))
+        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))):
+            result = steer_heal(cfg.to_dict(), run_id)
+    except BaseException as e:
+        if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
+            record(log, "failed", one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")
+            raise
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the status write
+        try:
+            record(log, "interrupted", "Ctrl-C")
+        finally:
+            signal.signal(signal.SIGINT, before)
         logger.warning(f"interrupted; finished rounds are kept. Resume with: just resume {run_id}")
         return 130
-    except ConfigError as e:
-        log.append("status", dict(status="failed", reason=str(e)))
-        raise
-    except Exception as e:
-        log.append("status", dict(status="failed", reason=f"{type(e).__name__}: {e}"))
-        raise
     status, _, reason = result.partition(":")
-    log.append("status", dict(status=status, reason=reason))
+    record(log, status, reason)
     if status in ("starved", "failed"):
         logger.error(f"run {run_id} {status}: {reason} Finished rounds are intact in {log.dir}. `just resume "
                      f"{run_id}` retries the round as it was; changing a knob means a new run.")

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
 from .files import atomic_write_bytes, sha256_file
 from .models import get_layers
@@ -54,5 +54,7 @@ def save_vector(vec: Vector, path: str | Path) -> str:
     return sha256_file(path)
 
 
-def load_vector(path: str | Path) -> Vector:
-    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+def load_vector(src: str | Path | bytes) -> Vector:
+    """A vector from its file, or from bytes already checked against their sha256 (student.stored_vector)."""
+    tensors = load(src) if isinstance(src, bytes) else load_file(str(src))
+    return {int(k.split(".")[1]): v for k, v in tensors.items()}

@@ -9,30 +9,50 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .files import safe_name
 from .store import RunLog
 
 
 def run_log(root: str | Path, run_id: str) -> RunLog:
     """The run's log; a clear error (and no empty folder left behind) when there is no such run."""
+    if not safe_name(run_id):
+        raise ConfigError(f"run id {run_id!r} is not a plain name (letters, digits, . _ + = -; no '/', no leading '.')")
     if not (Path(root) / "runs" / run_id / "run_info.jsonl").is_file():
         raise ConfigError(f"no run {run_id!r} under {root}/runs: see `just runs` for run ids (or pass --out)")
     return RunLog(root, run_id)
 
 
 def stored_config(log: RunLog) -> Config:
-    """The config the run started with (the one resume reloads)."""
+    """The config the run started with (the one resume reloads), validated like a command line's."""
     info = log.read("run_info")
     if not info:
         raise ConfigError(f"no run {log.run_id!r} under {log.root}/runs: see `just runs` for run ids")
-    return Config.from_dict(info[0]["config"])
+    try:
+        return Config.from_dict(info[0]["config"]).validate()
+    except ConfigError as e:
+        raise ConfigError(f"run {log.run_id}: its stored {e}; the store was edited or is damaged") from None
 
 
-def check_adapters(log: RunLog) -> None:
-    """Every baked round's adapter file exists and matches its recorded sha256 (before any work)."""
+def allow_remote_code(cfg: Config, flag: bool, fix: str) -> Config:
+    """The stored config with trust_remote_code from this command's own flag only: a store never turns on code
+    execution by itself (a copied store's model dir could run anything). A run that used it is refused without;
+    `fix` is the command with the flag."""
+    if cfg.trust_remote_code and not flag:
+        raise ConfigError(f"run {cfg.run_id} was started with --trust-remote-code: its model {cfg.model!r} runs its "
+                          f"own Python code, which a stored run never enables by itself. Pass the flag only if you "
+                          f"trust that code: {fix}")
+    return cfg.replace(trust_remote_code=flag)
+
+
+def check_artifacts(log: RunLog) -> None:
+    """Every stored adapter and vector file exists and matches its recorded sha256 (before any work)."""
     from .bake import read_verified
 
-    for rec in log.read("adapters"):
-        read_verified(log.dir / rec["path"], rec["sha256"], f"adapter of round {rec['round']}")
+    for table in ("adapters", "vectors"):
+        for rec in log.read(table):
+            read_verified(log.dir / rec["path"], rec["sha256"], f"{table[:-1]} of round {rec['round']}")
+    for r in sorted({s["round"] for s in log.read("stages") if s["stage"] == "extract"}):
+        vector_record(log, r)  # an extracted round without a recorded hash is refused here too
 
 
 def base_model(cfg: Config, root: str | Path, device: str | None = None):
@@ -68,11 +88,12 @@ class Student:
     upto: int | None
 
 
-def open_student(root: str | Path, run_id: str, upto: int | None = None, device: str = "cpu") -> Student:
+def open_student(root: str | Path, run_id: str, upto: int | None = None, device: str = "cpu",
+                 trust_remote_code: bool = False, fix: str = "add --trust-remote-code") -> Student:
     from .bake import Stack, lora_config
 
     log = run_log(root, run_id)
-    cfg = stored_config(log)
+    cfg = allow_remote_code(stored_config(log), trust_remote_code, fix)
     model, tok = base_model(cfg, root, device)
     stack, lora = Stack(model), lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers,
                                                       cfg.lora_targets)
@@ -94,12 +115,25 @@ def stage_done(log: RunLog, r: int, stage: str) -> bool:
     return any(s["round"] == r and s["stage"] == stage for s in log.read("stages"))
 
 
+def vector_record(log: RunLog, r: int) -> dict | None:
+    """Round r's `vectors` row (path, sha256); None while the round has not extracted its vector."""
+    from .bake import CorruptArtifact
+
+    rec = next((x for x in log.read("vectors") if x["round"] == r), None)
+    if rec is None and stage_done(log, r, "extract"):
+        raise CorruptArtifact(f"run {log.run_id} round {r}: its vector has no recorded sha256 (stored before "
+                              "steer-heal hashed vectors), so it cannot be checked and is not used; start a new run")
+    return rec
+
+
 def stored_vector(log: RunLog, r: int):
-    """Round r's steering vector, None while the round has not extracted it."""
+    """Round r's steering vector, checked against its recorded sha256; None while the round has not extracted it."""
+    from .bake import read_verified
     from .steering import load_vector
 
-    path = vector_path(log, r)
-    return load_vector(path) if path.is_file() else None
+    rec = vector_record(log, r)
+    return None if rec is None else load_vector(read_verified(log.dir / rec["path"], rec["sha256"],
+                                                              f"vector of round {r}"))
 
 
 def stored_dose(log: RunLog, r: int, cfg: Config):

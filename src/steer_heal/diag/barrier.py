@@ -24,11 +24,13 @@ import itertools
 import os
 import sys
 import time
+from pathlib import Path
 
 from .. import data, metrics, seeds
-from ..console import script
+from ..console import Parser, script
 from ..evaluate import measure
 from ..report import table
+from ..server import serve
 from ..student import run_log, stored_config, stored_evals, stored_kept
 from .model import RoundModel, devices, open_round, trial_adapter
 from .record import Diagnostic
@@ -41,14 +43,16 @@ BARRIER_ONLY = ("kl_agg", "lam", "tau", "barrier_ref")  # no effect without a ba
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_id")
     p.add_argument("round", type=int)
     for k, t in GRID.items():
         p.add_argument("--" + k.replace("_", "-"), type=t, nargs="+", default=None, help=f"{k} values (default: the run's)")
     p.add_argument("--devices", nargs="+", default=None,
                    help="devices to spread cells over (default: every GPU when there are several, else one)")
-    p.add_argument("--out", default="out", help="store root")
+    p.add_argument("--out", "--root", dest="out", default="out", help="store root")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="needed for a run started with it: lets its model's own Python code run")
     return p.parse_args(argv)
 
 
@@ -89,9 +93,9 @@ def heal_cell(rm: RoundModel, kept: list[dict], cell: dict, start: dict, base: d
     return row
 
 
-def run_cells(root: str, run_id: str, r: int, cells: list[dict], device: str, on_row) -> list[dict]:
+def run_cells(root: str, run_id: str, r: int, cells: list[dict], device: str, on_row, trust: bool = False) -> list[dict]:
     """One worker: load the round on `device`, measure base and the starting student, heal each cell."""
-    rm = open_round(root, run_id, r, device)
+    rm = open_round(root, run_id, r, device, trust)
     kept = stored_kept(rm.log, r, rm.cfg)
     with rm.stack.base():
         base = dict(stage="base", device=device, **measure(rm.stack.model, rm.tok, rm.probe).summary(rm.probe.target))
@@ -108,7 +112,7 @@ def run_cells(root: str, run_id: str, r: int, cells: list[dict], device: str, on
 
 def run_grid(a: argparse.Namespace, cells: list[dict], devs: list[str], on_row, home) -> list[dict]:
     if len(devs) == 1:  # the usual case: no Prefect at all
-        return run_cells(a.out, a.run_id, a.round, cells, devs[0], on_row)
+        return run_cells(a.out, a.run_id, a.round, cells, devs[0], on_row, a.trust_remote_code)
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(home)  # a private ephemeral server, as a run has
     from prefect import flow, task
@@ -120,11 +124,12 @@ def run_grid(a: argparse.Namespace, cells: list[dict], devs: list[str], on_row, 
     @flow(name="barrier-sweep", task_runner=ThreadPoolTaskRunner(max_workers=len(devs)))
     def sweep() -> list[dict]:
         # the model never crosses a task boundary: each worker loads its own copy on its device
-        futures = [worker.submit(a.out, a.run_id, a.round, cells[i::len(devs)], dev, on_row)
+        futures = [worker.submit(a.out, a.run_id, a.round, cells[i::len(devs)], dev, on_row, a.trust_remote_code)
                    for i, dev in enumerate(devs)]
         return [row for f in futures for row in f.result()]
 
-    return sweep()
+    with serve(Path(os.environ.get("PREFECT_HOME", home))):  # outside the terminal's group, like a run's
+        return sweep()
 
 
 def ordered(rows: list[dict]) -> list[dict]:

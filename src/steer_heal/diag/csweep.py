@@ -16,7 +16,7 @@ import sys
 
 from .. import data, seeds
 from ..config import ConfigError
-from ..console import script
+from ..console import Parser, script
 from ..evaluate import measure
 from ..generate import generate
 from ..report import table
@@ -29,13 +29,15 @@ DEFAULT_COEFS = (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_id")
     p.add_argument("round", nargs="?", type=int, default=None, help="round (default: the newest with a vector)")
     p.add_argument("--coefs", type=float, nargs="+", default=DEFAULT_COEFS, help="steering coefficients C")
     p.add_argument("--random", type=int, default=0, metavar="N", help="random equal-norm control vectors")
     p.add_argument("--device", default="auto", help="torch device (auto: cuda if present)")
-    p.add_argument("--out", default="out", help="store root")
+    p.add_argument("--out", "--root", dest="out", default="out", help="store root")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="needed for a run started with it: lets its model's own Python code run")
     return p.parse_args(argv)
 
 
@@ -75,7 +77,7 @@ def summary(trait: list[dict], random: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    rm = open_round(a.out, a.run_id, a.round, a.device)
+    rm = open_round(a.out, a.run_id, a.round, a.device, a.trust_remote_code)
     if rm.vector is None:
         raise ConfigError(f"run {a.run_id} round {rm.round} has no stored vector yet")
     coefs = sorted(set(a.coefs) | ({rm.coef} if rm.coef is not None else set()))

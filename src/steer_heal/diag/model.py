@@ -32,17 +32,20 @@ class RoundModel:
 _LOADING = threading.Lock()
 
 
-def open_round(root: str | Path, run_id: str, round_: int | None = None, device: str = "auto") -> RoundModel:
+def open_round(root: str | Path, run_id: str, round_: int | None = None, device: str = "auto",
+               trust_remote_code: bool = False) -> RoundModel:
     """Base model + the run's adapters of rounds < round (hash-checked), on `device`."""
     from ..models import pick_device
 
     log = run_log(root, run_id)
     r = latest_round(log) if round_ is None else round_
     check_history(log, r)
+    vector = stored_vector(log, r)  # hash-checked before the model loads: a bad file fails at once
     with _LOADING:
-        st = open_student(root, run_id, upto=r, device=str(pick_device(device)))
+        st = open_student(root, run_id, upto=r, device=str(pick_device(device)), trust_remote_code=trust_remote_code,
+                          fix="add --trust-remote-code to this command")
     steered = stored_evals(log).get((r, "steered"))
-    return RoundModel(st, r, stored_vector(log, r), steered.coef if steered else None, Probe.of(st.cfg))
+    return RoundModel(st, r, vector, steered.coef if steered else None, Probe.of(st.cfg))
 
 
 @contextmanager

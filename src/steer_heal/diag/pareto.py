@@ -21,8 +21,9 @@ import sys
 import duckdb
 
 from ..config import ConfigError
-from ..console import script
+from ..console import Parser, script
 from ..report import table
+from ..store import check_read_only
 from . import plots
 from .record import Diagnostic
 from .runs import connect_meta, sql_rows
@@ -45,10 +46,10 @@ LABELS = {"run": "m.run_id", "config": "m.config_label"}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sql", default=None, help="query returning label, round, stage, trait_moved, coherence")
     p.add_argument("--by", choices=tuple(LABELS), default="run", help="default query: one point per run or config")
-    p.add_argument("--out", default="out", help="store root")
+    p.add_argument("--out", "--root", dest="out", default="out", help="store root")
     return p.parse_args(argv)
 
 
@@ -79,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     sql = a.sql or DEFAULT_SQL.format(label=LABELS[a.by])
     con = connect_meta(a.out)
     try:
+        check_read_only(con, sql)  # --sql is the user's: it may only read, like `just sql`
         rows = sql_rows(con, sql)
     except duckdb.Error as e:
-        raise ConfigError(f"the query failed: {e}") from None
+        raise ConfigError(f"the query failed: {str(e).strip().splitlines()[0]}") from None
     finally:
         con.close()
     lacking = [c for c in NEED if rows and c not in rows[0]]

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .. import data
-from ..console import script
+from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
 from ..report import table
 from ..store import connect
@@ -25,9 +25,9 @@ KEPT_SQL = "SELECT round, any_value(kept_frac) AS kept_frac FROM rounds WHERE ru
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p = Parser(prog=PROG, description=__doc__)
     p.add_argument("run_id")
-    p.add_argument("--out", default="out", help="store root")
+    p.add_argument("--out", "--root", dest="out", default="out", help="store root")
     return p.parse_args(argv)
 
 

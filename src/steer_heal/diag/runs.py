@@ -93,10 +93,11 @@ def latest_round(log: RunLog) -> int:
 
 def check_history(log: RunLog, r: int) -> None:
     """Round r's student is the baked rounds 0..r-1: all of them must be stored."""
-    missing = sorted(set(range(r)) - {a["round"] for a in log.read("adapters")})
-    if missing:
-        raise ConfigError(f"run {log.run_id} round {r}: rounds {missing} are not baked yet, so the student that "
-                          f"started round {r} does not exist; pick an earlier round")
+    baked = {a["round"] for a in log.read("adapters")}
+    n = next(i for i in range(len(baked) + 1) if i not in baked)  # rounds 0..n-1 are baked
+    if not 0 <= r <= n:
+        raise ConfigError(f"run {log.run_id} has no round {r} to start from: {n} round(s) baked, so the student "
+                          f"that starts a round exists for rounds 0..{n}; pick one of those")
 
 
 def delta(x: float | None, base: float | None) -> float | None:

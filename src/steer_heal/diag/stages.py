@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 
 from .. import data, metrics
-from ..console import script
+from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
 from ..report import table
 from ..student import run_log, stored_config
@@ -31,9 +31,9 @@ AGG = ("d_target", "d_trait", "d_coh", "retain", "retain_trait", "coh_cost")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
-    p.add_argument("--out", default="out", help="store root")
+    p.add_argument("--out", "--root", dest="out", default="out", help="store root")
     return p.parse_args(argv)
 
 

@@ -7,13 +7,15 @@ Layout::
     <root>/catalog.duckdb                       views only (see views.write_catalog)
 
 schema.py is the schema (tables, columns, which stage owns which rows), log.py the writer and
-reader of one run's files, views.py the DuckDB views over all of them, __main__.py the shell
-commands behind `just sql` and `just runs`. docs/store.md describes it for users.
+reader of one run's files, lock.py the one-writer-per-run lock and heartbeat, views.py the DuckDB views
+over all of them (read-only), __main__.py the shell commands behind `just sql` and `just runs`.
+docs/store.md describes it for users.
 """
 
+from .lock import RunLocked, WriterLock
 from .log import RunLog
 from .schema import DEFAULT_ROOT, KINDS, STAGE_ROWS, TABLES, tables_of, utcnow
-from .views import connect, query, write_catalog
+from .views import SqlRefused, check_read_only, connect, query, write_catalog
 
-__all__ = ["DEFAULT_ROOT", "KINDS", "STAGE_ROWS", "TABLES", "RunLog", "connect", "query", "tables_of", "utcnow",
-           "write_catalog"]
+__all__ = ["DEFAULT_ROOT", "KINDS", "STAGE_ROWS", "TABLES", "RunLocked", "RunLog", "SqlRefused", "WriterLock",
+           "check_read_only", "connect", "query", "tables_of", "utcnow", "write_catalog"]

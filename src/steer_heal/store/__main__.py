@@ -1,29 +1,31 @@
-"""`python -m steer_heal.store sql|runs|catalog`: query the store from a shell (`just sql`, `just runs`)."""
+"""`python -m steer_heal.store sql|runs|catalog`: query the store from a shell (`just sql`, `just runs`).
+
+The query path only reads: one reading statement (views.check_read_only) on a connection confined to
+the store root (views.connect). A refused statement exits 2, SQL that DuckDB rejects exits 1."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 
 import duckdb
 
+from ..console import Parser
 from ..report import format_table
 from .schema import DEFAULT_ROOT
-from .views import query, write_catalog
+from .views import SqlRefused, query, write_catalog
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m steer_heal.store",
-                                 description="Query the steer-heal store.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p_sql = sub.add_parser("sql", help="run SQL over the store's views")
+    ap = Parser(prog="python -m steer_heal.store", description="Query the steer-heal store.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    p_sql = sub.add_parser("sql", help="run one reading SQL statement over the store's views")
     p_sql.add_argument("sql")
     p_sql.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p_runs = sub.add_parser("runs", help="one line per run")
     p_cat = sub.add_parser("catalog", help="(re)write <root>/catalog.duckdb")
     for p in (p_sql, p_runs, p_cat):
-        p.add_argument("--root", default=DEFAULT_ROOT)
+        p.add_argument("--root", "--out", dest="root", default=DEFAULT_ROOT, help="store root (default: out)")
     args = ap.parse_args(argv)
 
     if args.cmd == "catalog":
@@ -34,8 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         "ORDER BY created, run_id")
     try:
         cols, rows = query(args.root, sql)
+    except SqlRefused as e:
+        print(f"steer-heal sql: {e}", file=sys.stderr)
+        return 2
+    except duckdb.PermissionException as e:
+        print(f"steer-heal sql: queries read only under the store root {args.root}: {str(e).splitlines()[0]}",
+              file=sys.stderr)
+        return 2
     except duckdb.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"steer-heal sql: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     if getattr(args, "csv", False):
         w = csv.writer(sys.stdout, lineterminator="\n")

@@ -19,7 +19,7 @@ from typing import Any
 
 from loguru import logger
 
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, safe_name
 from .schema import AUTO_NOW, KINDS, MAX_LINE_BYTES, TABLES, tables_of, utcnow
 
 # ---------------------------------------------------------------- values
@@ -118,8 +118,8 @@ class RunLog:
     def __init__(self, root: str | os.PathLike, run_id: str, kind: str = "runs"):
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; allowed: {sorted(KINDS)}")
-        if not run_id or "/" in run_id or run_id.startswith("."):
-            raise ValueError(f"bad id {run_id!r}")
+        if not safe_name(run_id):
+            raise ValueError(f"bad id {run_id!r}: letters, digits and . _ + = - only, not starting with '.'")
         self.root, self.run_id, self.kind = Path(root), run_id, kind
         self.id_col = KINDS[kind]
         self.tables = tables_of(kind)
@@ -221,13 +221,16 @@ class RunLog:
         """Rewrite a table without the rows where `where(row)` holds (tmp + rename).
 
         Resume uses it to clear a crashed stage's partial rows before redoing the
-        stage. Only the run's own process writes its files, so no append is lost.
+        stage. Only the run's writer (the holder of its lock) writes its files, so
+        no append is lost. A torn tail is rewritten away too, even when no row
+        matched: the file then ends in a newline, so the next append starts its own line.
         """
         path = self.path(table)
         if not path.exists():
             return 0
+        raw = path.read_bytes()
         keep, n = [], 0
-        for line in path.read_bytes().split(b"\n"):
+        for line in raw.split(b"\n"):
             if not line.strip():
                 continue
             try:
@@ -238,9 +241,7 @@ class RunLog:
                 n += 1
             else:
                 keep.append(line + b"\n")
-        if n:
+        if n or (raw and not raw.endswith(b"\n")):
             atomic_write_bytes(path, b"".join(keep))
         self._tail_checked.add(table)
         return n
-
-

@@ -61,6 +61,7 @@ TABLES: dict[str, dict[str, str]] = {
     "stages": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, seconds DOUBLE, ts TIMESTAMP"),
     "adapters": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
+    "vectors": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
     "diagnostics": _cols(
         "diag_id VARCHAR, kind VARCHAR, source_run VARCHAR, round BIGINT,"
         "created TIMESTAMP, config JSON"),
@@ -94,6 +95,8 @@ def utcnow() -> dt.datetime:
 # then its marker in `stages`; resume drops the rows of a stage that has no marker before redoing it.
 Rows = Callable[[dict], bool]
 STAGE_ROWS: dict[str, list[tuple[str, Rows]]] = {
+    "eval_base": [("stage_metrics", lambda x: True), ("completions", lambda x: x["phase"].startswith("demo"))],
+    "extract": [("vectors", lambda x: True)],
     "dose": [("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", lambda x: True)],
     "eval_steered": [("stage_metrics", lambda x: x["stage"] == "steered")],
     "heal": [("heal_steps", lambda x: True)],

@@ -1,17 +1,52 @@
 """DuckDB views over every run's JSONL files: what `just sql`, the diagnostics and a person's own
-DuckDB session query. Nothing here writes to a run's files.
+DuckDB session query. Nothing here writes to a run's files: a connection reads only under the store
+root, and `query` runs reading statements only (check_read_only).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from ..config import ConfigError
+from .lock import LOCK_FILE, STALE_S
 from .schema import DEFAULT_ROOT, KINDS, MAX_LINE_BYTES, TABLES
+
+READS = "one SELECT (also WITH ... SELECT, FROM ..., VALUES, PIVOT, DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one"
+
+
+class SqlRefused(ConfigError):
+    """A statement the read-only query path does not run (it could write files or change settings)."""
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but one reading statement, before it runs. DuckDB types each statement: SELECT
+    covers DESCRIBE/SHOW/SUMMARIZE; EXPLAIN ANALYZE runs what it wraps, so that must be a SELECT too."""
+    stmts = con.extract_statements(sql)
+    if len(stmts) != 1:
+        raise SqlRefused(f"the store's SQL runs one statement at a time: {len(stmts)} statements are refused; "
+                         f"allowed: {READS}")
+    st = stmts[0]
+    kind = st.type.name
+    # A PIVOT without an IN list parses as MULTI (an enum of the pivot values, then the SELECT); one that
+    # starts as a query is a read, while COPY (PIVOT ...) or CREATE ... AS PIVOT start otherwise
+    first = st.query.lstrip().split(None, 1)[0].upper() if st.query.strip() else ""
+    if kind == "MULTI" and first in ("PIVOT", "UNPIVOT", "SELECT", "WITH", "FROM"):
+        return
+    if kind == "EXPLAIN":
+        inner = re.sub(r"^\s*EXPLAIN\s*(\([^()]*\))?\s*(ANALY[SZ]E\b)?", "", st.query, flags=re.I)
+        inner_stmts = con.extract_statements(inner) if inner.strip() else []
+        kind = "EXPLAIN " + (inner_stmts[0].type.name if len(inner_stmts) == 1 else "?")
+        if kind == "EXPLAIN SELECT":
+            return
+    if kind != "SELECT":
+        raise SqlRefused(f"the store's SQL only reads: {kind} statements are refused; allowed: {READS}. "
+                         "(to COPY results to a file, open out/catalog.duckdb in a DuckDB session of your own)")
 
 
 def _lit(s: str) -> str:
@@ -41,14 +76,27 @@ def _view_sql(con: duckdb.DuckDBPyConnection, root: Path, table: str, only: tupl
             f"WHERE {_ident(id_col)} IS NOT NULL")
 
 
+def _heartbeats(con: duckdb.DuckDBPyConnection, root: Path) -> str:
+    """(run_id, heartbeat): the mtime of each run's writer lock, which its writer touches while alive."""
+    pattern = str(root / "runs" / "*" / LOCK_FILE)
+    if not con.execute("SELECT count(*) FROM glob(?)", [pattern]).fetchone()[0]:
+        return "SELECT CAST(NULL AS VARCHAR) AS run_id, CAST(NULL AS TIMESTAMP) AS heartbeat WHERE false"
+    return (f"SELECT regexp_extract(filename, '([^/]+)/{LOCK_FILE}$', 1) AS run_id, "
+            f"timezone('UTC', last_modified) AS heartbeat FROM read_blob({_lit(pattern)})")
+
+
 def _runs_view(con: duckdb.DuckDBPyConnection, root: Path) -> str:
-    """One row per run from narrow reads of run_info, status, rounds and stages."""
+    """One row per run from narrow reads of run_info, status, rounds and stages. A `running` run whose
+    writer's heartbeat is older than STALE_S (or missing) shows as `stale`: its process is gone."""
     def t(table: str, *cols: str) -> str:
         return f"({_view_sql(con, root, table, cols)})"
     return f"""
 SELECT i.run_id, i.created, i.model, i.preset, i.reg, i.seed, i.n_rounds,
-       i.config_hash, i.resumed_from, s.status, s.reason, s.round AS status_round,
-       coalesce(r.rounds_done, 0) AS rounds_done, l.last_ts
+       i.config_hash, i.resumed_from,
+       CASE WHEN s.status = 'running' AND (h.heartbeat IS NULL OR
+                 h.heartbeat < timezone('UTC', now()) - INTERVAL {STALE_S} SECOND) THEN 'stale'
+            ELSE s.status END AS status,
+       s.reason, s.round AS status_round, coalesce(r.rounds_done, 0) AS rounds_done, l.last_ts, h.heartbeat
 FROM (SELECT * FROM {t("run_info", "run_id", "created", "model", "preset", "reg", "seed", "n_rounds",
                        "config_hash", "resumed_from")}
       QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY created DESC) = 1) i
@@ -61,6 +109,7 @@ LEFT JOIN (SELECT run_id, max(ts) AS last_ts
            FROM (SELECT run_id, ts FROM {t("status", "run_id", "ts")}
                  UNION ALL SELECT run_id, ts FROM {t("stages", "run_id", "ts")})
            GROUP BY run_id) l USING (run_id)
+LEFT JOIN ({_heartbeats(con, root)}) h USING (run_id)
 """
 
 
@@ -74,15 +123,24 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str | os.PathLike) -> No
 def connect(root: str | os.PathLike = DEFAULT_ROOT) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB connection with one view per table plus `runs`.
     Globs are bound per query, so new runs show up without reconnecting; a
-    table with no file at all stays empty until the next connect()."""
+    table with no file at all stays empty until the next connect().
+
+    Once the views exist the connection is confined: files only under the store root (no reads or
+    COPY elsewhere, no extensions, no ATTACH), and its settings locked so a query cannot lift that."""
     con = duckdb.connect(":memory:")
     _create_views(con, root)
+    for stmt, arg in (("SET allowed_directories = ?", [[str(Path(root).resolve())]]),
+                      ("SET enable_external_access = false", None), ("SET autoinstall_known_extensions = false", None),
+                      ("SET autoload_known_extensions = false", None), ("SET lock_configuration = true", None)):
+        con.execute(stmt, arg) if arg else con.execute(stmt)
     return con
 
 
 def query(root: str | os.PathLike, sql: str, params: Any = None) -> tuple[list[str], list[tuple]]:
+    """(columns, rows) of one reading statement over the store; anything else is refused (SqlRefused)."""
     con = connect(root)
     try:
+        check_read_only(con, sql)
         cur = con.execute(sql, params) if params is not None else con.execute(sql)
         if cur.description is None:
             return [], []

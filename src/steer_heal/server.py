@@ -1,0 +1,88 @@
+"""The run's own Prefect server, outside the terminal's process group.
+
+A terminal sends Ctrl-C to its whole foreground process group. Prefect's ephemeral server is a child
+in that group, so it died with the run's first Ctrl-C and the run then hung ~70 s retrying the API and
+ended "failed: ConnectError". Here the same server (Prefect's SubprocessASGIServer command) starts in a
+session of its own, so SIGINT reaches only the run, which records `interrupted` and stops the server.
+
+A server outside the group would outlive a run killed by SIGKILL, so it watches a pipe from its parent:
+the parent never writes to it, and when the parent ends, however it ends, the pipe closes and the
+server terminates itself. Its output goes to <prefect home>/server.log.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import ConfigError
+
+# Run in the server process: SIGTERM itself (uvicorn then shuts down cleanly) once stdin reaches EOF,
+# that is once the run that started it is gone; exit hard if the clean shutdown hangs.
+_WATCH = """
+import os, runpy, signal, sys, threading, time
+def watch():
+    sys.stdin.buffer.read()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = ["uvicorn", *sys.argv[1:]]
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+def _server_class():
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class Server(SubprocessASGIServer):
+        """Prefect's ephemeral server command, started in its own session with the parent-watching pipe."""
+
+        log: Path
+
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            import prefect
+            from prefect.settings import get_current_settings
+
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+            args = ["--app-dir", str(prefect.__module_path__.parent), "--factory",
+                    "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--log-level", "error", "--lifespan", "on"]
+            with open(self.log, "ab") as out:
+                return subprocess.Popen([sys.executable, "-c", _WATCH, *args], env=env, stdin=subprocess.PIPE,
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    return Server
+
+
+@contextmanager
+def serve(home: Path) -> Iterator[None]:
+    """Within the block Prefect talks to a fresh server on home's database (PREFECT_HOME must point there
+    already); a user's own PREFECT_API_URL wins and then nothing is started."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as s:  # a free port now; start() moves on if another process takes it first
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _server_class()(port=port)
+    server.log = home / "server.log"
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        server.start()
+    except RuntimeError as e:  # Prefect's start() says only "timed out" and the like: point at the server's log
+        raise ConfigError(f"the run's Prefect server did not start ({str(e).splitlines()[0][:200]}); its log is "
+                          f"{server.log}") from None
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
