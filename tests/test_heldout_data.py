@@ -1,6 +1,6 @@
-"""The held-out contrast probe (data/heldout_dilemmas.json, issue 14): enough items per persona pair,
-disjoint from everything the model is trained or steered on, and with no length or opener signal
-that separates the trait reply from the opposite one. Data only: no model, runs in well under a second.
+"""The held-out contrast probe (data/heldout_dilemmas.json, issue 14), the one trait probe (data.dilemmas):
+enough items per persona pair, disjoint from everything the model is trained or steered on, and with no
+length or opener signal that separates the trait reply from the opposite one. Data only: no model, runs in well under a second.
 
 Every failure names the offending item(s) and the number that broke the rule, so a maintainer can
 rewrite just those items.
@@ -14,13 +14,12 @@ from itertools import combinations
 
 import pytest
 
-from steer_heal.data import DATA, DILEMMA_KEYS
+from steer_heal.data import DATA, DILEMMA_KEYS, DILEMMAS
 
-HELDOUT = "heldout_dilemmas.json"
+HELDOUT = DILEMMAS
 MIN_ITEMS = 64  # per persona pair
 REPLY_WORDS = (6, 20)  # short first-person answers, inclusive, whitespace words
 MAX_J_TRAIN = 0.3  # item prompt vs every string in prompts.json and contexts.json
-MAX_J_OLD = 0.3  # item prompt vs every prompt in the in-sample dilemmas.json
 MAX_J_SELF = 0.5  # item prompt vs every other held-out prompt: no near-duplicates
 LONGER_FRAC = (0.4, 0.6)  # share of items whose trait reply has more words than its opposite
 MAX_MEAN_GAP = 1.5  # |mean words(trait) - mean words(opposite)|, per pair
@@ -127,17 +126,6 @@ def test_disjoint_from_generation_prompts_and_contexts(pair):
         if j > MAX_J_TRAIN:
             bad.append(f"{where(pair, i, it)}: max Jaccard {j:.3f} > {MAX_J_TRAIN} against {other!r}")
     assert not bad, f"{len(bad)} held-out prompt(s) overlap prompts.json/contexts.json:\n" + "\n".join(bad)
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_disjoint_from_in_sample_dilemmas(pair):
-    old = [it["prompt"] for items in load("dilemmas.json").values() for it in items]
-    bad = []
-    for i, it in enumerate(items_of(pair)):
-        j, other = nearest(it["prompt"], old)
-        if j > MAX_J_OLD:
-            bad.append(f"{where(pair, i, it)}: max Jaccard {j:.3f} > {MAX_J_OLD} against {other!r}")
-    assert not bad, f"{len(bad)} held-out prompt(s) paraphrase dilemmas.json:\n" + "\n".join(bad)
 
 
 def test_no_near_duplicate_heldout_prompts():

@@ -92,7 +92,7 @@ class evaluating:
 
 # The bundled files the tiny tokenizer learns from, pinned: a new data file must not change the tiny
 # model (and with it every fast-dev number, tests/golden/).
-CORPUS = ("contexts.json", "dilemmas.json", "personas.json", "prompts.json", "vignettes_smoke.jsonl")
+CORPUS = ("contexts.json", "heldout_dilemmas.json", "personas.json", "prompts.json", "vignettes_smoke.jsonl")
 
 
 def _corpus() -> list[str]:
