@@ -202,6 +202,26 @@ def test_plot_run_writes_png_svg_and_rows(store):
     assert "[rounds.png](plots/rounds.png)" in report and f"plot: [{diag_id}](../../diagnostics/{diag_id}/report.md)" in report
 
 
+def test_stages_intervals_reproduce_the_runs_stored_intervals(store):
+    """`just stages` recomputes the paired intervals from eval_items with the run's seeds: at the run's --boot
+    it gives exactly the run's own `intervals` rows; at another --boot, other resamples."""
+    _, stored = query(store, "SELECT round, stage, metric, ref, delta, lo, hi, ns FROM intervals WHERE run_id = 'a' "
+                             "AND round >= 0")
+    assert stored
+    assert script("stages").main(["a", "--out", str(store)]) == 0
+    rows = {(r["round"], r["stage"]): r for r in rows_of(store, "stages") if r["level"] == "run"}
+    names = {"target": "d_target", "trait": "d_trait", "coh": "d_coh", "ppl": "d_ppl"}
+    for r, stage, metric, ref, d, lo, hi, ns in stored:
+        name = names[metric] + ("_prev" if ref == "prev" else "")
+        got = rows[(r, stage)]
+        assert (got[name], got[f"{name}_lo"], got[f"{name}_hi"], got[f"{name}_ns"]) == (d, lo, hi, ns), name
+    assert all(rows[(r, s)]["broken"] == "" for r, s in rows if s != "base")  # nothing broke on the tiny model
+    assert script("stages").main(["a", "--out", str(store), "--boot", "300"]) == 0
+    other = {(r["round"], r["stage"]): r for r in rows_of(store, "stages") if r["level"] == "run"}
+    assert other[(1, "healed")]["d_trait"] == rows[(1, "healed")]["d_trait"]
+    assert other[(1, "healed")]["d_trait_lo"] != rows[(1, "healed")]["d_trait_lo"]
+
+
 def test_pareto_default_query_and_a_hand_made_table_by_sql(store):
     assert script("pareto").main(["--out", str(store)]) == 0
     rows = rows_of(store, "pareto")
@@ -273,12 +293,13 @@ def test_diagnostics_beside_a_live_training_run_lose_nothing(store):
     # the run's side: everything it wrote is there, once
     _, runs = query(store, "SELECT status, rounds_done FROM runs WHERE run_id = 'live'")
     assert runs == [("done", N)]
-    for table in ("stage_metrics", "completions", "heal_steps", "rounds"):
+    for table in ("stage_metrics", "eval_items", "intervals", "completions", "heal_steps", "rounds"):
         lines = [x for x in (store / "runs" / "live" / f"{table}.jsonl").read_text().splitlines() if x.strip()]
         _, n = query(store, f"SELECT count(*) FROM {table} WHERE run_id = 'live'")
         assert n[0][0] == len(lines) > 0, table
     _, n = query(store, "SELECT count(*) FROM stage_metrics WHERE run_id = 'live'")
-    assert n[0][0] == (2 + 2 * N) * 8  # base, prompted + steered, healed per round, 8 rows each
+    # base, prompted + steered, healed per round: 7 foundations, contrast, free text each; steered also kl
+    assert n[0][0] == (2 + 2 * N) * 9 + N
     # the diagnostics' side: every row each record wrote reads back, and each saw all of the finished run
     assert len(rows_of(store, "csweep", written[0])) == 3  # C = 0, 2 and the round's dose 1
     for diag_id in written:

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
         t = hints[f.name]
-        kw: dict = dict(dest=f.name, default=None, help=f.metadata["help"] + f" (default: {f.default!r})")
+        # argparse %-formats help text: a literal % (as in "95% interval") must be doubled
+        kw: dict = dict(dest=f.name, default=None,
+                        help=(f.metadata["help"] + f" (default: {f.default!r})").replace("%", "%%"))
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(t) is tuple:

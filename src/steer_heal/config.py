@@ -122,10 +122,13 @@ class Config:
     evaluator: str = knob("builtin", "seven-way probe implementation: builtin, or tinymfv when that package is importable", ("builtin", "tinymfv"))
     steerer: str = knob("builtin", "steering hooks: builtin, or steering-lite when that package is importable", ("builtin", "steering-lite"))
     eval_batch: int = knob(16, "eval batch size")
-    n_demo: int = knob(2, "greedy demo generations per stage")
+    n_demo: int = knob(16, "greedy generations per stage on held-out prompts, scored under the base model: adapter_ppl (0 = none)")
+    demo_tokens: int = knob(0, "tokens per free-text generation (0 = --max-new-tokens)")
+    coh_floor_rel: float = knob(0.85, "a stage whose seven-way coherence (or most items' option mass) falls under this fraction of base's is flagged broken and its retain, retain_trait, coh_cost, surgical are withheld (0 = off)")
+    boot: int = knob(2000, "paired bootstrap resamples behind every 95% interval of a stage delta (0 = no intervals)")
     # loop
     n_rounds: int = knob(3, "rounds of steer -> generate -> filter -> heal -> bake")
-    coh_floor: float = knob(0.0, "stop early when healed coherence falls under this")
+    coh_floor: float = knob(0.0, "stop the run when healed seven-way coherence falls under this absolute value (0 = never; the ratio guard is --coh-floor-rel)")
     seed: int = knob(0, "master seed; every stage derives its own from (seed, round, stage)")
     out: str = knob("out", "store root")
     run_id: str = knob("", "run id ('' = generated)")
@@ -199,6 +202,8 @@ class Config:
         for name in ("val_frac", "warmup"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "a fraction in [0, 1)")
+        if not 0.0 <= self.coh_floor_rel <= 1.0:
+            bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
         if not 0.0 < self.kappa_min <= 1.0:
             bad("kappa_min", "in (0, 1]")
         for name in ("probe_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "gen_batch", "lora_r",
@@ -239,7 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="tiny-random", n_rounds=2, n_prompts=8, n_keep=8, min_train=4, probe_size=4,
         bisect_steps=2, max_batches=3, gen_batch=8, max_new_tokens=16, max_len=96,
         ppl_tau=1e9, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
-        eval_batch=16, n_demo=1, lr=1e-3,
+        eval_batch=16, n_demo=4, lr=1e-3,
     ),
     # SmolLM2-135M-Instruct on CPU: raw vector on layers 12-18 is coherent to C~0.5,
     # borderline at 1, broken from 2 (docs/results.md), so the walk starts at C=2.

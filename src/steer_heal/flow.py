@@ -1,13 +1,15 @@
 """The steer-heal Prefect flow: it wires the stages, records what they return and decides the next step.
 
-Round -1: base and prompted evals and a base demo. Rounds 0..N-1: extract, dose walk (generate + filter),
-steered eval, heal, bake, healed eval and demo, each a task. The run's state (config, store log, the
-student stack, the stage inputs) is a `Run` handed to every task; each task is also callable in-process
-as `task.fn(run, ...)`. The model lives in this process: Prefect neither hashes nor persists a task's
-inputs or results here (NO_CACHE, persist_result=False). The store, not Prefect's cache, is what resume
-reads: a stage writes its rows, then its marker in `stages`; a marked stage is read back as its own
-result type, an unmarked one has its partial rows dropped (store.STAGE_ROWS) and is redone with the
-same seeds. docs/architecture.md maps stage -> module -> task -> store tables.
+Round -1: base and prompted evals. Rounds 0..N-1: extract, dose walk (generate + filter), steered eval,
+heal, bake, healed eval, each a task; every eval also writes its free-text generations (adapter_ppl).
+A round ends with its paired intervals, its row (the coherence floor before any ratio) and its SHOULD
+lines. The run's state (config, store log, the student stack, the stage inputs) is a `Run` handed to
+every task; each task is also callable in-process as `task.fn(run, ...)`. The model lives in this
+process: Prefect neither hashes nor persists a task's inputs or results here (NO_CACHE,
+persist_result=False). The store, not Prefect's cache, is what resume reads: a stage writes its rows,
+then its marker in `stages`; a marked stage is read back as its own result type, an unmarked one has
+its partial rows dropped (store.STAGE_ROWS) and is redone with the same seeds. docs/architecture.md
+maps stage -> module -> task -> store tables.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, metrics, seeds, student
+from . import backends, data, intervals, metrics, seeds, student
 from .bake import Stack, bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, dose_walk
 from .evaluate import Probe, StageEval, measure
 from .extract import Extracted, extract, student_vector
 from .filter import drop_counts, score
+from .freetext import adapter_ppl, steer_kl
 from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
@@ -77,21 +80,37 @@ class Run:
         """Round r's adapters row: written once its adapter file is, so it is what resume trusts."""
         return next((x for x in self.log.read("adapters") if x["round"] == r), None)
 
-    def evaluate(self, stage: str, r: int, coef: float = 0.0, system: str | None = None) -> StageEval:
-        """Evaluate the model as it is now and store the stage's rows."""
-        ev = measure(self.stack.model, self.tok, self.probe, system=system, coef=coef)
+    def evaluate(self, stage: str, r: int, coef: float = 0.0, system: str | None = None, vec: dict | None = None,
+                 kept: list[dict] = ()) -> StageEval:
+        """Evaluate the model as it is now, steered at coef * vec when a vector is given, and store the stage's
+        rows: the probes' means and items, the free-text generations (adapter_ppl) and, given the round's kept
+        completions, KL(steered || unsteered) on them."""
+        cfg, model, tok = self.cfg, self.stack.model, self.tok
+        with self.steer(model, vec, coef):
+            ev = measure(model, tok, self.probe, system=system, coef=coef)
+        if self.probe.texts:
+            ps = self.probe.texts
+            outs, ppl = adapter_ppl(model, tok, ps, base=self.stack.base, gen_system=system or self.system,
+                                    score_system=self.system, max_new_tokens=cfg.demo_tokens or cfg.max_new_tokens,
+                                    window=cfg.ppl_window, max_len=cfg.max_len, batch=cfg.gen_batch, vec=vec,
+                                    coef=coef, steerer=self.steer)
+            ev.add_text(ppl)
+            self.log.append("completions", [dict(round=r, phase=f"demo:{stage}", idx=i, coef=coef, prompt=p,
+                                                 completion=o, ppl=x) for i, (p, o, x) in enumerate(zip(ps, outs, ppl))])
+            logger.info(f"demo {stage} r{r}: {ps[0]!r}\n    -> {outs[0]!r}")
+            crash_point(f"eval_{stage}:r{r}:demo")  # a real window: demo rows written, the means not yet
+        if kept and vec is not None:
+            ev.add_kl(steer_kl(model, tok, [x["prompt"] for x in kept], [x["completion"] for x in kept],
+                               system=self.system, vec=vec, coef=coef, max_len=cfg.max_len, batch=cfg.eval_batch,
+                               steerer=self.steer))
         self.log.append("stage_metrics", ev.rows(r, stage))
+        self.log.append("eval_items", ev.item_rows(r, stage))
         return ev
 
-    def demo(self, stage: str, r: int) -> None:
-        ps = self.prompts[: self.cfg.n_demo]
-        if not ps:
-            return
-        outs = generate(self.stack.model, self.tok, ps, system=self.system, max_new_tokens=self.cfg.max_new_tokens,
-                        greedy=True, batch=self.cfg.gen_batch, steerer=self.steer)
-        self.log.append("completions", [dict(round=r, phase=f"demo:{stage}", idx=i, coef=0.0, prompt=p, completion=o)
-                                        for i, (p, o) in enumerate(zip(ps, outs))])
-        logger.info(f"demo {stage} r{r}: {ps[0]!r}\n    -> {outs[0]!r}")
+    def stage_intervals(self, r: int, stages: tuple[str, ...]) -> list[dict]:
+        """Paired bootstrap intervals of these stages of round r against base and the previous student."""
+        items = intervals.by_stage(self.log.read("eval_items"))
+        return [x for s in stages for x in intervals.stage_intervals(items, r, s, self.cfg.seed, self.cfg.boot)]
 
 
 def crash_point(where: str) -> None:
@@ -111,11 +130,11 @@ def _opts(name: str) -> dict:
 def eval_base(run: Run) -> None:
     run.forget_partial(-1, "eval_base")
     t = time.time()
-    with run.stack.base():
+    with run.stack.base():  # no adapter exists yet; base() says so, and nothing inside re-enters it
         run.evaluate("base", -1)
         crash_point("eval_base:prompted")
         run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
-        run.demo("base", -1)
+    run.log.append("intervals", run.stage_intervals(-1, ("prompted",)))
     run.mark(-1, "eval_base", time.time() - t)
 
 
@@ -174,13 +193,12 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
 
 
 @task(**_opts("eval-steered"))
-def eval_steered(run: Run, r: int, coef: float) -> StageEval:
+def eval_steered(run: Run, r: int, coef: float, kept: list[dict]) -> StageEval:
     if (r, "eval_steered") in run.done:
         return student.stored_evals(run.log).get((r, "steered"), StageEval())
     run.forget_partial(r, "eval_steered")
     t = time.time()
-    with run.steer(run.stack.model, run.vectors[r], coef):
-        out = run.evaluate("steered", r, coef=coef)
+    out = run.evaluate("steered", r, coef=coef, vec=run.vectors[r], kept=kept)
     run.mark(r, "eval_steered", time.time() - t)
     return out
 
@@ -226,8 +244,6 @@ def eval_healed(run: Run, r: int) -> StageEval:
     run.forget_partial(r, "eval_healed")
     t = time.time()
     out = run.evaluate("healed", r)
-    crash_point(f"eval_healed:r{r}:demo")
-    run.demo("healed", r)
     run.mark(r, "eval_healed", time.time() - t)
     return out
 
@@ -251,7 +267,7 @@ def steer_heal(config: dict, run_id: str) -> str:
         dose = dose_task(run, r)
         if isinstance(dose, Stop):
             return f"{dose.status}:{dose.reason}"
-        steered = eval_steered(run, r, dose.coef)
+        steered = eval_steered(run, r, dose.coef, dose.kept)
         hl = heal_task(run, r, dose.kept)
         if isinstance(hl, Stop):
             return f"{hl.status}:{hl.reason}"
@@ -260,8 +276,16 @@ def steer_heal(config: dict, run_id: str) -> str:
         secs = dict(sec_extract=ext.seconds, sec_dose=dose.seconds, sec_heal=hl.seconds + sec_bake,
                     sec_total=time.time() - t0)
         secs["sec_eval"] = secs["sec_total"] - secs["sec_extract"] - secs["sec_dose"] - secs["sec_heal"]
-        run.log.append("rounds", metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs))
-        logger.info("\n" + round_table(run.log.read("rounds")))
+        row = metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs, cfg.coh_floor_rel)
+        run.log.drop("intervals", lambda x, r=r: x["round"] == r)  # left by a crash before this round's row
+        ivs = run.stage_intervals(r, ("steered", "healed"))
+        run.log.append("intervals", ivs)
+        crash_point(f"rows:r{r}")
+        run.log.append("rounds", row)
+        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals")))
+        for held, line in metrics.shoulds(row, intervals.lookup(ivs)):
+            if held is not None:
+                (logger.info if held else logger.warning)(f"SHOULD{'' if held else ' (FAILED)'}: {line}")
         if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor:
             write_report(run.log, target)
             return f"stopped:healed coherence {healed.coherence:.3f} < coh_floor {cfg.coh_floor}"

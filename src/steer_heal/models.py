@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from functools import lru_cache
 from pathlib import Path

@@ -28,3 +28,8 @@ def dose_batch(seed: int, round_: int, step: int) -> int:
 def random_vector(seed: int, round_: int, k: int) -> int:
     """The k-th equal-norm random control vector of a round (c-sweep)."""
     return seed_for(seed, round_, f"csweep.random.{k}")
+
+
+def bootstrap(seed: int, round_: int, what: str) -> int:
+    """The resampling of one paired bootstrap interval (intervals.py): `what` names the stages and metric."""
+    return seed_for(seed, round_, f"bootstrap.{what}")

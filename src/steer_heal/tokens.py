@@ -27,7 +27,6 @@ def check_room(tok, prompts: list[str], system: str, max_len: int, max_new_token
         logger.warning(f"max_len={max_len} < longest prompt {longest} + max_new_tokens {max_new_tokens}: heal and the "
                        f"filter see long completions cut to {max_len - longest} tokens")
 
-from .config import ConfigError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
