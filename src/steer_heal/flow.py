@@ -94,7 +94,10 @@ class Run:
 
 def crash_point(where: str) -> None:
     """Fault injection for crash-and-resume tests: STEER_HEAL_KILL_AT=<where> SIGKILLs the
-    whole process group here (the Prefect server included), like a power cut would."""
+    whole process group here (the Prefect server included), like a power cut would. Points sit inside
+    each stage after its first stored rows (tests/test_flow_pins.py): eval_base:base, dose:rR:stepS,
+    dose:rR:completions, eval_steered:rR:metrics, heal:rR:stepS, heal:rR:steps, bake:rR:adapter,
+    eval_healed:rR:metrics."""
     if os.environ.get("STEER_HEAL_KILL_AT") == where:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
@@ -108,6 +111,7 @@ def eval_base(run: Run) -> None:
     t = time.time()
     with run.stack.base():
         run.evaluate("base", -1)
+        crash_point("eval_base:base")
         run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
         run.demo("base", -1)
     run.mark(-1, "eval_base", time.time() - t)
@@ -157,6 +161,7 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
         return Stop("starved", str(e))
     completions, steps = res.rows()
     run.log.append("completions", [dict(round=r, **x) for x in completions])
+    crash_point(f"dose:r{r}:completions")
     run.log.append("dose_steps", [dict(round=r, **x) for x in steps])
     run.mark(r, "dose", time.time() - t)
     logger.info(f"r{r} dose: kappa={res.kappa:.3f} kept {len(res.kept)}/{res.n_gen} drops={drop_counts(res.scored)}")
@@ -172,6 +177,7 @@ def eval_steered(run: Run, r: int, coef: float) -> StageEval:
     t = time.time()
     with run.steer(run.stack.model, run.vectors[r], coef):
         out = run.evaluate("steered", r, coef=coef)
+    crash_point(f"eval_steered:r{r}:metrics")
     run.mark(r, "eval_steered", time.time() - t)
     return out
 
@@ -190,6 +196,7 @@ def heal_task(run: Run, r: int, kept: list[dict]) -> HealResult | Stop:
     except HealError as e:
         return Stop("failed", str(e))
     run.log.append("heal_steps", [dict(round=r, **x) for x in out.steps])
+    crash_point(f"heal:r{r}:steps")  # rows stored, adapter not yet baked
     out.seconds = time.time() - t
     return out
 
@@ -202,9 +209,12 @@ def bake_task(run: Run, r: int, heal_seconds: float) -> float:
     if rec is not None:
         if name not in run.stack.names:
             run.stack.load(name, run.log.dir / rec["path"], rec["sha256"], run.lora)
+        if (r, "heal") not in run.done:  # killed between the adapters row and the marker
+            run.mark(r, "heal", heal_seconds)
         return 0.0
     sha = bake(run.stack, name, path)
     run.log.append("adapters", dict(round=r, path=str(path.relative_to(run.log.dir)), sha256=sha))
+    crash_point(f"bake:r{r}:adapter")
     run.mark(r, "heal", heal_seconds + time.time() - t)
     return time.time() - t
 
@@ -216,6 +226,7 @@ def eval_healed(run: Run, r: int) -> StageEval:
     run.forget_partial(r, "eval_healed")
     t = time.time()
     out = run.evaluate("healed", r)
+    crash_point(f"eval_healed:r{r}:metrics")
     run.demo("healed", r)
     run.mark(r, "eval_healed", time.time() - t)
     return out
