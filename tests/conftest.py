@@ -54,8 +54,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = terminalreporter.stats.get("skipped", [])
     groups = Counter(skip_group(r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)) for r in skipped)
     parts = [f"{len(skipped)} skipped: " + ", ".join(f"{n} {why}" for why, n in groups.most_common())] if skipped else []
-    deselected = len(terminalreporter.stats.get("deselected", []))
-    if deselected and config.option.markexpr == "not slow":
-        parts.append(f"{deselected} deselected: slow real-model and multi-process checks (--slow runs them)")
+    slow = sum(1 for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow"))
+    if slow and config.option.markexpr == "not slow":
+        parts.append(f"{slow} deselected: slow real-model and multi-process checks (--slow runs them)")
     if parts:
         terminalreporter.write_line("; ".join(parts))

@@ -67,6 +67,42 @@ def test_each_aggregation_of_each_direction_by_hand(reg, how):
     assert got == pytest.approx(AGG[how](KL_REV if reg == "kl_rev" else KL_FWD), rel=1e-6)
 
 
+# ---------------------------------------------------------------- metrics: the edges of spec.md's definitions
+
+def test_ratio_guard_is_strictly_below_the_minimum_denominator():
+    assert metrics.retain(0.05, 0.05, 0.0) == 1.0  # |steered - base| = 0.05 exactly: not under 0.05, so a ratio
+    assert metrics.retain(1.0, math.inf, 0.0) is None and metrics.coh_cost(0.5, 0.4, math.nan, 0.0) is None
+    assert metrics._ratio(None, 1.0, 0.05) is None and metrics._ratio(1.0, None, 0.05) is None
+
+
+def test_surgical_with_no_off_target_measured_is_any_move():
+    assert metrics.surgical(0.5, {}) is True and metrics.surgical(-0.01, {"Care": None}) is True
+    assert metrics.surgical(0.3, {"Care": 0.3}, off=("Care",), target="Care") is True  # the target is never its own
+    assert metrics.surgical(0.0, {}) is False
+
+
+def test_metric_errors_name_the_problem():
+    with pytest.raises(KeyError, match="unknown foundation 'Purity': must be one of Care, Fairness, Loyalty"):
+        metrics.foundation_column("Purity")
+    with pytest.raises(ValueError, match="1 perplexities but 2 kept flags"):
+        metrics.kept_stats([1.0], [True, False])
+    with pytest.raises(ValueError, match=r"same layers, got a tensor of shape \(4,\) and layers \[12, 13\]"):
+        metrics.cosine(torch.ones(4), {12: torch.ones(2), 13: torch.ones(2)})
+    with pytest.raises(ValueError, match=r"different sizes \(2,\) and \(3,\)"):
+        metrics.cosine(torch.ones(2), torch.ones(3))
+
+
+def test_round_row_of_a_care_target_compares_only_fairness():
+    """With Care as the target, surgical compares against Fairness alone (spec.md: the target is no off-target)."""
+    base = StageEval(nats=dict(BASE), coherence=0.9)
+    healed = StageEval(nats=dict(BASE, Care=-1.5, Fairness=-1.375), coherence=0.9)  # d Care 0.5, d Fairness 0.125
+    steered = StageEval(nats=dict(BASE, Care=-1.0), coherence=0.9)
+    row = metrics.round_row(0, "Care", Extracted({}, 0.9, 0.7), DoseResult(kappa=1.0, kept=[], scored=[]), steered,
+                            HealResult(heal_nll=1.0, val_nll=None), healed, base, {"sec_total": 5.0})
+    assert row["surgical"] is True and row["retain"] == pytest.approx(0.5)
+    assert row["student_cos"] == 0.7 and row["sec_total"] == 5.0 and row["target_nats"] == -1.5
+
+
 # ---------------------------------------------------------------- heal: the loss as spec.md writes it
 
 KEPT = [dict(prompt=p, completion="I would help them right away and explain later.")
@@ -223,12 +259,60 @@ def test_walk_on_a_filter_that_always_passes_settles_at_the_top():
     assert res.kappa == max(s["kappa"] for s in probes) >= 1.0  # today: 1.0, the full dose
 
 
+def test_walk_records_every_batch_as_it_was_made():
+    """Items cycle prompts and alphas by a running index; coef = kappa * alpha; each batch's step row counts
+    exactly what its sample returned; every scored item is kept in order, and kept is cut at n_keep."""
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=2, probe_size=3, gen_batch=2, n_keep=5, min_train=2,
+                                                max_batches=4, alphas=(1.0, 2.0, 4.0), dose_target=0.6)
+    prompts = [f"prompt {i}" for i in range(5)]
+    calls = []
+
+    def sample(items, step):
+        calls.append((step, items))
+        return [dict(x, completion="ok", keep=x["idx"] % 3 != 2) for x in items]  # 2 of every 3 survive
+
+    res = dose_walk(cfg, prompts, sample)
+    items = [x for _, batch in calls for x in batch]
+    assert [x["idx"] for x in items] == list(range(len(items)))
+    for x in items:
+        assert x["prompt"] == prompts[x["idx"] % 5] and x["alpha"] == cfg.alphas[x["idx"] % 3]
+        assert x["coef"] == pytest.approx(x["kappa"] * x["alpha"])
+    assert [step for step, _ in calls] == list(range(len(calls))) == [s["step"] for s in res.steps]
+    for (step, batch), row in zip(calls, res.steps):
+        assert all(x["step"] == step and x["kappa"] == row["kappa"] and x["phase"] == row["phase"] for x in batch)
+        n_kept = sum(x["idx"] % 3 != 2 for x in batch)
+        assert (row["n"], row["n_kept"]) == (len(batch), n_kept) and row["rate"] == pytest.approx(n_kept / len(batch))
+        assert row["accepted"] == (n_kept / len(batch) >= 0.6)
+    phases = [s["phase"] for s in res.steps]
+    assert phases[0] == "probe" and phases == sorted(phases, key=lambda p: p != "probe") and "collect" in phases
+    assert res.scored == [dict(x, completion="ok", keep=x["idx"] % 3 != 2) for x in items]
+    assert res.kept == [x for x in res.scored if x["keep"]][:5]
+    assert res.n_gen == len(items) and len(res.steps[0]) and res.rows()[1][0] == {k: res.steps[0][k] for k in
+                                                                                  ("step", "kappa", "n", "n_kept",
+                                                                                   "rate", "accepted")}
+
+
+def test_starved_walk_reports_its_counts():
+    from steer_heal.dose import Starved
+
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=1, probe_size=2, gen_batch=2, n_keep=6, min_train=6,
+                                                max_batches=2, kappa_min=0.25, dose_target=0.9)
+    with pytest.raises(Starved) as e:
+        _walk(cfg, lambda k: 0.5)  # one of every two survives, at every dose: no probe passes
+    c = e.value.counts
+    assert c["kappa"] == 0.25 and 0 < c["kept"] < 6 and c["generated"] == 2 * c["kept"]
+    assert f"kept {c['kept']} of {c['generated']} generated at kappa=0.250, min_train=6" in str(e.value)
+
+
 def test_stored_walk_reads_back_the_same_dose():
     cfg = Config(**preset("fast-dev")).replace(bisect_steps=5, probe_size=4, gen_batch=4, n_keep=6, min_train=2)
     res = _walk(cfg, lambda k: 1.0 if k <= 0.4 else 0.0)
     completions, steps = res.rows()
     back = DoseResult.from_rows(completions, steps, cfg.n_keep, cfg.kappa_min)
     assert back.kappa == res.kappa and back.kept == res.kept and back.coef == pytest.approx(res.coef)
+    assert back.scored == completions and back.steps == steps
+    none_passed = DoseResult.from_rows(completions, [dict(x, accepted=False) for x in steps], 2, 0.125)
+    assert none_passed.kappa == 0.125 and len(none_passed.kept) == 2
     assert res.coef == pytest.approx(sum(x["kappa"] * x["alpha"] for x in res.kept) / len(res.kept))
 
 
