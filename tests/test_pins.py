@@ -67,6 +67,33 @@ def test_each_aggregation_of_each_direction_by_hand(reg, how):
     assert got == pytest.approx(AGG[how](KL_REV if reg == "kl_rev" else KL_FWD), rel=1e-6)
 
 
+# ---------------------------------------------------------------- filter: the scores and where each threshold sits
+
+def test_max_ngram_freq_by_hand():
+    from steer_heal.filter import max_ngram_freq
+
+    assert max_ngram_freq("a b c a b".split()) == 0.5  # bigrams ab bc ca ab: 2 of 4; trigrams: 3 < 4, too few
+    assert max_ngram_freq("a b c a".split()) == 0.0     # 3 bigrams: too short to call a loop
+    assert max_ngram_freq("abcab") == 0.5
+
+
+def test_score_keeps_at_the_thresholds_and_passes_items_through(tiny):
+    from steer_heal.filter import perplexity, score
+
+    model, tok = tiny
+    texts = ["I would help him first.", "I am someone who looks after others.", "a b c a b"]
+    items = [dict(prompt="Should I report my friend?", completion=t, extra=i) for i, t in enumerate(texts)]
+    ppl = perplexity(model, tok, [x["prompt"] for x in items], texts, "You are kind.")
+    out = score(model, tok, items, system="You are kind.", ppl_tau=max(ppl), rep_tau=0.5)
+    assert [r["ppl"] for r in out] == pytest.approx(ppl, rel=1e-6)  # the whole completion, under this system
+    assert [r["extra"] for r in out] == [0, 1, 2] and [r["narration"] for r in out] == [False, True, False]
+    assert [r["rep_word"] for r in out][2] == 0.5 and [r["reason"] for r in out] == ["", "narration", ""]
+    assert [r["keep"] for r in out] == [True, False, True]  # ppl == ppl_tau and rep == rep_tau both pass
+    tail = score(model, tok, items[:1], system="You are kind.", ppl_tau=1e9, rep_tau=0.5, window=2)
+    assert tail[0]["ppl"] == pytest.approx(perplexity(model, tok, [items[0]["prompt"]], texts[:1], "You are kind.",
+                                                      window=2)[0])
+
+
 # ---------------------------------------------------------------- metrics: the edges of spec.md's definitions
 
 def test_ratio_guard_is_strictly_below_the_minimum_denominator():
@@ -239,6 +266,7 @@ def test_walk_settles_at_the_largest_surviving_kappa(edge):
     assert [s["accepted"] for s in res.steps if s["phase"] == "probe"] == \
         [s["kappa"] <= edge for s in res.steps if s["phase"] == "probe"]
     assert any(s["kappa"] > edge for s in res.steps)  # it looked above the edge
+    assert sum(s["phase"] == "probe" for s in res.steps) <= cfg.bisect_steps + 1
     assert all(x["kappa"] == res.kappa for x in res.scored if x["phase"] == "collect")
     assert len(res.kept) == 6 and all(x["keep"] for x in res.kept)
 
@@ -262,7 +290,7 @@ def test_walk_on_a_filter_that_always_passes_settles_at_the_top():
 def test_walk_records_every_batch_as_it_was_made():
     """Items cycle prompts and alphas by a running index; coef = kappa * alpha; each batch's step row counts
     exactly what its sample returned; every scored item is kept in order, and kept is cut at n_keep."""
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=2, probe_size=3, gen_batch=2, n_keep=5, min_train=2,
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=2, probe_size=3, gen_batch=1, n_keep=5, min_train=5,
                                                 max_batches=4, alphas=(1.0, 2.0, 4.0), dose_target=0.6)
     prompts = [f"prompt {i}" for i in range(5)]
     calls = []
@@ -286,7 +314,8 @@ def test_walk_records_every_batch_as_it_was_made():
     phases = [s["phase"] for s in res.steps]
     assert phases[0] == "probe" and phases == sorted(phases, key=lambda p: p != "probe") and "collect" in phases
     assert res.scored == [dict(x, completion="ok", keep=x["idx"] % 3 != 2) for x in items]
-    assert res.kept == [x for x in res.scored if x["keep"]][:5]
+    assert res.kept == [x for x in res.scored if x["keep"]][:5]  # exactly min_train kept: not starved
+    assert sum(x["keep"] for x in res.scored[:-1]) < 5  # no batch after n_keep were kept
     assert res.n_gen == len(items) and len(res.steps[0]) and res.rows()[1][0] == {k: res.steps[0][k] for k in
                                                                                   ("step", "kappa", "n", "n_kept",
                                                                                    "rate", "accepted")}
@@ -302,6 +331,8 @@ def test_starved_walk_reports_its_counts():
     c = e.value.counts
     assert c["kappa"] == 0.25 and 0 < c["kept"] < 6 and c["generated"] == 2 * c["kept"]
     assert f"kept {c['kept']} of {c['generated']} generated at kappa=0.250, min_train=6" in str(e.value)
+    assert str(e.value).endswith("Lower --alphas or --kappa-min for gentler steering, loosen --ppl-tau/--rep-tau, "
+                                 "or raise --max-batches.")
 
 
 def test_stored_walk_reads_back_the_same_dose():
@@ -463,6 +494,23 @@ def test_pareto_default_query_signs_trait_moved_toward_the_trait(tmp_path, capsy
     moved = {(label, stage): x for label, stage, x in got}
     assert moved[("down", "healed")] == pytest.approx(0.5) and moved[("up", "healed")] == pytest.approx(0.3)
     assert moved[("down", "base")] == 0 and moved[("up", "base")] == 0
+
+
+# ---------------------------------------------------------------- statistics: the edges
+
+def test_mean_ci_of_nothing_and_of_one_value():
+    from steer_heal.diag.stats import mean_ci
+
+    assert mean_ci([]) == dict(mean=None, lo=None, hi=None, n=0) == mean_ci([None, None])
+    assert mean_ci([None, 2.5]) == dict(mean=2.5, lo=None, hi=None, n=1)
+
+
+@pytest.mark.parametrize("df,level", [(0, 0.95), (3, 0.0), (3, 1.0), (3, 1.5), (-1, 0.5)])
+def test_t_quantile_refuses_what_has_no_quantile(df, level):
+    from steer_heal.diag.stats import t_quantile
+
+    with pytest.raises(ValueError, match=f"needs df >= 1 and 0 < level < 1, got df={df} level={level}"):
+        t_quantile(level, df)
 
 
 # ---------------------------------------------------------------- the store's safety (issue 12 fixes these)
