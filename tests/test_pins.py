@@ -291,7 +291,7 @@ def test_walk_records_every_batch_as_it_was_made():
     """Items cycle prompts and alphas by a running index; coef = kappa * alpha; each batch's step row counts
     exactly what its sample returned; every scored item is kept in order, and kept is cut at n_keep."""
     cfg = Config(**preset("fast-dev")).replace(bisect_steps=2, probe_size=3, gen_batch=1, n_keep=5, min_train=5,
-                                                max_batches=4, alphas=(1.0, 2.0, 4.0), dose_target=0.6)
+                                                max_batches=6, alphas=(1.0, 2.0, 4.0), dose_target=0.6)
     prompts = [f"prompt {i}" for i in range(5)]
     calls = []
 
@@ -511,6 +511,68 @@ def test_t_quantile_refuses_what_has_no_quantile(df, level):
 
     with pytest.raises(ValueError, match=f"needs df >= 1 and 0 < level < 1, got df={df} level={level}"):
         t_quantile(level, df)
+
+
+# ---------------------------------------------------------------- the store's lines, byte for byte
+
+def test_appends_write_exactly_their_lines_and_one_newline_after_a_torn_tail(tmp_path):
+    log = RunLog(tmp_path, "b")
+    assert log.append("dose_steps", []) == 0 and not log.path("dose_steps").exists()
+    log.append("dose_steps", dict(round=0, step=0))
+    line = log._line("dose_steps", dict(round=0, step=0))
+    assert log.path("dose_steps").read_bytes() == line  # no blank line before the first row
+    assert log.path("dose_steps").stat().st_mode & 0o777 == 0o644 & ~_umask()
+    RunLog(tmp_path, "b").append("dose_steps", dict(round=0, step=0))  # a new process, a clean tail
+    assert log.path("dose_steps").read_bytes() == line * 2
+    log.touch_all()
+    RunLog(tmp_path, "b").append("heal_steps", dict(round=0, step=0))  # an empty file: nothing to heal
+    assert log.path("heal_steps").read_bytes() == log._line("heal_steps", dict(round=0, step=0))
+    with open(log.path("dose_steps"), "ab") as f:
+        f.write(line[:9])  # a killed writer's half line
+    RunLog(tmp_path, "b").append("dose_steps", dict(round=0, step=0))
+    assert log.path("dose_steps").read_bytes() == line * 2 + line[:9] + b"\n" + line
+
+
+def _umask() -> int:
+    import os
+
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_a_short_write_raises_and_the_next_append_starts_a_fresh_line(tmp_path, monkeypatch):
+    import os
+
+    import steer_heal.store.log as store_log
+
+    log = RunLog(tmp_path, "w")
+    log.append("dose_steps", dict(round=0, step=0))
+    real = os.write
+    monkeypatch.setattr(store_log.os, "write", lambda fd, data: real(fd, data[:5]))  # the disk filled up
+    with pytest.raises(OSError, match=r"short write to .*dose_steps.jsonl: 5 of \d+ bytes"):
+        log.append("dose_steps", dict(round=1, step=0))
+    monkeypatch.setattr(store_log.os, "write", real)
+    log.append("dose_steps", dict(round=2, step=0))
+    assert [x["round"] for x in log.read("dose_steps")] == [0, 2]
+
+
+def test_read_and_drop_go_past_blank_and_torn_lines_and_warn_only_for_finished_ones(tmp_path):
+    from loguru import logger
+
+    log = RunLog(tmp_path, "d")
+    assert log.drop("dose_steps", lambda x: True) == 0  # no file yet
+    a, b, c = (log._line("dose_steps", dict(round=r, step=0)) for r in (0, 1, 2))
+    log.path("dose_steps").write_bytes(a + b"\n" + b'{"run_id": "d", "ro' + b"\n" + b + c + b'{"run_id"')
+    seen = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+    try:
+        assert [x["round"] for x in log.read("dose_steps")] == [0, 1, 2]
+    finally:
+        logger.remove(sink)
+    assert seen == [f"skipping torn line 3 of {log.path('dose_steps')}"]  # not the last one: it may be in flight
+    assert log.drop("dose_steps", lambda x: x["round"] == 0) == 1
+    assert [x["round"] for x in log.read("dose_steps")] == [1, 2]
 
 
 # ---------------------------------------------------------------- the store's safety (issue 12 fixes these)
