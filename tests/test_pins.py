@@ -571,6 +571,14 @@ def test_read_and_drop_go_past_blank_and_torn_lines_and_warn_only_for_finished_o
     finally:
         logger.remove(sink)
     assert seen == [f"skipping torn line 3 of {log.path('dose_steps')}"]  # not the last one: it may be in flight
+    other = RunLog(tmp_path, "e")
+    other.path("dose_steps").write_bytes(a + b'{"run_id": "e", "ro' + b"\n")  # torn, then finished by a resume
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+    try:
+        assert [x["round"] for x in other.read("dose_steps")] == [0]
+    finally:
+        logger.remove(sink)
+    assert seen[1:] == [f"skipping torn line 2 of {other.path('dose_steps')}"]
     assert log.drop("dose_steps", lambda x: x["round"] == 0) == 1
     assert [x["round"] for x in log.read("dose_steps")] == [1, 2]
 
