@@ -121,3 +121,17 @@ _queue RECIPE *ARGS:
 # time generation, perplexity, a heal step, eval, orchestration and the store SQL: just bench --cache /tmp/smc --only a,b
 bench *ARGS:
     @{{python}} -m steer_heal.bench "$@"
+
+# ---- mutation testing (docs/testing.md): mutmut over the method's arithmetic and the store's safety
+# against the fast tests that cover them ([tool.mutmut] in pyproject.toml); `just mutants steer_heal.dose.*` narrows it
+mutants *NAMES:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    names=("$@")
+    [ ${#names[@]} -gt 0 ] || names=("steer_heal.metrics.*" "steer_heal.heal.x_divergence*" "steer_heal.heal.x_aggregate*"
+        "steer_heal.heal.x_spectral_norm*" "steer_heal.dose.*" "steer_heal.filter.*" "steer_heal.store.log.xǁRunLogǁappend*"
+        "steer_heal.store.log.xǁRunLogǁread*" "steer_heal.store.log.xǁRunLogǁdrop*" "steer_heal.store.log.x__ends_torn*"
+        "steer_heal.diag.stats.*")
+    # mutmut puts mutants/src first on sys.path: no PYTHONPATH may shadow it; 2 workers, niced (shared CPU)
+    PYTHONPATH= OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${names[@]}"
+    PYTHONPATH= mutmut results

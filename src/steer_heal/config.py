@@ -169,9 +169,11 @@ class Config:
             v, t = getattr(self, f.name), hints[f.name]
             if typing.get_origin(t) is tuple:
                 args = typing.get_args(t)
-                ok = isinstance(v, tuple) and all(_is_num(x) for x in v) and (args[-1] is Ellipsis or len(v) == len(args))
+                each = (lambda x: isinstance(x, str)) if args[0] is str else _is_num
+                ok = isinstance(v, tuple) and all(each(x) for x in v) and (args[-1] is Ellipsis or len(v) == len(args))
                 if not ok:
-                    bad(f.name, f"{'one or more' if args[-1] is Ellipsis else len(args)} finite numbers")
+                    what = "strings" if args[0] is str else "finite numbers"
+                    bad(f.name, f"{'one or more' if args[-1] is Ellipsis else len(args)} {what}")
             elif t is float and not _is_num(v):
                 bad(f.name, "a finite number")
             elif t is int and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT):

@@ -104,6 +104,7 @@ class Run:
                                system=self.system, vec=vec, coef=coef, max_len=cfg.max_len, batch=cfg.eval_batch,
                                steerer=self.steer))
         self.log.append("stage_metrics", ev.rows(r, stage))
+        crash_point(f"eval_{stage}:r{r}:metrics")  # means written, items not yet
         self.log.append("eval_items", ev.item_rows(r, stage))
         return ev
 
@@ -116,8 +117,9 @@ class Run:
 def crash_point(where: str) -> None:
     """Fault injection for crash-and-resume tests: STEER_HEAL_KILL_AT=<where> SIGKILLs the whole process
     group here (its Prefect server, in a session of its own, follows its parent), like a power cut would.
-    Points: eval_base:prompted, extract:r{r}:saved, dose:r{r}:step{s}, heal:r{r}:step{s}, bake:r{r}:saved,
-    eval_healed:r{r}:demo."""
+    Points sit inside each stage after its first stored rows (tests/test_faults.py, tests/test_flow_pins.py):
+    eval_base:base, eval_<stage>:rR:demo and :metrics (inside Run.evaluate), extract:rR:saved, dose:rR:stepS,
+    dose:rR:completions, heal:rR:stepS, heal:rR:steps, bake:rR:saved, bake:rR:adapter."""
     if os.environ.get("STEER_HEAL_KILL_AT") == where:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
@@ -132,7 +134,7 @@ def eval_base(run: Run) -> None:
     t = time.time()
     with run.stack.base():  # no adapter exists yet; base() says so, and nothing inside re-enters it
         run.evaluate("base", -1)
-        crash_point("eval_base:prompted")
+        crash_point("eval_base:base")
         run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
     run.log.append("intervals", run.stage_intervals(-1, ("prompted",)))
     run.mark(-1, "eval_base", time.time() - t)
@@ -185,6 +187,7 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
         return Stop("starved", str(e))
     completions, steps = res.rows()
     run.log.append("completions", [dict(round=r, **x) for x in completions])
+    crash_point(f"dose:r{r}:completions")
     run.log.append("dose_steps", [dict(round=r, **x) for x in steps])
     run.mark(r, "dose", time.time() - t)
     logger.info(f"r{r} dose: kappa={res.kappa:.3f} kept {len(res.kept)}/{res.n_gen} drops={drop_counts(res.scored)}")
@@ -217,6 +220,7 @@ def heal_task(run: Run, r: int, kept: list[dict]) -> HealResult | Stop:
     except HealError as e:
         return Stop("failed", str(e))
     run.log.append("heal_steps", [dict(round=r, **x) for x in out.steps])
+    crash_point(f"heal:r{r}:steps")  # rows stored, adapter not yet baked
     out.seconds = time.time() - t
     return out
 
@@ -229,10 +233,13 @@ def bake_task(run: Run, r: int, heal_seconds: float) -> float:
     if rec is not None:
         if name not in run.stack.names:
             run.stack.load(name, run.log.dir / rec["path"], rec["sha256"], run.lora)
+        if (r, "heal") not in run.done:  # killed between the adapters row and the marker
+            run.mark(r, "heal", heal_seconds)
         return 0.0
     sha = bake(run.stack, name, path)
     crash_point(f"bake:r{r}:saved")
     run.log.append("adapters", dict(round=r, path=str(path.relative_to(run.log.dir)), sha256=sha))
+    crash_point(f"bake:r{r}:adapter")
     run.mark(r, "heal", heal_seconds + time.time() - t)
     return time.time() - t
 
