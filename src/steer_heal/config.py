@@ -82,7 +82,7 @@ class Config:
     tau: float = knob(0.0, "barrier hinge: only divergence above tau is penalised")
     lam_round_pow: float = knob(0.0, "barrier weight grows as lam * (1 + round) ** pow")
     weight_decay: float = knob(0.0, "AdamW weight decay on the adapter")
-    spectral_lam: float = knob(0.0, "weight of the operator-norm penalty on the adapter update B@A")
+    spectral_lam: float = knob(0.0, "weight of the operator-norm penalty: mean over LoRA modules of sigma_max(scale B A)")
     lora_r: int = knob(8, "LoRA rank")
     lora_alpha: float = knob(16.0, "LoRA alpha")
     lora_layers: tuple[float, float] = knob((0.0, 1.0), "LoRA layer band as fractions of depth [lo, hi], inclusive")

@@ -141,13 +141,15 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
     run.forget_partial(r, "dose")
 
     def sample(items: list[dict], step: int) -> list[dict]:
-        outs = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
-                        coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
-                        seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature, top_p=cfg.top_p,
-                        batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}", steerer=run.steer)
+        outs, ended = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
+                               coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
+                               seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature,
+                               top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
+                               steerer=run.steer, with_ended=True)
         crash_point(f"dose:r{r}:step{step}")
         with run.stack.base():  # perplexity under the original model, no steering
-            return score(run.stack.model, run.tok, [dict(x, completion=o) for x, o in zip(items, outs)],
+            return score(run.stack.model, run.tok,
+                         [dict(x, completion=o, ended=e) for x, o, e in zip(items, outs, ended)],
                          system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
                          max_len=cfg.max_len, batch=cfg.gen_batch)
 

@@ -13,11 +13,13 @@ from .tokens import chat, encode_left
 def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | None = None,
              coefs: list[float] | None = None, max_new_tokens: int = 48, seed: int = 0,
              greedy: bool = False, temperature: float = 0.0, top_p: float = 0.0,
-             batch: int = 16, desc: str = "generate", steerer=steer) -> list[str]:
+             batch: int = 16, desc: str = "generate", steerer=steer, with_ended: bool = False):
     """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec.
 
     temperature/top_p of 0 keep the model's own generation_config defaults; `steerer` is the
     hook context manager (steering.steer, or an optional backend's, see backends.py).
+    with_ended: return (texts, ended), ended[i] True when row i stopped by itself (emitted a stop
+    token) rather than being cut at max_new_tokens.
     """
     dev = next(model.parameters()).device
     coefs = coefs if coefs is not None else [0.0] * len(prompts)
@@ -30,7 +32,10 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
             kw["temperature"] = temperature
         if top_p > 0:
             kw["top_p"] = top_p
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, (list, tuple)) else [stops] if stops is not None else [tok.eos_token_id])
     out: list[str] = []
+    ended: list[bool] = []
     starts = range(0, len(prompts), batch)
     for s in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
         # one generator stream per batch start: a batch's text does not depend on earlier batches
@@ -40,5 +45,8 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
         c = torch.tensor(coefs[s:s + batch], dtype=torch.float32, device=dev)
         with steerer(model, vec, c):
             ids = model.generate(**enc, **kw)
-        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in out]
+        new = ids[:, enc["input_ids"].shape[1]:]
+        out += tok.batch_decode(new, skip_special_tokens=True)
+        ended += [any(t in stops for t in row) for row in new.tolist()]
+    texts = [o.strip() for o in out]
+    return (texts, ended) if with_ended else texts
