@@ -26,6 +26,7 @@ from steer_heal.config import Config, ConfigError
 from steer_heal.diag import model as diag_model
 from steer_heal.diag import stats
 from steer_heal.store import RunLog, query
+from steer_heal.student import stored_dose
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -125,7 +126,8 @@ def test_barrier_order_puts_coherent_cells_with_most_new_trait_first():
 
 def test_round_student_has_only_earlier_adapters_and_trials_leave_no_trace(store):
     rm0 = diag_model.open_round(store, "a", 0, "cpu")
-    assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config") and rm0.coef == 1.0
+    assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config")
+    assert rm0.coef == pytest.approx(stored_dose(rm0.log, 0, rm0.cfg).coef)  # the dose the kept data came from
     rm1 = diag_model.open_round(store, "a", 1, "cpu")
     assert rm1.stack.names == ["r0"] and rm1.vector is not None
     ids = rm1.tok("You see a man ignoring a rule.", return_tensors="pt")["input_ids"]

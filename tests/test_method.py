@@ -2,12 +2,15 @@
 presets say what they are, the spectral penalty is a mean, EOS only after a completion that ended itself."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from steer_heal.config import Config, preset
+from steer_heal.dose import BRACKET, DoseResult, Starved, collect_at, dose_walk
+from steer_heal.filter import foils, perplexity, score
 from steer_heal.generate import generate
 from steer_heal.models import load_model
 from steer_heal.tokens import turn_end_id
@@ -77,3 +80,99 @@ def test_generate_tells_rows_that_stopped_from_rows_that_were_cut(tiny):
     finally:
         model.generation_config.eos_token_id = saved
     assert ended == [True] * 4 and all(len(o) <= len(t) for o, t in zip(out, texts))
+
+# ---------------------------------------------------------------- the dose walk, on synthetic filters
+
+def walk_cfg(**kw) -> Config:
+    base = dict(alphas=(1.0,), dose_target=0.75, kappa_min=0.2, bisect_steps=6, probe_size=8, gen_batch=8,
+                n_keep=12, min_train=4)
+    return Config(**preset("fast-dev")).replace(**{**base, **kw})
+
+
+def edge_filter(edge: float, above: float = 0.5):
+    """Every completion at C <= edge survives; above it a fraction `above` (< the target) does."""
+    def sample(items, step):
+        return [dict(x, completion="ok", keep=x["coef"] <= edge or (i % 8) < 8 * above) for i, x in enumerate(items)]
+    return sample
+
+
+@pytest.mark.parametrize("edge", [0.3, 0.55, 0.9])
+def test_walk_settles_at_the_known_edge_within_the_bisection_resolution(edge):
+    cfg = walk_cfg()
+    res = dose_walk(cfg, PROMPTS, edge_filter(edge))
+    probes = [s for s in res.steps if s["phase"] == "probe"]
+    assert probes[0]["kappa"] == 1.0 and not probes[0]["accepted"]  # the top of the range first, above the edge
+    assert res.walk == "edge" and res.kappa <= edge
+    failed_above = min(s["kappa"] for s in probes if not s["accepted"])
+    assert edge < failed_above and failed_above / res.kappa < BRACKET  # bracketed to the method's resolution
+    assert len(probes) <= 1 + cfg.bisect_steps
+    # banked: accepted probes' and collect batches' survivors only, none from a probe above the edge
+    assert len(res.kept) == cfg.n_keep and all(x["coef"] <= edge for x in res.kept)
+    assert any(x["keep"] and x["coef"] > edge for x in res.scored)  # they were scored and stored, not banked
+    again = DoseResult.from_rows(*res.rows(), cfg.n_keep, cfg.kappa_min)  # what resume reads back
+    assert again.kappa == res.kappa and again.kept == res.kept and again.walk == "edge"
+
+
+def test_walk_on_a_filter_that_always_passes_still_probes_the_top_first_and_says_so(capsys):
+    from loguru import logger
+
+    cfg = walk_cfg()
+    sink = []
+    hid = logger.add(sink.append, level="WARNING")
+    try:
+        res = dose_walk(cfg, PROMPTS, lambda items, step: [dict(x, completion="ok", keep=True) for x in items])
+    finally:
+        logger.remove(hid)
+    assert res.steps[0] == dict(step=0, phase="probe", kappa=1.0, n=8, n_kept=8, rate=1.0, accepted=True)
+    assert res.walk == "top" and res.kappa == 1.0
+    assert any("never reached the coherent edge" in str(m) and "--alphas" in str(m) for m in sink)
+
+
+def test_walk_that_finds_no_passing_dose_settles_on_the_floor_and_starves_loudly():
+    cfg = walk_cfg()
+    with pytest.raises(Starved, match=r"kept 0 of \d+ generated at kappa=0.200 \(walk: floor\).*--rel-tau"):
+        dose_walk(cfg, PROMPTS, lambda items, step: [dict(x, completion="", keep=False) for x in items])
+
+
+def test_walk_pools_survival_over_the_alphas_of_each_probe():
+    cfg = walk_cfg(alphas=(0.5, 1.0))
+    res = dose_walk(cfg, PROMPTS, edge_filter(0.6, above=0.0))  # only C <= 0.6 survives
+    for s in res.steps:
+        items = [x for x in res.scored if x["step"] == s["step"]]
+        assert {x["alpha"] for x in items} == {0.5, 1.0}
+        assert s["rate"] == sum(x["coef"] <= 0.6 for x in items) / len(items)
+    assert res.kappa <= 0.6 and res.walk == "edge"  # both alphas must survive: kappa * 1.0 <= 0.6
+
+
+def test_c0_collects_unsteered_without_a_walk():
+    cfg = walk_cfg()
+    res = collect_at(cfg, PROMPTS, lambda items, step: [dict(x, completion="ok", keep=True) for x in items], 0.0)
+    assert res.walk == "none" and res.kappa == 0.0 and res.coef == 0.0
+    assert {s["phase"] for s in res.steps} == {"collect"} and all(x["coef"] == 0.0 for x in res.scored)
+    assert DoseResult.from_rows(*res.rows(), cfg.n_keep, cfg.kappa_min).kappa == 0.0
+
+
+def test_dose_rows_stored_by_the_older_walk_read_back_as_they_were_used():
+    """Stores written before dose_steps had a phase: every survivor was banked, kappa the largest accepted."""
+    steps = [dict(step=0, phase=None, kappa=1.0, n=2, n_kept=1, rate=0.5, accepted=False),
+             dict(step=1, phase=None, kappa=0.4, n=2, n_kept=2, rate=1.0, accepted=True)]
+    comps = [dict(step=0, keep=True, coef=1.0), dict(step=0, keep=False, coef=1.0),
+             dict(step=1, keep=True, coef=0.4), dict(step=1, keep=True, coef=0.4)]
+    res = DoseResult.from_rows(comps, steps, n_keep=8, kappa_min=0.05)
+    assert res.kappa == 0.4 and res.kept == [comps[0], comps[2], comps[3]]
+
+# ---------------------------------------------------------------- the relevance signal
+
+def test_relevance_is_own_prompt_minus_foil_log_prob_and_can_drop(tiny):
+    model, tok = tiny
+    fo = foils(PROMPTS)
+    assert set(fo) == set(PROMPTS) and all(fo[p] != p for p in PROMPTS) and foils(["one", "one"]) == {}
+    items = [dict(prompt=p, completion="I would help him first and ask later.") for p in PROMPTS]
+    got = score(model, tok, items, system="", ppl_tau=1e9, rep_tau=0.9, foil=fo)
+    own = perplexity(model, tok, PROMPTS, [x["completion"] for x in items])
+    other = perplexity(model, tok, [fo[p] for p in PROMPTS], [x["completion"] for x in items])
+    assert [r["relevance"] for r in got] == pytest.approx([math.log(o / w) for w, o in zip(own, other)], abs=1e-6)
+    assert all(r["keep"] for r in got)  # rel_tau 0: recorded, nothing dropped
+    strict = score(model, tok, items, system="", ppl_tau=1e9, rep_tau=0.9, foil=fo, rel_tau=1e6)
+    assert [r["reason"] for r in strict] == ["relevance"] * len(items)
+    assert score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9)[0]["relevance"] is None

@@ -54,12 +54,13 @@ class Config:
     # steering
     steer_layers: tuple[float, float] = knob((0.4, 0.6), "steering layer band as fractions of depth [lo, hi], inclusive")
     normalize: bool = knob(False, "unit-normalise the vector per layer (raw mean difference by default)")
-    alphas: tuple[float, ...] = knob((1.0,), "dose multipliers: each batch samples at C = kappa * alpha for every alpha")
+    alphas: tuple[float, ...] = knob((1.0,), "dose multipliers: each batch samples at C = kappa * alpha, cycling the alphas; "
+                                      "kappa 1 (the walk's first probe) should break the model")
     # dose walk
-    dose_target: float = knob(0.5, "filter survival rate the dose walk must reach at a kappa")
-    probe_size: int = knob(8, "completions per dose-walk probe batch")
-    kappa_min: float = knob(0.05, "smallest kappa the bisection may settle on")
-    bisect_steps: int = knob(4, "bisection probes on log kappa before settling")
+    dose_target: float = knob(0.75, "filter survival rate a dose-walk probe must reach to count as below the edge")
+    probe_size: int = knob(8, "completions per dose-walk probe batch (they cycle the alphas)")
+    kappa_min: float = knob(0.2, "bottom of the walk's range [kappa_min, 1]; settled on, untested, when no probe passes")
+    bisect_steps: int = knob(6, "bisection probes on log kappa after the kappa-1 probe (fewer once hi/lo < 1.05)")
     max_batches: int = knob(8, "collection batches at the settled kappa before giving up on n_keep")
     # data sizes
     n_prompts: int = knob(32, "generation prompts used per round (cycled)")
@@ -74,6 +75,8 @@ class Config:
     ppl_tau: float = knob(60.0, "drop completions whose base-model perplexity exceeds this")
     rep_tau: float = knob(0.3, "drop completions whose max n-gram frequency (word or char, n=2..4) exceeds this")
     ppl_window: int = knob(32, "score perplexity on the last N completion tokens (0 = whole completion)")
+    rel_tau: float = knob(0.0, "drop completions whose prompt relevance (mean log-prob per token under base given "
+                          "their prompt minus given another prompt) is below this; 0 = record it, drop nothing")
     # heal
     reg: str = knob("kl_rev", "barrier: nll (none), kl_fwd KL(ref||theta), kl_rev KL(theta||ref)", REGS)
     kl_agg: str = knob("mean", "aggregate per-position divergence over completion tokens", KL_AGGS)
@@ -167,7 +170,8 @@ class Config:
         for name in ("bisect_steps", "max_batches", "gnorm_every", "ref_cache_mb", "ppl_window", "n_vignettes", "think_tokens", "n_demo", "seed"):
             if getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
-        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "top_p", "coh_floor", "grad_clip"):
+        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "top_p", "coh_floor", "grad_clip",
+                     "rel_tau"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")
         if self.n_keep < self.min_train:
@@ -185,11 +189,12 @@ class Config:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny random model: garbage numbers, every code path, a few minutes on 2 CPU cores.
+    # Tiny random model: garbage numbers, every code path, a few minutes on 2 CPU cores. Its unit vector
+    # moves base perplexity from ~800 (C = 0) to ~1000 (C >= 1), so ppl_tau 950 puts an edge in the walk's range.
     "fast-dev": dict(
-        model="tiny-random", n_rounds=2, n_prompts=8, n_keep=8, min_train=4, probe_size=4,
+        model="tiny-random", n_rounds=2, n_prompts=8, n_keep=8, min_train=4, probe_size=4, normalize=True,
         bisect_steps=2, max_batches=3, gen_batch=8, max_new_tokens=16, max_len=96,
-        ppl_tau=1e9, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
+        ppl_tau=950.0, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
         eval_batch=16, n_demo=1, lr=1e-3,
     ),
     # SmolLM2-135M-Instruct on CPU: raw vector on layers 12-18 is coherent to C~0.5,

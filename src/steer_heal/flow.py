@@ -28,11 +28,11 @@ from .config import Config
 from .dose import DoseResult, Starved, dose_walk
 from .evaluate import Probe, StageEval, measure
 from .extract import Extracted, extract, student_vector
-from .filter import drop_counts, score
+from .filter import drop_counts, foils, score
 from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
-from .report import round_table, write_report
+from .report import dose_table, round_table, write_report
 from .steering import load_vector, save_vector
 from .store import STAGE_ROWS, RunLog
 
@@ -58,6 +58,7 @@ class Run:
         self.system = self.probe.system
         self.contexts = data.contexts()
         self.prompts = data.prompts(cfg.n_prompts)
+        self.foils = foils(self.prompts)
         self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
         self.vectors: dict[int, dict] = {}
@@ -147,11 +148,11 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
                                top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
                                steerer=run.steer, with_ended=True)
         crash_point(f"dose:r{r}:step{step}")
-        with run.stack.base():  # perplexity under the original model, no steering
+        with run.stack.base():  # perplexity and relevance under the original model, no steering
             return score(run.stack.model, run.tok,
                          [dict(x, completion=o, ended=e) for x, o, e in zip(items, outs, ended)],
                          system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
-                         max_len=cfg.max_len, batch=cfg.gen_batch)
+                         max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau)
 
     try:
         res = dose_walk(cfg, run.prompts, sample)
@@ -161,7 +162,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
     run.log.append("completions", [dict(round=r, **x) for x in completions])
     run.log.append("dose_steps", [dict(round=r, **x) for x in steps])
     run.mark(r, "dose", time.time() - t)
-    logger.info(f"r{r} dose: kappa={res.kappa:.3f} kept {len(res.kept)}/{res.n_gen} drops={drop_counts(res.scored)}")
+    logger.info(f"r{r} dose: kappa={res.kappa:.3f} (walk: {res.walk}) kept {len(res.kept)}/{res.n_gen} "
+                f"drops={drop_counts(res.scored)}\n" + dose_table(res.steps))
     res.seconds = time.time() - t
     return res
 

@@ -95,7 +95,7 @@ def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs:
     evaluate.StageEval of those stages (base is round -1's).
     """
     ks = kept_stats([x["ppl"] for x in dose.scored], [x["keep"] for x in dose.scored])
-    row = dict(round=r, kappa=dose.kappa, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
+    row = dict(round=r, kappa=dose.kappa, walk=dose.walk, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
                cos_v0=ext.cos_v0, student_cos=ext.student_cos, heal_nll=heal.heal_nll, val_nll=heal.val_nll,
                trait_nats=healed.trait_nats, coherence=healed.coherence,
                steered_trait_nats=steered.trait_nats, steered_coherence=steered.coherence, **secs)

@@ -10,7 +10,8 @@ from .evaluate import StageEval, stage_order
 from .files import atomic_write_bytes
 from .store import RunLog
 
-ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("heal_nll", "heal_nll"),
+ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("walk", "walk"),
+              ("heal_nll", "heal_nll"),
               ("target_nats", "target"), ("trait_nats", "trait"), ("coherence", "coh"), ("cos_v0", "cos_v0"),
               ("retain", "retain")]
 
@@ -36,6 +37,12 @@ def table(header: list[str], rows: list[list], md: bool = False) -> str:
 def round_table(rounds: list[dict], md: bool = False) -> str:
     rows = sorted(rounds, key=lambda x: x["round"])
     return table([h for _, h in ROUND_COLS], [[r.get(c) for c, _ in ROUND_COLS] for r in rows], md)
+
+
+def dose_table(steps: list[dict]) -> str:
+    """The dose stage's batches: every probe of the walk, then the collect batches at the settled kappa."""
+    return table(["step", "phase", "kappa", "kept", "rate", "accepted"],
+                 [[s["step"], s["phase"], s["kappa"], f"{s['n_kept']}/{s['n']}", s["rate"], s["accepted"]] for s in steps])
 
 
 def _delta(x, base):
