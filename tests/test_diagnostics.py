@@ -25,6 +25,7 @@ from test_flow import ARGS, steer_heal
 from steer_heal.config import Config, ConfigError
 from steer_heal.diag import model as diag_model
 from steer_heal.diag import stats
+from steer_heal.steering import random_like
 from steer_heal.store import RunLog, query
 from steer_heal.student import stored_dose
 
@@ -102,10 +103,10 @@ def test_pareto_front_on_a_hand_made_table():
 
 def test_random_like_keeps_each_layer_norm_and_is_seeded():
     v = {3: torch.tensor([3.0, 4.0, 0.0]), 5: torch.tensor([0.0, 0.0, 2.0])}
-    r = diag_model.random_like(v, 7)
+    r = random_like(v, 7)
     assert {k: float(x.norm()) for k, x in r.items()} == pytest.approx({3: 5.0, 5: 2.0})
-    assert all(torch.equal(r[k], diag_model.random_like(v, 7)[k]) for k in v)
-    assert not torch.equal(r[3], diag_model.random_like(v, 8)[3])
+    assert all(torch.equal(r[k], random_like(v, 7)[k]) for k in v)
+    assert not torch.equal(r[3], random_like(v, 8)[3])
 
 
 def test_barrier_grid_pins_barrier_knobs_of_nll_cells():

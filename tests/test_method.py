@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from steer_heal import seeds
 from steer_heal.config import Config, preset
 from steer_heal.dose import BRACKET, DoseResult, Starved, collect_at, dose_walk
 from steer_heal.filter import foils, perplexity, score
 from steer_heal.generate import generate
 from steer_heal.models import load_model
+from steer_heal.steering import control_vector
 from steer_heal.tokens import turn_end_id
 
 PROMPTS = ["My boss says ignore the injured man. What now?", "Should I report my friend?",
@@ -176,3 +178,97 @@ def test_relevance_is_own_prompt_minus_foil_log_prob_and_can_drop(tiny):
     strict = score(model, tok, items, system="", ppl_tau=1e9, rep_tau=0.9, foil=fo, rel_tau=1e6)
     assert [r["reason"] for r in strict] == ["relevance"] * len(items)
     assert score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9)[0]["relevance"] is None
+
+# ---------------------------------------------------------------- controls
+
+def _round0(tmp_path, control: str):
+    """Round 0's extract, dose and steered eval of a fast-dev run with this control, in-process."""
+    from steer_heal import flow
+
+    cfg = Config(**preset("fast-dev")).replace(out=str(tmp_path / control), control=control, n_vignettes=7,
+                                               n_keep=6, min_train=2, max_new_tokens=8, ppl_tau=1e9)
+    run = flow.Run(cfg, "c")
+    flow.extract_task.fn(run, 0)
+    dose = flow.dose_task.fn(run, 0)
+    steered = flow.eval_steered.fn(run, 0, dose.coef)
+    return cfg, run, dose, steered
+
+
+def test_controls_change_only_what_they_should(tmp_path):
+    arms = {c: _round0(tmp_path, c) for c in ("none", "c0", "random")}
+    cfgs = {c: a[0].to_dict() for c, a in arms.items()}
+    for c in ("c0", "random"):
+        diff = {k for k in cfgs["none"] if cfgs["none"][k] != cfgs[c][k]}
+        assert diff == {"control", "out"}
+    t, c0, rnd = (arms[c][2] for c in ("none", "c0", "random"))
+    walk = lambda d: [(x["step"], x["phase"], x["prompt"], x["alpha"], x["kappa"], x["coef"]) for x in d.scored]  # noqa: E731
+    assert walk(rnd) == walk(t)  # the same dose walk (this filter keeps everything) at the same coefficients ...
+    assert [x["completion"] for x in rnd.scored] != [x["completion"] for x in t.scored]  # ... pushed another way
+    assert arms["random"][3].coef == arms["none"][3].coef > 0
+    assert c0.walk == "none" and {x["coef"] for x in c0.scored} == {0.0} and c0.kappa == 0.0
+    assert arms["c0"][3].coef == 0.0
+    # c0's completions are exactly the unsteered model's, with the seeds the treatment would have used
+    run = arms["c0"][1]
+    for step in sorted({x["step"] for x in c0.scored}):
+        rows = [x for x in c0.scored if x["step"] == step]
+        plain = generate(run.stack.model, run.tok, [x["prompt"] for x in rows], system=run.system,
+                         max_new_tokens=run.cfg.max_new_tokens, seed=seeds.dose_batch(run.cfg.seed, 0, step),
+                         batch=run.cfg.gen_batch)
+        assert [x["completion"] for x in rows] == plain
+    # every arm extracted the same vector; the random control pushes with its norms, the same way each round
+    v = arms["none"][1].vectors[0]
+    assert all(torch.equal(v[k], arms[c][1].vectors[0][k]) for c in ("c0", "random") for k in v)
+    rv = arms["random"][1].gen_vector(0)
+    assert {k: float(x.norm()) for k, x in rv.items()} == pytest.approx({k: float(x.norm()) for k, x in v.items()})
+    assert arms["c0"][1].gen_vector(0) is None and arms["none"][1].gen_vector(0) is v
+    v2 = {k: 3 * x for k, x in v.items()}  # a later round's vector: same direction drawn, its own norms
+    r2 = control_vector(v2, "random", seeds.control_vector(0))
+    assert all(torch.allclose(r2[k], 3 * rv[k]) for k in v)
+    # the stored completions rows carry the same columns in every arm, ended and relevance included
+    cols = {tuple(sorted(r)) for a in arms.values() for r in a[1].log.read("completions")}
+    assert len(cols) == 1 and {"ended", "relevance", "coef"} <= set(next(iter(cols)))
+
+
+# ---------------------------------------------------------------- beyond control
+
+def _fake_run(out, run_id: str, seed: int, control: str, healed_trait: float, lam: float = 1.0):
+    from steer_heal.store import RunLog
+
+    log = RunLog(out, run_id)
+    log.append("run_info", dict(seed=seed, control=control,
+                                config=Config(model="tiny-random", seed=seed, lam=lam, control=control).to_dict()))
+    for r, stage, t in ((-1, "base", 0.0), (0, "steered", 0.9), (0, "healed", healed_trait)):
+        log.append("stage_metrics", [dict(round=r, stage=stage, evaluator="contrast", foundation="trait", n=7, nats=t),
+                                     dict(round=r, stage=stage, evaluator="mfv", foundation="Authority", n=7,
+                                          coherence=0.5, nats=-2.0 - t)])
+
+
+def test_stages_prints_treatment_beyond_control_paired_by_seed(tmp_path):
+    import json
+
+    from steer_heal.diag.stages import main as stages
+    from steer_heal.store import query
+
+    treat, c0 = {0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.1, 1: 0.2, 2: 0.3}
+    for s in range(3):
+        _fake_run(tmp_path, f"t{s}", s, "none", treat[s])
+        _fake_run(tmp_path, f"c{s}", s, "c0", c0[s])
+    _fake_run(tmp_path, "c9", 9, "c0", 5.0)  # a seed the treatment lacks: no pair, left out
+    _fake_run(tmp_path, "x0", 0, "c0", 5.0, lam=2.0)  # another family: never paired with the treatment
+    assert stages([*(f"t{s}" for s in range(3)), *(f"c{s}" for s in range(3)), "c9", "x0", "--out", str(tmp_path)]) == 0
+    _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
+    beyond = [json.loads(r[0]) for r in got if json.loads(r[0])["level"] == "beyond"]
+    healed = [b for b in beyond if b["stage"] == "healed" and b["n_pairs"] == 3]
+    assert len(healed) == 1 and healed[0]["control"] == "c0" and healed[0]["controls"] == ["c0", "c1", "c2"]
+    diffs = [treat[s] - c0[s] for s in range(3)]  # 0.4, 0.5, 0.3
+    hw = 4.302653 * 0.1 / math.sqrt(3)
+    h = healed[0]
+    assert (h["beyond_d_trait_mean"], h["beyond_d_trait_lo"], h["beyond_d_trait_hi"]) == \
+        pytest.approx((sum(diffs) / 3, 0.4 - hw, 0.4 + hw))
+    assert h["beyond_d_target_mean"] == pytest.approx(-0.4)  # Authority moved down by the same amounts
+    steered = next(b for b in beyond if b["stage"] == "steered" and b["n_pairs"] == 3)
+    assert steered["beyond_d_trait_mean"] == pytest.approx(0.0)  # same steered numbers in both arms
+    lone = [b for b in beyond if "x0" in b["controls"]]
+    assert lone == []  # x0's family has no treatment
+    report = (tmp_path / "diagnostics").glob("*/report.md")
+    assert any("beyond control" in p.read_text() for p in report)

@@ -19,6 +19,7 @@ BARRIER_REFS = ("base", "prev")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FOUNDATIONS = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "SocialNorms")
 EVALS = ("mfv", "contrast", "both")
+CONTROLS = ("none", "c0", "random")
 
 # Fields that say where/how a run executes, not what the experiment is. They are
 # left out of the config hash and may change on resume (n_rounds may only grow).
@@ -56,6 +57,8 @@ class Config:
     normalize: bool = knob(False, "unit-normalise the vector per layer (raw mean difference by default)")
     alphas: tuple[float, ...] = knob((1.0,), "dose multipliers: each batch samples at C = kappa * alpha, cycling the alphas; "
                                       "kappa 1 (the walk's first probe) should break the model")
+    control: str = knob("none", "control run: none (the treatment), c0 (generate unsteered, C = 0: self-distillation), "
+                        "random (an equal-norm random vector, seeded, the same each round)", CONTROLS)
     # dose walk
     dose_target: float = knob(0.75, "filter survival rate a dose-walk probe must reach to count as below the edge")
     probe_size: int = knob(8, "completions per dose-walk probe batch (they cycle the alphas)")

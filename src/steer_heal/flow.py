@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from . import backends, data, metrics, seeds, student
 from .bake import Stack, bake, lora_config
 from .config import Config
-from .dose import DoseResult, Starved, dose_walk
+from .dose import DoseResult, Starved, collect_at, dose_walk
 from .evaluate import Probe, StageEval, measure
 from .extract import Extracted, extract, student_vector
 from .filter import drop_counts, foils, score
@@ -33,7 +33,7 @@ from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
 from .report import dose_table, round_table, write_report
-from .steering import load_vector, save_vector
+from .steering import control_vector, load_vector, save_vector
 from .store import STAGE_ROWS, RunLog
 
 
@@ -61,7 +61,11 @@ class Run:
         self.foils = foils(self.prompts)
         self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
-        self.vectors: dict[int, dict] = {}
+        self.vectors: dict[int, dict] = {}  # round -> the extracted vector
+
+    def gen_vector(self, r: int) -> dict | None:
+        """What round r generates and steers its steered eval with: the vector, or the run's control's."""
+        return control_vector(self.vectors[r], self.cfg.control, seeds.control_vector(self.cfg.seed))
 
     def mark(self, r: int, stage: str, seconds: float) -> None:
         self.log.append("stages", dict(round=r, stage=stage, seconds=seconds))
@@ -136,7 +140,7 @@ def extract_task(run: Run, r: int) -> Extracted:
 
 @task(**_opts("dose"))
 def dose_task(run: Run, r: int) -> DoseResult | Stop:
-    cfg, t, v = run.cfg, time.time(), run.vectors[r]
+    cfg, t, v = run.cfg, time.time(), run.gen_vector(r)
     if (r, "dose") in run.done:
         return student.stored_dose(run.log, r, cfg)
     run.forget_partial(r, "dose")
@@ -154,8 +158,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
                          system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
                          max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau)
 
-    try:
-        res = dose_walk(cfg, run.prompts, sample)
+    try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
+        res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)
     except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
         return Stop("starved", str(e))
     completions, steps = res.rows()
@@ -174,7 +178,7 @@ def eval_steered(run: Run, r: int, coef: float) -> StageEval:
         return student.stored_evals(run.log).get((r, "steered"), StageEval())
     run.forget_partial(r, "eval_steered")
     t = time.time()
-    with run.steer(run.stack.model, run.vectors[r], coef):
+    with run.steer(run.stack.model, run.gen_vector(r), coef):
         out = run.evaluate("steered", r, coef=coef)
     run.mark(r, "eval_steered", time.time() - t)
     return out

@@ -138,9 +138,11 @@ def run(cfg: Config, explicit: dict) -> int:
             raise ConfigError(f"run {run_id} exists already: resume it with --resume {run_id}")
         cfg = cfg.replace(run_id=run_id)
         log.touch_all()
-        log.append("run_info", dict(model=cfg.model, preset="", reg=cfg.reg, seed=cfg.seed, n_rounds=cfg.n_rounds,
-                                    config_hash=cfg.hash(), config=cfg.to_dict(), env=environment(cfg)))
-        logger.info(f"run {run_id}: {cfg.model} reg={cfg.reg} rounds={cfg.n_rounds} -> {log.dir}")
+        log.append("run_info", dict(model=cfg.model, preset="", control=cfg.control, reg=cfg.reg, seed=cfg.seed,
+                                    n_rounds=cfg.n_rounds, config_hash=cfg.hash(), config=cfg.to_dict(),
+                                    env=environment(cfg)))
+        ctl = "" if cfg.control == "none" else f" control={cfg.control}"
+        logger.info(f"run {run_id}: {cfg.model} reg={cfg.reg}{ctl} rounds={cfg.n_rounds} -> {log.dir}")
     # an ephemeral Prefect server per run keeps concurrent jobs off one SQLite file,
     # unless the user points Prefect at a server of their own
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:

@@ -28,3 +28,8 @@ def dose_batch(seed: int, round_: int, step: int) -> int:
 def random_vector(seed: int, round_: int, k: int) -> int:
     """The k-th equal-norm random control vector of a round (c-sweep)."""
     return seed_for(seed, round_, f"csweep.random.{k}")
+
+
+def control_vector(seed: int) -> int:
+    """The random control's direction (--control random): one per run, the same in every round."""
+    return seed_for(seed, 0, "control.random")

@@ -32,7 +32,7 @@ TABLES: dict[str, dict[str, str]] = {
     "run_info": _cols(
         "run_id VARCHAR, created TIMESTAMP, model VARCHAR, preset VARCHAR, reg VARCHAR,"
         "seed BIGINT, n_rounds BIGINT, config_hash VARCHAR, config JSON, env JSON,"
-        "resumed_from VARCHAR"),
+        "resumed_from VARCHAR, control VARCHAR"),
     "status": _cols(
         "run_id VARCHAR, ts TIMESTAMP, status VARCHAR, round BIGINT, reason VARCHAR"),
     "rounds": _cols(
