@@ -112,7 +112,7 @@ def preflight(cfg: Config) -> None:
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes)
 
 
-def run(cfg: Config, explicit: dict) -> int:
+def run(cfg: Config, explicit: dict, preset: str = "") -> int:
     quiet_env()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
     if cfg.resume:
@@ -138,7 +138,7 @@ def run(cfg: Config, explicit: dict) -> int:
             raise ConfigError(f"run {run_id} exists already: resume it with --resume {run_id}")
         cfg = cfg.replace(run_id=run_id)
         log.touch_all()
-        log.append("run_info", dict(model=cfg.model, preset="", control=cfg.control, reg=cfg.reg, seed=cfg.seed,
+        log.append("run_info", dict(model=cfg.model, preset=preset, control=cfg.control, reg=cfg.reg, seed=cfg.seed,
                                     n_rounds=cfg.n_rounds, config_hash=cfg.hash(), config=cfg.to_dict(),
                                     env=environment(cfg)))
         ctl = "" if cfg.control == "none" else f" control={cfg.control}"
