@@ -310,3 +310,32 @@ def test_just_run_uses_the_journal_preset():
     justfile = (Path(__file__).parents[1] / "justfile").read_text()
     body = justfile[justfile.index("\nrun *ARGS:"):].split("\n\n")[0]
     assert "--preset journal" in body
+
+# ---------------------------------------------------------------- just seeds
+
+def test_seeds_runs_each_seed_once_and_resumes_the_unfinished(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from steer_heal.store import RunLog
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "just"
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    for s, st in ((0, "done"), (1, "running")):
+        log = RunLog(out, f"g-s{s}")
+        log.append("run_info", dict(seed=s, config=Config(model="tiny-random", seed=s).to_dict()))
+        log.append("status", dict(status=st))
+    env = dict(os.environ, JUST=str(stub))
+    r = subprocess.run([sys.executable, "-m", "steer_heal.repeat", "3", "fast-dev-run", "--run-id", "g", "--out",
+                        str(out), "--reg", "nll"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert calls.read_text().splitlines() == [f"resume g-s1 --out {out}",
+                                              f"fast-dev-run --seed 2 --run-id g-s2 --out {out} --reg nll"]
+    assert "g-s0 already done, skipped" in r.stderr
+    bad = subprocess.run([sys.executable, "-m", "steer_heal.repeat", "2", "small-run", "--seed", "3"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--seed is what this sets" in bad.stderr
