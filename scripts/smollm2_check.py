@@ -29,13 +29,12 @@ import torch  # noqa: E402
 
 from steer_heal import contrast, data, intervals, metrics, mfv  # noqa: E402
 from steer_heal.config import Config  # noqa: E402
-from steer_heal.diag.model import random_like  # noqa: E402
 from steer_heal.evaluate import Probe, measure  # noqa: E402
 from steer_heal.extract import extract  # noqa: E402
 from steer_heal.filter import CRITERIA, drop_counts, score  # noqa: E402
 from steer_heal.generate import generate  # noqa: E402
 from steer_heal.models import band, get_layers, load_model  # noqa: E402
-from steer_heal.steering import Vector, steer  # noqa: E402
+from steer_heal.steering import Vector, random_like, steer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VIGNETTES = REPO.parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"

@@ -25,7 +25,9 @@ from test_flow import ARGS, steer_heal
 from steer_heal.config import Config, ConfigError
 from steer_heal.diag import model as diag_model
 from steer_heal.diag import stats
+from steer_heal.steering import random_like
 from steer_heal.store import RunLog, query
+from steer_heal.student import stored_dose
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,10 +103,10 @@ def test_pareto_front_on_a_hand_made_table():
 
 def test_random_like_keeps_each_layer_norm_and_is_seeded():
     v = {3: torch.tensor([3.0, 4.0, 0.0]), 5: torch.tensor([0.0, 0.0, 2.0])}
-    r = diag_model.random_like(v, 7)
+    r = random_like(v, 7)
     assert {k: float(x.norm()) for k, x in r.items()} == pytest.approx({3: 5.0, 5: 2.0})
-    assert all(torch.equal(r[k], diag_model.random_like(v, 7)[k]) for k in v)
-    assert not torch.equal(r[3], diag_model.random_like(v, 8)[3])
+    assert all(torch.equal(r[k], random_like(v, 7)[k]) for k in v)
+    assert not torch.equal(r[3], random_like(v, 8)[3])
 
 
 def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
@@ -125,7 +127,8 @@ def test_barrier_order_puts_coherent_cells_with_most_new_trait_first():
 
 def test_round_student_has_only_earlier_adapters_and_trials_leave_no_trace(store):
     rm0 = diag_model.open_round(store, "a", 0, "cpu")
-    assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config") and rm0.coef == 1.0
+    assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config")
+    assert rm0.coef == pytest.approx(stored_dose(rm0.log, 0, rm0.cfg).coef)  # the dose the kept data came from
     rm1 = diag_model.open_round(store, "a", 1, "cpu")
     assert rm1.stack.names == ["r0"] and rm1.vector is not None
     ids = rm1.tok("You see a man ignoring a rule.", return_tensors="pt")["input_ids"]

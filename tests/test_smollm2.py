@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steer_heal.diag.model import random_like
+from steer_heal.steering import random_like
 
 REPO = Path(__file__).resolve().parents[1]
 CLIFFORD = REPO.parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"

@@ -27,16 +27,16 @@ from prefect.cache_policies import NO_CACHE
 from . import backends, data, intervals, metrics, seeds, student
 from .bake import Stack, bake, lora_config
 from .config import Config
-from .dose import DoseResult, Starved, dose_walk
+from .dose import DoseResult, Starved, collect_at, dose_walk
 from .evaluate import Probe, StageEval, measure
 from .extract import Extracted, extract, student_vector
-from .filter import drop_counts, score
+from .filter import drop_counts, foils, score
 from .freetext import adapter_ppl, steer_kl
 from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
-from .report import round_table, write_report
-from .steering import save_vector
+from .report import dose_table, round_table, write_report
+from .steering import control_vector, save_vector
 from .store import STAGE_ROWS, RunLog
 from .tokens import check_room
 
@@ -63,9 +63,14 @@ class Run:
         self.contexts = data.contexts()
         self.prompts = data.prompts(cfg.n_prompts)
         check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)
+        self.foils = foils(self.prompts)
         self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
-        self.vectors: dict[int, dict] = {}
+        self.vectors: dict[int, dict] = {}  # round -> the extracted vector
+
+    def gen_vector(self, r: int) -> dict | None:
+        """What round r generates and steers its steered eval with: the vector, or the run's control's."""
+        return control_vector(self.vectors[r], self.cfg.control, seeds.control_vector(self.cfg.seed))
 
     def mark(self, r: int, stage: str, seconds: float) -> None:
         self.log.append("stages", dict(round=r, stage=stage, seconds=seconds))
@@ -165,24 +170,26 @@ def extract_task(run: Run, r: int) -> Extracted:
 
 @task(**_opts("dose"))
 def dose_task(run: Run, r: int) -> DoseResult | Stop:
-    cfg, t, v = run.cfg, time.time(), run.vectors[r]
+    cfg, t, v = run.cfg, time.time(), run.gen_vector(r)
     if (r, "dose") in run.done:
         return student.stored_dose(run.log, r, cfg)
     run.forget_partial(r, "dose")
 
     def sample(items: list[dict], step: int) -> list[dict]:
-        outs = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
-                        coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
-                        seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature, top_p=cfg.top_p,
-                        batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}", steerer=run.steer)
+        outs, ended = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
+                               coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
+                               seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature,
+                               top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
+                               steerer=run.steer, with_ended=True)
         crash_point(f"dose:r{r}:step{step}")
-        with run.stack.base():  # perplexity under the original model, no steering
-            return score(run.stack.model, run.tok, [dict(x, completion=o) for x, o in zip(items, outs)],
+        with run.stack.base():  # perplexity and relevance under the original model, no steering
+            return score(run.stack.model, run.tok,
+                         [dict(x, completion=o, ended=e) for x, o, e in zip(items, outs, ended)],
                          system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
-                         max_len=cfg.max_len, batch=cfg.gen_batch)
+                         max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau)
 
-    try:
-        res = dose_walk(cfg, run.prompts, sample)
+    try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
+        res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)
     except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
         return Stop("starved", str(e))
     completions, steps = res.rows()
@@ -190,7 +197,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
     crash_point(f"dose:r{r}:completions")
     run.log.append("dose_steps", [dict(round=r, **x) for x in steps])
     run.mark(r, "dose", time.time() - t)
-    logger.info(f"r{r} dose: kappa={res.kappa:.3f} kept {len(res.kept)}/{res.n_gen} drops={drop_counts(res.scored)}")
+    logger.info(f"r{r} dose: kappa={res.kappa:.3f} (walk: {res.walk}) kept {len(res.kept)}/{res.n_gen} "
+                f"drops={drop_counts(res.scored)}\n" + dose_table(res.steps))
     res.seconds = time.time() - t
     return res
 
@@ -201,7 +209,7 @@ def eval_steered(run: Run, r: int, coef: float, kept: list[dict]) -> StageEval:
         return student.stored_evals(run.log).get((r, "steered"), StageEval())
     run.forget_partial(r, "eval_steered")
     t = time.time()
-    out = run.evaluate("steered", r, coef=coef, vec=run.vectors[r], kept=kept)
+    out = run.evaluate("steered", r, coef=coef, vec=run.gen_vector(r), kept=kept)
     run.mark(r, "eval_steered", time.time() - t)
     return out
 

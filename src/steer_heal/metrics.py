@@ -132,7 +132,7 @@ def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs:
     """
     ks = kept_stats([x["ppl"] for x in dose.scored], [x["keep"] for x in dose.scored])
     why = {name: broken(st, base, target, floor_rel) for name, st in (("steered", steered), ("healed", healed))}
-    row = dict(round=r, kappa=dose.kappa, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
+    row = dict(round=r, kappa=dose.kappa, walk=dose.walk, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
                cos_v0=ext.cos_v0, student_cos=ext.student_cos, heal_nll=heal.heal_nll, val_nll=heal.val_nll,
                trait_nats=healed.trait_nats, coherence=healed.coherence, adapter_ppl=healed.adapter_ppl,
                steered_trait_nats=steered.trait_nats, steered_coherence=steered.coherence,

@@ -12,7 +12,8 @@ from .evaluate import StageEval, stage_order
 from .files import atomic_write_bytes
 from .store import RunLog
 
-ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("heal_nll", "heal_nll"),
+ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("walk", "walk"),
+              ("heal_nll", "heal_nll"),
               ("target_nats", "target"), ("trait_nats", "trait"), ("d_trait", "d_trait vs base (95% CI)"),
               ("coherence", "coh"), ("adapter_ppl", "ppl"), ("kl_steer", "kl"), ("cos_v0", "cos_v0"),
               ("retain", "retain"), ("retain_trait", "retain_trait")]
@@ -72,6 +73,12 @@ def stage_rows(by: dict, ivs: list[dict], target: str, floor_rel: float) -> list
                 row[f"{name}_{ref}"] = got.get((r, stage, metric, ref))
         out.append(row)
     return out
+
+
+def dose_table(steps: list[dict]) -> str:
+    """The dose stage's batches: every probe of the walk, then the collect batches at the settled kappa."""
+    return table(["step", "phase", "kappa", "kept", "rate", "accepted"],
+                 [[s["step"], s["phase"], s["kappa"], f"{s['n_kept']}/{s['n']}", s["rate"], s["accepted"]] for s in steps])
 
 
 def write_report(log: RunLog, target: str = "Authority") -> str:

@@ -33,3 +33,8 @@ def random_vector(seed: int, round_: int, k: int) -> int:
 def bootstrap(seed: int, round_: int, what: str) -> int:
     """The resampling of one paired bootstrap interval (intervals.py): `what` names the stages and metric."""
     return seed_for(seed, round_, f"bootstrap.{what}")
+
+
+def control_vector(seed: int) -> int:
+    """The random control's direction (--control random): one per run, the same in every round."""
+    return seed_for(seed, 0, "control.random")

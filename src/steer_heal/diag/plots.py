@@ -83,8 +83,10 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
     for ax, r in zip(axes, rounds, strict=False):
         pts = facets[r]
         for p in pts:
+            hollow = p.get("control") not in (None, "none")  # a control run: hollow, in its treatment's family
             ax.scatter(p["x"], p["y"], marker=STAGE_MARKERS.get(p["stage"], "o"), s=60 if p["front"] else 30,
-                       color=colors[p["label"]], edgecolors="k" if p["front"] else "none", zorder=3)
+                       facecolors="none" if hollow else colors[p["label"]],
+                       edgecolors=colors[p["label"]] if hollow else ("k" if p["front"] else "none"), zorder=3)
         front = sorted((p["x"], p["y"]) for p in pts if p["front"])
         if front:
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="k", lw=1, alpha=0.6, zorder=2)

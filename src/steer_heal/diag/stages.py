@@ -9,7 +9,9 @@ stage of a run is evaluated on the run's own items; a stage whose n differs from
 so it gets no deltas (and the table says so).
 
 Runs that share a config and differ only in seed are a group: each cell then also gets the mean
-and a 95% t-interval over the seeds (mean +- t(0.975, k-1) * sd / sqrt(k)).
+and a 95% t-interval over the seeds (mean +- t(0.975, k-1) * sd / sqrt(k)). Runs that differ only in
+`control` (and seed) are a family: the "beyond control" table gives the treatment's d_trait, d_tgt and
+d_coh minus its control's at the same round and stage, paired by seed (diag/control.py).
 Reads the store only; no model is loaded.
 """
 
@@ -24,8 +26,9 @@ from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
 from ..report import DELTAS, table
 from ..student import run_log, stored_config
+from . import control
 from .record import Diagnostic
-from .runs import config_key, config_labels, delta, seedless
+from .runs import config_key, config_labels, delta, family, seedless
 from .stats import mean_ci
 
 PROG = "just stages"
@@ -155,20 +158,22 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    rows, groups, exps = [], defaultdict(list), {}
+    rows, groups, exps, cfgs = [], defaultdict(list), {}, {}
     for run_id in dict.fromkeys(a.run_ids):
         log = run_log(a.out, run_id)
-        cfg = stored_config(log)
+        cfg = cfgs[run_id] = stored_config(log)
         key = config_key(cfg)
         groups[key].append(run_id)
         exps[key] = seedless(cfg)
         rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"], log.read("eval_items"),
                          cfg.seed, a.boot, cfg.coh_floor_rel)
     agg = seed_rows(rows, groups, config_labels(exps))
+    fams = {family(c): {k: v for k, v in seedless(c).items() if k != "control"} for c in cfgs.values()}
+    beyond = control.beyond(rows, cfgs, config_labels(fams))
     diag = Diagnostic(a.out, "stages", ",".join(dict.fromkeys(a.run_ids)), None,
                       dict(runs=list(dict.fromkeys(a.run_ids)), level=0.95, boot=a.boot))
-    diag.add([dict(level="run", **r) for r in rows] + agg)
-    diag.finish(summary(rows, agg))
+    diag.add([dict(level="run", **r) for r in rows] + agg + beyond)
+    diag.finish(summary(rows, agg) + control.summary(beyond))
     return 0
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 DEFAULT_ROOT = "out"
 
-_ROUND_COLS = ["kappa DOUBLE", "n_gen BIGINT", "n_kept BIGINT", "kept_frac DOUBLE",
+_ROUND_COLS = ["kappa DOUBLE", "walk VARCHAR", "n_gen BIGINT", "n_kept BIGINT", "kept_frac DOUBLE",
                "ppl_mean DOUBLE", "ppl_median DOUBLE"]
 _ROUND_DOUBLES = (
     "care_nats fairness_nats loyalty_nats auth_nats sanctity_nats liberty_nats social_nats "
@@ -32,7 +32,7 @@ TABLES: dict[str, dict[str, str]] = {
     "run_info": _cols(
         "run_id VARCHAR, created TIMESTAMP, model VARCHAR, preset VARCHAR, reg VARCHAR,"
         "seed BIGINT, n_rounds BIGINT, config_hash VARCHAR, config JSON, env JSON,"
-        "resumed_from VARCHAR, resolved JSON"),
+        "resumed_from VARCHAR, resolved JSON, control VARCHAR"),
     "status": _cols(
         "run_id VARCHAR, ts TIMESTAMP, status VARCHAR, round BIGINT, reason VARCHAR"),
     "rounds": _cols(
@@ -59,14 +59,14 @@ TABLES: dict[str, dict[str, str]] = {
         "run_id VARCHAR, round BIGINT, phase VARCHAR, step BIGINT, idx BIGINT,"
         "alpha DOUBLE, kappa DOUBLE, coef DOUBLE, prompt VARCHAR, completion VARCHAR,"
         "ppl DOUBLE, rep_word DOUBLE, rep_char DOUBLE, narration BOOLEAN,"
-        "refusal BOOLEAN, keep BOOLEAN, reason VARCHAR"),
+        "refusal BOOLEAN, keep BOOLEAN, reason VARCHAR, relevance DOUBLE, ended BOOLEAN"),
     "heal_steps": _cols(
         "run_id VARCHAR, round BIGINT, step BIGINT, epoch BIGINT, nll DOUBLE,"
         "div DOUBLE, barrier DOUBLE, loss DOUBLE, gnorm_sft DOUBLE,"
         "gnorm_barrier DOUBLE, lr DOUBLE, val_nll DOUBLE"),
     "dose_steps": _cols(
         "run_id VARCHAR, round BIGINT, step BIGINT, kappa DOUBLE, n BIGINT,"
-        "n_kept BIGINT, rate DOUBLE, accepted BOOLEAN"),
+        "n_kept BIGINT, rate DOUBLE, accepted BOOLEAN, phase VARCHAR"),
     "stages": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, seconds DOUBLE, ts TIMESTAMP"),
     "adapters": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
