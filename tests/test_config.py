@@ -30,7 +30,7 @@ BAD = [
     (dict(betas=(0.9, 1.0)), "betas", "[0, 1)"),
     (dict(model=" "), "model", "preset"),
     (dict(coh_floor_rel=1.5), "coh_floor_rel", "fraction of base coherence"),
-    (dict(boot=-1), "boot", ">= 0"),
+    (dict(boot=-1), "boot", "[0, 2**63)"),
 ]
 
 

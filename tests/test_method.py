@@ -191,7 +191,7 @@ def _round0(tmp_path, control: str):
     run = flow.Run(cfg, "c")
     flow.extract_task.fn(run, 0)
     dose = flow.dose_task.fn(run, 0)
-    steered = flow.eval_steered.fn(run, 0, dose.coef)
+    steered = flow.eval_steered.fn(run, 0, dose.coef, dose.kept)
     return cfg, run, dose, steered
 
 
