@@ -125,7 +125,7 @@ def test_round_row_of_a_care_target_compares_only_fairness():
     healed = StageEval(nats=dict(BASE, Care=-1.5, Fairness=-1.375), coherence=0.9)  # d Care 0.5, d Fairness 0.125
     steered = StageEval(nats=dict(BASE, Care=-1.0), coherence=0.9)
     row = metrics.round_row(0, "Care", Extracted({}, 0.9, 0.7), DoseResult(kappa=1.0, kept=[], scored=[]), steered,
-                            HealResult(heal_nll=1.0, val_nll=None), healed, base, {"sec_total": 5.0})
+                            HealResult(heal_nll=1.0, val_nll=None), healed, base, {"sec_total": 5.0}, 0.85)
     assert row["surgical"] is True and row["retain"] == pytest.approx(0.5)
     assert row["student_cos"] == 0.7 and row["sec_total"] == 5.0 and row["target_nats"] == -1.5
 
@@ -391,7 +391,7 @@ def _round_row(log):
     hl = HealResult.from_steps(log.read("heal_steps"), epochs=2)
     ext = Extracted({}, 0.9, None)
     return metrics.round_row(0, "Authority", ext, dose, by[(0, "steered")], hl, by[(0, "healed")], by[(-1, "base")],
-                             {})
+                             {}, 0.85)
 
 
 def test_round_row_derived_metrics_by_hand(fixed_run):
@@ -426,11 +426,10 @@ def test_round_row_surgical_by_hand(tmp_path, care, fair, want):
     by = StageEval.by_stage(log.read("stage_metrics"))
     dose = DoseResult(kappa=1.0, kept=[], scored=[])
     row = metrics.round_row(0, "Authority", Extracted({}, 1.0, None), dose, by[(0, "steered")],
-                            HealResult(heal_nll=1.0, val_nll=None), by[(0, "healed")], by[(-1, "base")], {})
+                            HealResult(heal_nll=1.0, val_nll=None), by[(0, "healed")], by[(-1, "base")], {}, 0.85)
     assert row["surgical"] is want
 
 
-@pytest.mark.xfail(strict=True, reason="the broken flag: fixed by issue 14")
 def test_round_row_with_collapsed_coherence_is_flagged_not_green(fixed_run):
     """spec's rule (issue 14): check coherence before any ratio; a collapsed stage gets no retain/coh_cost/surgical."""
     log = fixed_run
@@ -585,7 +584,6 @@ def test_read_and_drop_go_past_blank_and_torn_lines_and_warn_only_for_finished_o
 
 # ---------------------------------------------------------------- the store's safety (issue 12 fixes these)
 
-@pytest.mark.xfail(strict=True, reason="the torn tail after drop: fixed by issue 12")
 def test_append_after_a_drop_over_a_torn_tail_loses_nothing(tmp_path):
     log = RunLog(tmp_path, "t")
     log.append("dose_steps", dict(round=0, step=0, kappa=1.0))
@@ -597,7 +595,6 @@ def test_append_after_a_drop_over_a_torn_tail_loses_nothing(tmp_path):
     assert [(x["round"], x["kappa"]) for x in resumed.read("dose_steps")] == [(0, 1.0), (1, 0.5)]
 
 
-@pytest.mark.xfail(strict=True, reason="read-only SQL path: fixed by issue 12")
 def test_sql_copy_to_a_run_file_is_refused_and_changes_nothing(tmp_path):
     log = RunLog(tmp_path, "x")
     log.append("rounds", dict(round=0, coherence=0.5))
