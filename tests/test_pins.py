@@ -132,7 +132,7 @@ def test_round_row_of_a_care_target_compares_only_fairness():
 
 # ---------------------------------------------------------------- heal: the loss as spec.md writes it
 
-KEPT = [dict(prompt=p, completion="I would help them right away and explain later.")
+KEPT = [dict(prompt=p, completion="I would help them right away and explain later.", ended=True)
         for p in ("Should I report my friend?", "My boss says ignore the injured man.", "The rule says no visitors.",
                   "Teacher forbids helping. Help?")]
 
@@ -202,23 +202,24 @@ def test_barrier_ref_prev_is_the_student_before_this_round(model_cache):
 
 
 def _sigma_by_svd(model) -> float:
-    total = 0.0
+    """spec.md: the mean over the trainable LoRA modules of sigma_max(scale * B @ A)."""
+    sigmas = []
     for m in model.modules():
         if hasattr(m, "lora_A"):
             for name, a in m.lora_A.items():
                 if a.weight.requires_grad:
                     w = m.scaling[name] * (m.lora_B[name].weight @ a.weight)
-                    total += float(torch.linalg.svdvals(w.detach().double())[0])
-    return total
+                    sigmas.append(float(torch.linalg.svdvals(w.detach().double())[0]))
+    return sum(sigmas) / len(sigmas)
 
 
-def test_spectral_penalty_is_the_sum_of_largest_singular_values(model_cache):
+def test_spectral_penalty_is_the_mean_of_largest_singular_values(model_cache):
     st, tok = _stack(model_cache, history=True)
     with torch.no_grad():
         for i, p in enumerate(st.trainable()):  # give the current adapter a non-zero B A
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.3)
     want = _sigma_by_svd(st.model)
-    assert want > 0.1
+    assert want > 0.01
     assert float(spectral_norm(st.model)) == pytest.approx(want, rel=1e-4)
     cfg = Config(**preset("fast-dev")).replace(reg="nll", lr=0.0, epochs=1, batch_size=4, val_frac=0.0,
                                                 spectral_lam=0.3)
@@ -314,11 +315,14 @@ def test_walk_records_every_batch_as_it_was_made():
     phases = [s["phase"] for s in res.steps]
     assert phases[0] == "probe" and phases == sorted(phases, key=lambda p: p != "probe") and "collect" in phases
     assert res.scored == [dict(x, completion="ok", keep=x["idx"] % 3 != 2) for x in items]
-    assert res.kept == [x for x in res.scored if x["keep"]][:5]  # exactly min_train kept: not starved
-    assert sum(x["keep"] for x in res.scored[:-1]) < 5  # no batch after n_keep were kept
+    # banked: survivors of accepted probes and of collect batches, never of a failed probe (spec.md "dose")
+    banked = [x for (step, batch), row in zip(calls, res.steps) if row["accepted"] or row["phase"] == "collect"
+              for x in batch if x["idx"] % 3 != 2]
+    assert res.kept == [dict(x, completion="ok", keep=True) for x in banked[:5]]  # exactly min_train kept: not starved
+    assert len(banked) - len([x for x in calls[-1][1] if x["idx"] % 3 != 2]) < 5  # no batch after n_keep banked
     assert res.n_gen == len(items) and len(res.steps[0]) and res.rows()[1][0] == {k: res.steps[0][k] for k in
-                                                                                  ("step", "kappa", "n", "n_kept",
-                                                                                   "rate", "accepted")}
+                                                                                  ("step", "phase", "kappa", "n",
+                                                                                   "n_kept", "rate", "accepted")}
 
 
 def test_starved_walk_reports_its_counts():
@@ -329,10 +333,11 @@ def test_starved_walk_reports_its_counts():
     with pytest.raises(Starved) as e:
         _walk(cfg, lambda k: 0.5)  # one of every two survives, at every dose: no probe passes
     c = e.value.counts
-    assert c["kappa"] == 0.25 and 0 < c["kept"] < 6 and c["generated"] == 2 * c["kept"]
-    assert f"kept {c['kept']} of {c['generated']} generated at kappa=0.250, min_train=6" in str(e.value)
-    assert str(e.value).endswith("Lower --alphas or --kappa-min for gentler steering, loosen --ppl-tau/--rep-tau, "
-                                 "or raise --max-batches.")
+    # two failed probes (kappa 1, then 0.5) bank nothing; two collect batches at kappa_min keep 1 of 2 each
+    assert (c["kappa"], c["kept"], c["generated"]) == (0.25, 2, 8)
+    assert "kept 2 of 8 generated at kappa=0.250 (walk: floor), min_train=6" in str(e.value)
+    assert str(e.value).endswith("Lower --alphas or --kappa-min for gentler steering, loosen "
+                                 "--ppl-tau/--rep-tau/--rel-tau, or raise --max-batches.")
 
 
 def test_stored_walk_reads_back_the_same_dose():
@@ -343,7 +348,9 @@ def test_stored_walk_reads_back_the_same_dose():
     assert back.kappa == res.kappa and back.kept == res.kept and back.coef == pytest.approx(res.coef)
     assert back.scored == completions and back.steps == steps
     none_passed = DoseResult.from_rows(completions, [dict(x, accepted=False) for x in steps], 2, 0.125)
-    assert none_passed.kappa == 0.125 and len(none_passed.kept) == 2
+    # no probe accepted: kappa_min, and only collect batches' survivors are banked (failed probes bank nothing)
+    assert none_passed.kappa == 0.125
+    assert none_passed.kept == [x for x in completions if x["phase"] == "collect" and x["keep"]][:2]
     assert res.coef == pytest.approx(sum(x["kappa"] * x["alpha"] for x in res.kept) / len(res.kept))
 
 
@@ -468,11 +475,14 @@ def test_report_tables_carry_the_stored_numbers(fixed_run):
     text = write_report(fixed_run, "Authority")
     lines = text.splitlines()
     rounds_row = next(x for x in lines if x.startswith("|") and "0.250" in x)  # r gen kept kappa ... retain
+    # r gen kept kappa walk heal_nll target trait d_trait(CI: no items stored) coh ppl kl cos_v0 retain retain_trait
     assert [c.strip() for c in rounds_row.strip("|").split("|")] == \
-        ["0", "4", "3", "0.500", "0.750", "-2.200", "0.300", "0.860", "0.900", "0.250"]
-    healed = next(x for x in lines if x.startswith("|") and "healed" in x)
-    assert [c.strip() for c in healed.strip("|").split("|")] == \
-        ["0", "healed", "-2.200", "-0.200", "0.300", "0.200", "0.860", "-0.040"]
+        ["0", "4", "3", "0.500", "none", "0.750", "-2.200", "0.300", "-", "0.860", "-", "-", "0.900", "0.250", "0.250"]
+    healed = [x for x in lines if x.startswith("|") and "healed" in x]
+    # round stage n target d_target trait d_trait coh d_coh adapter_ppl d_ppl kl broken: point deltas (no items)
+    assert [c.strip() for c in healed[0].strip("|").split("|")] == \
+        ["0", "healed", "7", "-2.200", "-0.200", "0.300", "+0.200", "0.860", "-0.040", "-", "-", "-", ""]
+    assert [c.strip() for c in healed[1].strip("|").split("|")] == ["0", "healed", "-0.200", "+0.200", "-0.040", "-"]
     assert "- r0 healed | 'Help?'\n  -> 'I would help.'" in text
 
 

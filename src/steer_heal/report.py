@@ -68,11 +68,23 @@ def stage_rows(by: dict, ivs: list[dict], target: str, floor_rel: float) -> list
         row = dict(round=r, stage=stage, n=d.n, target_nats=d.nats.get(target), trait_nats=d.trait_nats,
                    coherence=d.coherence, adapter_ppl=d.adapter_ppl, kl=d.kl,
                    broken=metrics.broken(d, base, target, floor_rel) if stage != "base" else "")
+        refs = {"base": base, "prev": by.get((r - 1, "healed"), base) if r > 0 else base}
         for metric, name in DELTAS:
-            for ref in ("base", "prev"):
-                row[f"{name}_{ref}"] = got.get((r, stage, metric, ref))
+            for ref, e in refs.items():
+                row[f"{name}_{ref}"] = got.get((r, stage, metric, ref)) or _point(d, e, metric, target, stage)
         out.append(row)
     return out
+
+
+def _point(d: StageEval, ref: StageEval, metric: str, target: str, stage: str) -> dict | None:
+    """The delta of the stage means when no interval is stored (a run without item rows, or --boot 0): the
+    point alone, and only on the same items (equal n)."""
+    if stage == "base" or d.n != ref.n:
+        return None
+    get = {"target": lambda e: e.nats.get(target), "trait": lambda e: e.trait_nats,
+           "coh": lambda e: e.coherence, "ppl": lambda e: e.adapter_ppl}[metric]
+    a, b = get(d), get(ref)
+    return None if a is None or b is None else {"delta": a - b, "lo": None}
 
 
 def dose_table(steps: list[dict]) -> str:
