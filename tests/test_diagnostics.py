@@ -144,11 +144,14 @@ def test_round_student_has_only_earlier_adapters_and_trials_leave_no_trace(store
 def test_csweep_rows_in_the_store_reproduce_the_steered_eval(store):
     assert script("csweep").main(["a", "1", "--out", str(store), "--coefs", "0", "3", "--random", "2"]) == 0
     rows = rows_of(store, "csweep")
+    _, c = query(store, "SELECT DISTINCT coef FROM stage_metrics WHERE run_id = 'a' AND round = 1 AND stage = 'steered'")
+    c_dose = c[0][0]  # the round's own dose, always added to the sweep
+    assert len(c) == 1 and 0 < c_dose < 3
     assert {(r["vector"], r["coef"]) for r in rows} == {(v, c) for v in ("trait", "random0", "random1")
-                                                        for c in (0.0, 1.0, 3.0)}  # 1.0 = the round's dose
+                                                        for c in (0.0, c_dose, 3.0)}
     assert all(r["_round"] == 1 and r["_source"] == "a" for r in rows)
     at = {(r["vector"], r["coef"]): r for r in rows}
-    dose, stored = at[("trait", 1.0)], stored_stage(store, "a", 1, "steered")
+    dose, stored = at[("trait", c_dose)], stored_stage(store, "a", 1, "steered")
     assert dose["dose"] and {k: dose[k] for k in stored} == pytest.approx(stored, abs=1e-6)
     assert len(dose["nats"]) == 7 and isinstance(dose["generation"], str)
     # at C = 0 every direction is the same unsteered student; at C = 3 they differ

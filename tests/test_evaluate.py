@@ -173,9 +173,9 @@ def test_stage_means_are_the_means_of_their_items(tiny, vignettes):
 def test_free_text_is_scored_under_base_and_empty_text_has_no_perplexity(tiny):
     from contextlib import nullcontext
 
-    from steer_heal.diag.model import random_like
     from steer_heal.filter import perplexity
     from steer_heal.freetext import adapter_ppl, spread
+    from steer_heal.steering import random_like
 
     model, tok = tiny
     prompts = spread([it["prompt"] for it in ITEMS] * 3, 4)

@@ -119,8 +119,9 @@ def preflight(cfg: Config) -> dict:
     backends.steer_fn(cfg)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
-    vignettes = data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame)
-    return dict(family.check(cfg), vignettes=vignettes)
+    data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
+    resolved = family.check(cfg)
+    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame))
 
 
 def resume_checks(cfg: Config, log: RunLog) -> bool:
@@ -131,8 +132,8 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
     if last.get("status") == "done" and len(done) >= cfg.n_rounds:
         logger.info(f"run {cfg.run_id} is already done ({len(done)} rounds): nothing to do")
         return False
+    student.check_artifacts(log)  # before preflight logs what it resolved: a refusal is one line
     preflight(cfg)
-    student.check_artifacts(log)
     for d in (log.dir, log.dir / "adapters", log.dir / "vectors"):
         remove_stray_tmp(d)
     _same_threads(log)
