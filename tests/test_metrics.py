@@ -102,7 +102,7 @@ def test_broken_on_non_finite_or_empty_text():
 
 
 class _Dose:
-    kappa, scored, kept = 1.0, [dict(ppl=5.0, keep=True)], [dict(ppl=5.0, keep=True)]
+    kappa, walk, scored, kept = 1.0, "edge", [dict(ppl=5.0, keep=True)], [dict(ppl=5.0, keep=True)]
 
 
 class _Ext:
