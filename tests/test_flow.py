@@ -122,7 +122,9 @@ def test_stage_means_equal_their_items_and_intervals_and_flags_are_stored(ref):
     assert "95% paired bootstrap" in report and "Against the previous student" in report
 
 
-@pytest.mark.parametrize("kill_at", ["dose:r1:step0", "heal:r1:step2", "rows:r1"])
+# one kill point in the default suite; the rest (same mechanism, other windows) with --slow
+@pytest.mark.parametrize("kill_at", [pytest.param("dose:r1:step0", marks=pytest.mark.slow), "heal:r1:step2",
+                                     pytest.param("rows:r1", marks=pytest.mark.slow)])
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(ref, tmp_path, kill_at):
     rc, _, _ = steer_heal(tmp_path, *ARGS, "--run-id", "k", kill_at=kill_at)
     assert rc == -signal.SIGKILL
