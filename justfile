@@ -27,9 +27,13 @@ test *ARGS:
 lint:
     ruff check src flows scripts tests
 
-# the whole loop on a real model (GPU box): just run --reg kl_rev --n-rounds 10
+# the whole loop on a GPU box with the method's journal recipe (--preset journal; the Clifford vignettes from ../shared when present): just run --n-rounds 10
 run *ARGS:
-    @{{python}} -m steer_heal "$@"
+    #!/usr/bin/env bash
+    set -euo pipefail
+    v=../shared/data/mfv_classic_other_violate.jsonl
+    extra=(); [ -f "$v" ] && extra=(--vignettes "$(realpath "$v")")
+    exec {{python}} -m steer_heal --preset journal "${extra[@]}" "$@"
 
 # the whole loop offline on a tiny random model, 2 rounds
 fast-dev-run *ARGS:
@@ -46,6 +50,25 @@ small-run *ARGS: smollm2
     v=../shared/data/mfv_classic_other_violate.jsonl
     extra=(); [ -f "$v" ] && extra=(--vignettes "$(realpath "$v")")
     exec {{python}} -m steer_heal --preset small "${extra[@]}" "$@"
+
+# one config over seeds 0..N-1, then the stage table with seed intervals: just seeds 3 small-run --reg nll --run-id study-nll
+seeds N RECIPE *ARGS:
+    @JUST={{just_executable()}} {{python}} -m steer_heal.repeat "$@"
+
+# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; rerun to resume
+study *ARMS="kl_rev nll c0":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    declare -A flags=([kl_rev]="--reg kl_rev" [nll]="--reg nll" [c0]="--reg kl_rev --control c0"
+                      [random]="--reg kl_rev --control random" [c0-nll]="--reg nll --control c0")
+    ids=()
+    for arm in {{ARMS}}; do
+        [ -n "${flags[$arm]:-}" ] || { echo "unknown arm $arm: one of ${!flags[*]}" >&2; exit 2; }
+        {{just_executable()}} --justfile "{{justfile()}}" seeds 3 small-run --run-id "study-$arm" ${flags[$arm]} || true
+        ids+=("study-$arm-s0" "study-$arm-s1" "study-$arm-s2")
+    done
+    {{just_executable()}} --justfile "{{justfile()}}" stages "${ids[@]}"
+    {{just_executable()}} --justfile "{{justfile()}}" pareto --by config
 
 # continue a crashed or stopped run at its first unfinished round (one writer per run: a second resume is refused)
 resume RUN_ID *ARGS:
@@ -121,3 +144,17 @@ _queue RECIPE *ARGS:
 # time generation, perplexity, a heal step, eval, orchestration and the store SQL: just bench --cache /tmp/smc --only a,b
 bench *ARGS:
     @{{python}} -m steer_heal.bench "$@"
+
+# ---- mutation testing (docs/testing.md): mutmut over the method's arithmetic and the store's safety
+# against the fast tests that cover them ([tool.mutmut] in pyproject.toml); `just mutants steer_heal.dose.*` narrows it
+mutants *NAMES:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    names=("$@")
+    [ ${#names[@]} -gt 0 ] || names=("steer_heal.metrics.*" "steer_heal.heal.x_divergence*" "steer_heal.heal.x_aggregate*"
+        "steer_heal.heal.x_spectral_norm*" "steer_heal.dose.*" "steer_heal.filter.*" "steer_heal.store.log.xǁRunLogǁappend*"
+        "steer_heal.store.log.xǁRunLogǁread*" "steer_heal.store.log.xǁRunLogǁdrop*" "steer_heal.store.log.x__ends_torn*"
+        "steer_heal.diag.stats.*")
+    # mutmut puts mutants/src first on sys.path: no PYTHONPATH may shadow it; 2 workers, niced (shared CPU)
+    PYTHONPATH= OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${names[@]}"
+    PYTHONPATH= mutmut results

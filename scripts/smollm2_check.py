@@ -6,8 +6,9 @@ Uses only the package's own stage functions; this script wires them and prints t
 
 1. extract the persona vector (care_vs_authority, layers band((0.4, 0.6), 30) = 12..18, raw)
 2. alpha sweep: n_gen steered completions per C, scored by filter.score under the unsteered model
-3. trait_nats (contrast.contrast) over C for the vector and for equal-norm random vectors
-4. mfv.mfv at C = 0 and C = 1 on the Clifford vignettes
+3. trait_nats (contrast.contrast, the held-out dilemmas) over C for the vector and for equal-norm random
+   vectors, with the paired bootstrap interval of vector minus each random vector at C = 1
+4. mfv.mfv at C = 0, 1 and 2 on the Clifford vignettes, each with the coherence-floor verdict against C = 0
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from steer_heal import contrast, data, mfv  # noqa: E402
+from steer_heal import contrast, data, intervals, metrics, mfv  # noqa: E402
 from steer_heal.config import Config  # noqa: E402
-from steer_heal.diag.model import random_like  # noqa: E402
+from steer_heal.evaluate import Probe, measure  # noqa: E402
 from steer_heal.extract import extract  # noqa: E402
 from steer_heal.filter import CRITERIA, drop_counts, score  # noqa: E402
 from steer_heal.generate import generate  # noqa: E402
 from steer_heal.models import band, get_layers, load_model  # noqa: E402
-from steer_heal.steering import Vector, steer  # noqa: E402
+from steer_heal.steering import Vector, random_like, steer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VIGNETTES = REPO.parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"
@@ -72,16 +73,29 @@ def alpha_sweep(model, tok, vec: Vector, alphas, n_gen: int, seed: int, system: 
     return rows
 
 
+def trait_diffs(model, tok, vec: Vector | None, coef: float, items: list[dict], system: str) -> list[float]:
+    """Per dilemma: trait reply log-prob minus opposite's (trait_nats is their mean)."""
+    with steer(model, vec, coef):
+        return [r["diff"] for r in contrast.contrast(model, tok, items, system=system)["rows"]]
+
+
 def trait_nats(model, tok, vec: Vector | None, coef: float, items: list[dict], system: str) -> float:
-    with steer(model, vec, coef):
-        return contrast.contrast(model, tok, items, system=system)["trait_nats"]
+    return statistics.fmean(trait_diffs(model, tok, vec, coef, items, system))
 
 
-def mfv_at(model, tok, vec: Vector | None, coef: float, vignettes: list[dict], system: str, target: str) -> dict:
+def beats_random(vec_diffs: list[float], rand_diffs: list[float], seed: int = 0, boot: int = 2000) -> dict:
+    """trait_nats(vector) - trait_nats(random) over the same dilemmas, with its paired bootstrap interval."""
+    return intervals.paired(vec_diffs, rand_diffs, "mean", boot, seed)
+
+
+def mfv_probe(vignettes: list[dict], system: str, target: str) -> Probe:
+    return Probe(vignettes, [], system, target, -1, "mfv", mfv=mfv.mfv)
+
+
+def mfv_at(model, tok, vec: Vector | None, coef: float, vignettes: list[dict], system: str, target: str):
+    """The seven-way evaluation (evaluate.measure, items included) steered at coef * vec."""
     with steer(model, vec, coef):
-        r = mfv.mfv(model, tok, vignettes, system=system)
-    return dict(C=coef, coherence=r["coherence"], top1_agree=r["top1_agree"], target_nats=r["nats"][target],
-                nats=r["nats"], n=r["n"])
+        return measure(model, tok, mfv_probe(vignettes, system, target), coef=coef)
 
 
 # ---------------------------------------------------------------- printing
@@ -138,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     items = data.dilemmas(p["name"])
     base_before = trait_nats(model, tok, None, 0.0, items, system)
     trait = {c: trait_nats(model, tok, vec, c, items, system) for c in CONTRAST_CS}
-    rand = []
+    rand, rand_c1 = [], []
     for k in range(a.n_random):
         rv = random_like(vec, a.seed * 1000 + k)
         rand.append({c: (trait[c] if c == 0 else trait_nats(model, tok, rv, c, items, system)) for c in CONTRAST_CS})
+        rand_c1.append(trait_diffs(model, tok, rv, 1.0, items, system))
+    vec_c1 = trait_diffs(model, tok, vec, 1.0, items, system)
     base_after = trait_nats(model, tok, None, 0.0, items, system)
     print(f"\n## 3. trait_nats (contrast.contrast, {len(items)} dilemmas) over C: {time.perf_counter() - t:.1f} s")
     print(f"{'C':>5} {'vector':>8} {'rand_min':>9} {'rand_max':>9}")
@@ -154,17 +170,23 @@ def main(argv: list[str] | None = None) -> int:
         d1 = trait[1.0] - trait[0.0]
         rd = [r[1.0] - r[0.0] for r in rand]
         print(f"move at C=1: vector {d1:+.3f}, random {', '.join(f'{x:+.3f}' for x in rd)}")
+        print("vector - random at C=1, 95% paired bootstrap over dilemmas: "
+              + ", ".join(intervals.fmt(beats_random(vec_c1, r, a.seed)) for r in rand_c1))
 
     # 4. mfv
     t = time.perf_counter()
     vs = data.load_vignettes(a.vignettes, a.n_vignettes)
-    m = [mfv_at(model, tok, vec, c, vs, system, p["target"]) for c in (0.0, 1.0)]
+    m = [mfv_at(model, tok, vec, c, vs, system, p["target"]) for c in (0.0, 1.0, 2.0)]
+    floor = Config().coh_floor_rel
     print(f"\n## 4. mfv ({len(vs)} vignettes of {Path(a.vignettes).name}, both orders, no thinking): "
           f"{time.perf_counter() - t:.1f} s")
-    print(f"{'C':>5} {'coherence':>10} {'top1_agree':>11} {'auth_nats':>10}   chance top1 = 1/7 = 0.143, uniform nats = -1.946")
+    print(f"{'C':>5} {'coherence':>10} {'top1_agree':>11} {'auth_nats':>10}   chance top1 = 1/7 = 0.143, uniform nats = -1.946;"
+          f" coherence floor {floor:g} x C=0")
     for r in m:
-        print(f"{r['C']:5.1f} {r['coherence']:10.4f} {r['top1_agree']:11.3f} {r['target_nats']:10.3f}")
-    print("profile nats at C=0: " + " ".join(f"{f}={v:.2f}" for f, v in m[0]["nats"].items()))
+        why = metrics.broken(r, m[0], p["target"], floor) if r.coef else ""
+        print(f"{r.coef:5.1f} {r.coherence:10.4f} {r.top1_agree:11.3f} {r.nats[p['target']]:10.3f}   "
+              f"{'BROKEN: ' + why if why else 'ok'}")
+    print("profile nats at C=0: " + " ".join(f"{f}={v:.2f}" for f, v in m[0].nats.items()))
 
     print(f"\ntotal: {time.perf_counter() - t_all:.1f} s")
     return 0

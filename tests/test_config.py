@@ -29,6 +29,8 @@ BAD = [
     (dict(steer_system="no placeholder"), "steer_system", "{persona}"),
     (dict(betas=(0.9, 1.0)), "betas", "[0, 1)"),
     (dict(model=" "), "model", "preset"),
+    (dict(coh_floor_rel=1.5), "coh_floor_rel", "fraction of base coherence"),
+    (dict(boot=-1), "boot", "[0, 2**63)"),
 ]
 
 
@@ -41,7 +43,7 @@ def test_validation_names_field_value_and_allowed(kw, field, allowed):
 
 def test_defaults_and_presets_validate():
     Config().validate()
-    for name in ("fast-dev", "small"):
+    for name in ("fast-dev", "small", "journal"):
         Config(**preset(name)).validate()
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("huge")

@@ -25,7 +25,9 @@ from test_flow import ARGS, steer_heal
 from steer_heal.config import Config, ConfigError
 from steer_heal.diag import model as diag_model
 from steer_heal.diag import stats
+from steer_heal.steering import random_like
 from steer_heal.store import RunLog, query
+from steer_heal.student import stored_dose
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,10 +103,10 @@ def test_pareto_front_on_a_hand_made_table():
 
 def test_random_like_keeps_each_layer_norm_and_is_seeded():
     v = {3: torch.tensor([3.0, 4.0, 0.0]), 5: torch.tensor([0.0, 0.0, 2.0])}
-    r = diag_model.random_like(v, 7)
+    r = random_like(v, 7)
     assert {k: float(x.norm()) for k, x in r.items()} == pytest.approx({3: 5.0, 5: 2.0})
-    assert all(torch.equal(r[k], diag_model.random_like(v, 7)[k]) for k in v)
-    assert not torch.equal(r[3], diag_model.random_like(v, 8)[3])
+    assert all(torch.equal(r[k], random_like(v, 7)[k]) for k in v)
+    assert not torch.equal(r[3], random_like(v, 8)[3])
 
 
 def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
@@ -125,7 +127,8 @@ def test_barrier_order_puts_coherent_cells_with_most_new_trait_first():
 
 def test_round_student_has_only_earlier_adapters_and_trials_leave_no_trace(store):
     rm0 = diag_model.open_round(store, "a", 0, "cpu")
-    assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config") and rm0.coef == 1.0
+    assert rm0.stack.names == [] and not hasattr(rm0.stack.model, "peft_config")
+    assert rm0.coef == pytest.approx(stored_dose(rm0.log, 0, rm0.cfg).coef)  # the dose the kept data came from
     rm1 = diag_model.open_round(store, "a", 1, "cpu")
     assert rm1.stack.names == ["r0"] and rm1.vector is not None
     ids = rm1.tok("You see a man ignoring a rule.", return_tensors="pt")["input_ids"]
@@ -141,11 +144,14 @@ def test_round_student_has_only_earlier_adapters_and_trials_leave_no_trace(store
 def test_csweep_rows_in_the_store_reproduce_the_steered_eval(store):
     assert script("csweep").main(["a", "1", "--out", str(store), "--coefs", "0", "3", "--random", "2"]) == 0
     rows = rows_of(store, "csweep")
+    _, c = query(store, "SELECT DISTINCT coef FROM stage_metrics WHERE run_id = 'a' AND round = 1 AND stage = 'steered'")
+    c_dose = c[0][0]  # the round's own dose, always added to the sweep
+    assert len(c) == 1 and 0 < c_dose < 3
     assert {(r["vector"], r["coef"]) for r in rows} == {(v, c) for v in ("trait", "random0", "random1")
-                                                        for c in (0.0, 1.0, 3.0)}  # 1.0 = the round's dose
+                                                        for c in (0.0, c_dose, 3.0)}
     assert all(r["_round"] == 1 and r["_source"] == "a" for r in rows)
     at = {(r["vector"], r["coef"]): r for r in rows}
-    dose, stored = at[("trait", 1.0)], stored_stage(store, "a", 1, "steered")
+    dose, stored = at[("trait", c_dose)], stored_stage(store, "a", 1, "steered")
     assert dose["dose"] and {k: dose[k] for k in stored} == pytest.approx(stored, abs=1e-6)
     assert len(dose["nats"]) == 7 and isinstance(dose["generation"], str)
     # at C = 0 every direction is the same unsteered student; at C = 3 they differ
@@ -200,6 +206,26 @@ def test_plot_run_writes_png_svg_and_rows(store):
     assert "rounds.png" in (store / "diagnostics" / diag_id / "report.md").read_text()
     report = (store / "runs" / "a" / "report.md").read_text()  # the run's report links both
     assert "[rounds.png](plots/rounds.png)" in report and f"plot: [{diag_id}](../../diagnostics/{diag_id}/report.md)" in report
+
+
+def test_stages_intervals_reproduce_the_runs_stored_intervals(store):
+    """`just stages` recomputes the paired intervals from eval_items with the run's seeds: at the run's --boot
+    it gives exactly the run's own `intervals` rows; at another --boot, other resamples."""
+    _, stored = query(store, "SELECT round, stage, metric, ref, delta, lo, hi, ns FROM intervals WHERE run_id = 'a' "
+                             "AND round >= 0")
+    assert stored
+    assert script("stages").main(["a", "--out", str(store)]) == 0
+    rows = {(r["round"], r["stage"]): r for r in rows_of(store, "stages") if r["level"] == "run"}
+    names = {"target": "d_target", "trait": "d_trait", "coh": "d_coh", "ppl": "d_ppl"}
+    for r, stage, metric, ref, d, lo, hi, ns in stored:
+        name = names[metric] + ("_prev" if ref == "prev" else "")
+        got = rows[(r, stage)]
+        assert (got[name], got[f"{name}_lo"], got[f"{name}_hi"], got[f"{name}_ns"]) == (d, lo, hi, ns), name
+    assert all(rows[(r, s)]["broken"] == "" for r, s in rows if s != "base")  # nothing broke on the tiny model
+    assert script("stages").main(["a", "--out", str(store), "--boot", "300"]) == 0
+    other = {(r["round"], r["stage"]): r for r in rows_of(store, "stages") if r["level"] == "run"}
+    assert other[(1, "healed")]["d_trait"] == rows[(1, "healed")]["d_trait"]
+    assert other[(1, "healed")]["d_trait_lo"] != rows[(1, "healed")]["d_trait_lo"]
 
 
 def test_pareto_default_query_and_a_hand_made_table_by_sql(store):
@@ -273,12 +299,13 @@ def test_diagnostics_beside_a_live_training_run_lose_nothing(store):
     # the run's side: everything it wrote is there, once
     _, runs = query(store, "SELECT status, rounds_done FROM runs WHERE run_id = 'live'")
     assert runs == [("done", N)]
-    for table in ("stage_metrics", "completions", "heal_steps", "rounds"):
+    for table in ("stage_metrics", "eval_items", "intervals", "completions", "heal_steps", "rounds"):
         lines = [x for x in (store / "runs" / "live" / f"{table}.jsonl").read_text().splitlines() if x.strip()]
         _, n = query(store, f"SELECT count(*) FROM {table} WHERE run_id = 'live'")
         assert n[0][0] == len(lines) > 0, table
     _, n = query(store, "SELECT count(*) FROM stage_metrics WHERE run_id = 'live'")
-    assert n[0][0] == (2 + 2 * N) * 8  # base, prompted + steered, healed per round, 8 rows each
+    # base, prompted + steered, healed per round: 7 foundations, contrast, free text each; steered also kl
+    assert n[0][0] == (2 + 2 * N) * 9 + N
     # the diagnostics' side: every row each record wrote reads back, and each saw all of the finished run
     assert len(rows_of(store, "csweep", written[0])) == 3  # C = 0, 2 and the round's dose 1
     for diag_id in written:

@@ -195,6 +195,7 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     busy, table = cases(tmp_path)
     assert len(table) >= 70
+    capsys.readouterr()  # building the fixtures' tiny models prints progress bars
     with WriterLock(busy.dir):  # a live writer of run "busy" (flock conflicts across descriptors, same process too)
         for cmd, argv, want, fragment in table:
             try:

@@ -147,3 +147,64 @@ def test_smollm2_on_clifford(tmp_path):
         check_probs(res, 14)
         print(f"\nsmollm2 think={think}: coherence={res['coherence']:.4f} top1_agree={res['top1_agree']:.3f} "
               f"{dt / 14:.3f} s/vignette answer={res['answer_format']!r}")
+
+
+# ---------------------------------------------------------------- per-item rows, free text, steering KL
+
+def test_stage_means_are_the_means_of_their_items(tiny, vignettes):
+    """target_nats = log of the mean item p_target (not the mean of the logs); coherence, trait_nats the means."""
+    from steer_heal.evaluate import Probe, measure
+
+    model, tok = tiny
+    probe = Probe(vignettes, ITEMS, "", "Authority", -1, "both", mfv=E.mfv)
+    ev = measure(model, tok, probe)
+    mf, co = ev.of("mfv"), ev.of("contrast")
+    assert [x["item"] for x in mf] == [v["id"] for v in vignettes] and len(co) == len(ITEMS)
+    p = [x["p_target"] for x in mf]
+    assert ev.nats["Authority"] == pytest.approx(math.log(sum(p) / len(p)), abs=1e-12)
+    assert ev.nats["Authority"] != pytest.approx(sum(map(math.log, p)) / len(p), abs=1e-9)
+    assert all(x["p"]["Authority"] == x["p_target"] and x["option_order"] == "both" for x in mf)
+    assert ev.coherence == pytest.approx(sum(x["pmass"] for x in mf) / len(mf), abs=1e-12)
+    assert ev.trait_nats == pytest.approx(sum(x["diff"] for x in co) / len(co), abs=1e-12)
+    rows = ev.item_rows(0, "healed")
+    assert len(rows) == len(vignettes) + len(ITEMS) and all(r["round"] == 0 and r["stage"] == "healed" for r in rows)
+
+
+def test_free_text_is_scored_under_base_and_empty_text_has_no_perplexity(tiny):
+    from contextlib import nullcontext
+
+    from steer_heal.filter import perplexity
+    from steer_heal.freetext import adapter_ppl, spread
+    from steer_heal.steering import random_like
+
+    model, tok = tiny
+    prompts = spread([it["prompt"] for it in ITEMS] * 3, 4)
+    assert prompts == [ITEMS[0]["prompt"], ITEMS[2]["prompt"], ITEMS[1]["prompt"], ITEMS[0]["prompt"]]
+    kw = dict(base=nullcontext, gen_system="", score_system="", max_new_tokens=6, window=0, max_len=128)
+    outs, ppl = adapter_ppl(model, tok, prompts, **kw)
+    assert outs == [""] * 4 and ppl == [None] * 4  # the tiny model's greedy text is empty: no ppl, not 1.0
+    vec = {1: random_like({1: torch.ones(model.config.hidden_size)}, 0)[1]}  # a push that makes it write
+    outs, ppl = adapter_ppl(model, tok, prompts, vec=vec, coef=4.0, **kw)
+    assert all(o.strip() for o in outs)
+    assert ppl == pytest.approx(perplexity(model, tok, prompts, outs, "", 0, 128), rel=1e-9)  # scored unsteered
+
+
+def test_steer_kl_is_zero_unsteered_and_matches_a_full_computation(tiny):
+    from steer_heal.freetext import steer_kl
+    from steer_heal.steering import steer
+
+    model, tok = tiny
+    prompts, comps = [it["prompt"] for it in ITEMS], [it["trait"] for it in ITEMS]
+    vec = {1: torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))}
+    assert steer_kl(model, tok, prompts, comps, system="", vec=vec, coef=0.0, max_len=128) == [0.0, 0.0, 0.0]
+    got = steer_kl(model, tok, prompts, comps, system="", vec=vec, coef=2.0, max_len=128, batch=2)
+    assert all(k > 0 for k in got)
+    ids = E.chat_ids(tok, "", prompts[0])
+    cont = tok(comps[0], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        x = torch.tensor([ids + cont])
+        q = torch.log_softmax(model(x).logits[0].float(), -1)[len(ids) - 1:-1]
+        with steer(model, vec, 2.0):
+            p = torch.log_softmax(model(x).logits[0].float(), -1)[len(ids) - 1:-1]
+    want = float((p.exp() * (p - q)).sum(-1).mean())
+    assert got[0] == pytest.approx(want, rel=1e-4)

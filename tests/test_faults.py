@@ -116,7 +116,8 @@ def test_a_sigkilled_run_leaves_no_server_behind(tmp_path):
     assert not servers_of(home)
 
 
-@pytest.mark.parametrize("kill_at", ["eval_base:prompted", "extract:r1:saved", "bake:r1:saved", "eval_healed:r1:demo"])
+@pytest.mark.parametrize("kill_at", [pytest.param(k, marks=pytest.mark.slow) for k in
+                                     ("eval_base:base", "extract:r1:saved", "bake:r1:saved")] + ["eval_healed:r1:demo"])
 def test_kill_point_then_resume_gives_the_undisturbed_rows_once(ref, tmp_path, kill_at):
     """SIGKILL at a kill point, then resume: every table equals the undisturbed run's, no row twice (a kill
     during the base eval used to duplicate its rows), and no temp file of a killed write is left."""

@@ -1,4 +1,5 @@
-"""Slow stage checks on SmolLM2-135M-Instruct: steering breaks text, and moves the contrast probe.
+"""Slow stage checks on SmolLM2-135M-Instruct: steering breaks text, moves the held-out contrast probe beyond
+equal-norm random vectors (with a paired interval), and at C=2 falls under the coherence floor.
 
 Run with: pytest -m slow tests/test_smollm2.py
 The model cache is $STEER_HEAL_MODEL_CACHE or out/models (the plain fp32 copy is built there
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steer_heal.diag.model import random_like
+from steer_heal.steering import random_like
 
 REPO = Path(__file__).resolve().parents[1]
 CLIFFORD = REPO.parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"
@@ -54,14 +55,30 @@ def test_steering_raises_ppl_and_lowers_kept_frac(smol):
     assert r4["kept_frac"] < r0["kept_frac"]
 
 
-def test_trait_nats_moves_with_c_beyond_random(smol):
-    from steer_heal import data
+def test_heldout_trait_nats_moves_with_c_beyond_random(smol):
+    from steer_heal import data, intervals
 
     chk, model, tok, vec, persona = smol
     items, system = data.dilemmas(persona["name"]), persona["neutral"]
     t0 = chk.trait_nats(model, tok, vec, 0.0, items, system)
-    t1 = chk.trait_nats(model, tok, vec, 1.0, items, system)
-    moves = [chk.trait_nats(model, tok, random_like(vec, k), 1.0, items, system) - t0 for k in range(2)]
-    print(f"\ntrait_nats C=0 {t0:+.3f}  C=1 {t1:+.3f}  random moves at C=1 {[round(m, 3) for m in moves]}")
+    d1 = chk.trait_diffs(model, tok, vec, 1.0, items, system)
+    t1 = sum(d1) / len(d1)
+    rand = [chk.trait_diffs(model, tok, random_like(vec, k), 1.0, items, system) for k in range(2)]
+    cis = [chk.beats_random(d1, r) for r in rand]
+    print(f"\n{len(items)} held-out dilemmas: trait_nats C=0 {t0:+.3f}  C=1 {t1:+.3f}; vector - random at C=1: "
+          + ", ".join(intervals.fmt(c) for c in cis))
     assert t1 > t0
-    assert all(t1 - t0 > m for m in moves)
+    assert all(c["lo"] > 0 for c in cis)  # the vector beats each random push of the same norm, beyond noise
+
+
+def test_steered_at_c2_is_flagged_broken_not_green(smol):
+    from steer_heal import data, metrics
+    from steer_heal.config import Config
+
+    chk, model, tok, vec, persona = smol
+    vs, system, target = data.load_vignettes(CLIFFORD, 28), persona["neutral"], persona["target"]
+    base, c2 = (chk.mfv_at(model, tok, vec, c, vs, system, target) for c in (0.0, 2.0))
+    why = metrics.broken(c2, base, target, Config().coh_floor_rel)
+    print(f"\ncoherence C=0 {base.coherence:.4f}  C=2 {c2.coherence:.4f}: {why!r}")
+    assert "coherence" in why
+    assert metrics.broken(base, base, target, Config().coh_floor_rel) == ""

@@ -6,7 +6,6 @@ import torch
 
 from steer_heal.bake import CorruptArtifact, Stack, lora_config
 from steer_heal.config import Config, preset
-from steer_heal.dose import Starved, dose_walk
 from steer_heal.extract import extract
 from steer_heal.filter import drop_counts, max_ngram_freq, score
 from steer_heal.generate import generate
@@ -105,7 +104,7 @@ def test_filter_scores_every_completion(tiny):
         "I would help him first.", "the the the the the the the the the the", "As an AI I cannot decide.", ""])]
     out = score(model, tok, items, system="", ppl_tau=1e9, rep_tau=0.5)
     assert [r["reason"] for r in out] == ["", "rep", "refusal", "empty"]
-    assert drop_counts(out) == dict(empty=1, ppl=0, rep=1, narration=0, refusal=1)
+    assert drop_counts(out) == dict(empty=1, ppl=0, rep=1, relevance=0, narration=0, refusal=1)
     strict = score(model, tok, items[:1], system="", ppl_tau=1.0, rep_tau=0.5)
     assert strict[0]["reason"] == "ppl" and strict[0]["ppl"] > 1.0
     assert max_ngram_freq("abababababab") > 0.4 and max_ngram_freq("a quick brown fox jumps".split()) < 0.3
@@ -119,19 +118,6 @@ def test_refusal_pattern_drops_refusals_not_sympathy():
         assert _REF.search(text), text
     for text in ("I'm sorry to hear that your boss said so.", "I am sorry for your loss; call her today."):
         assert not _REF.search(text), text
-
-
-def test_dose_walk_bisects_and_starves_loudly():
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=3, n_keep=6, min_train=4, probe_size=4, gen_batch=4)
-
-    def sample_threshold(items, step):  # survives only when kappa <= 0.3
-        return [dict(x, completion="ok", keep=x["kappa"] <= 0.3) for x in items]
-    res = dose_walk(cfg, PROMPTS, sample_threshold)
-    assert 0.05 <= res.kappa <= 0.3 and len(res.kept) == 6
-    assert [s["accepted"] for s in res.steps[:2]] == [False, True]  # 1.0 fails, sqrt(0.05)=0.22 passes
-    assert all(r["kappa"] == res.kappa for r in res.scored if r["phase"] == "collect")
-    with pytest.raises(Starved, match=r"kept 0 of \d+ generated at kappa=0.050.*--ppl-tau"):
-        dose_walk(cfg, PROMPTS, lambda items, step: [dict(x, completion="", keep=False) for x in items])
 
 
 def test_fresh_adapter_is_exact_noop_and_gates_are_bitwise(fresh):

@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 
 from loguru import logger
 
-from .config import PRESETS, Config, ConfigError, preset
+from .config import PRESETS, Config, ConfigError, preset, preset_table
 from .console import Parser, one_line, setup_logging
 
 
@@ -24,13 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m steer_heal",
         description="Run N rounds of steer -> generate -> filter -> heal -> bake (see spec.md).",
+        epilog="presets (the value each knob takes; every other knob keeps its default):\n\n" + preset_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="apply a preset before the other flags")
+                   help="apply a preset before the other flags (journal: the method's recipe, for a GPU; "
+                        "small: SmolLM2 on CPU; fast-dev: a tiny random model; table below)")
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
         t = hints[f.name]
-        kw: dict = dict(dest=f.name, default=None, help=f.metadata["help"] + f" (default: {f.default!r})")
+        # argparse %-formats help text: a literal % (as in "95% interval") must be doubled
+        kw: dict = dict(dest=f.name, default=None,
+                        help=(f.metadata["help"] + f" (default: {f.default!r})").replace("%", "%%"))
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(t) is tuple:
@@ -46,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None = None) -> tuple[Config, dict]:
-    """Return the validated config and the flags the user set explicitly."""
+def parse(argv: list[str] | None = None, with_preset: bool = False) -> tuple:
+    """Return the validated config and the flags the user set explicitly (and the preset's name, or '')."""
     ns = vars(build_parser().parse_args(argv))
     explicit = {k: (tuple(v) if isinstance(v, list) else v)
                 for k, v in ns.items() if k != "preset" and v is not None}
     base = preset(ns["preset"]) if ns["preset"] else {}
     cfg = Config(**{**base, **explicit}).validate()
-    return cfg, explicit
+    return (cfg, explicit, ns["preset"] or "") if with_preset else (cfg, explicit)
 
 
 def to_argv(cfg: Config) -> list[str]:
@@ -74,7 +79,7 @@ def to_argv(cfg: Config) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, explicit = parse(argv)
+        cfg, explicit, name = parse(argv, with_preset=True)
     except ConfigError as e:
         print(f"steer-heal: {e}", file=sys.stderr)
         return 2
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from .run import run  # heavy imports only once the flags are good
 
     try:
-        return run(cfg, explicit)
+        return run(cfg, explicit, preset=name)
     except ConfigError as e:
         logger.error(str(e))
         return 2

@@ -23,6 +23,7 @@ BARRIER_REFS = ("base", "prev")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FOUNDATIONS = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "SocialNorms")
 EVALS = ("mfv", "contrast", "both")
+CONTROLS = ("none", "c0", "random")
 
 # Fields that say where/how a run executes, not what the experiment is. They are
 # left out of the config hash and may change on resume (n_rounds may only grow).
@@ -68,12 +69,15 @@ class Config:
     # steering
     steer_layers: tuple[float, float] = knob((0.4, 0.6), "steering layer band as fractions of depth [lo, hi], inclusive")
     normalize: bool = knob(False, "unit-normalise the vector per layer (raw mean difference by default)")
-    alphas: tuple[float, ...] = knob((1.0,), "dose multipliers: each batch samples at C = kappa * alpha for every alpha")
+    alphas: tuple[float, ...] = knob((1.0,), "dose multipliers: each batch samples at C = kappa * alpha, cycling the alphas; "
+                                      "kappa 1 (the walk's first probe) should break the model")
+    control: str = knob("none", "control run: none (the treatment), c0 (generate unsteered, C = 0: self-distillation), "
+                        "random (an equal-norm random vector, seeded, the same each round)", CONTROLS)
     # dose walk
-    dose_target: float = knob(0.5, "filter survival rate the dose walk must reach at a kappa")
-    probe_size: int = knob(8, "completions per dose-walk probe batch")
-    kappa_min: float = knob(0.05, "smallest kappa the bisection may settle on")
-    bisect_steps: int = knob(4, "bisection probes on log kappa before settling")
+    dose_target: float = knob(0.75, "filter survival rate a dose-walk probe must reach to count as below the edge")
+    probe_size: int = knob(8, "completions per dose-walk probe batch (they cycle the alphas)")
+    kappa_min: float = knob(0.2, "bottom of the walk's range [kappa_min, 1]; settled on, untested, when no probe passes")
+    bisect_steps: int = knob(6, "bisection probes on log kappa after the kappa-1 probe (fewer once hi/lo < 1.05)")
     max_batches: int = knob(8, "collection batches at the settled kappa before giving up on n_keep")
     # data sizes
     n_prompts: int = knob(32, "generation prompts used per round (cycled)")
@@ -88,6 +92,8 @@ class Config:
     ppl_tau: float = knob(60.0, "drop completions whose base-model perplexity exceeds this")
     rep_tau: float = knob(0.3, "drop completions whose max n-gram frequency (word or char, n=2..4) exceeds this")
     ppl_window: int = knob(32, "score perplexity on the last N completion tokens (0 = whole completion)")
+    rel_tau: float = knob(0.0, "drop completions whose prompt relevance (mean log-prob per token under base given "
+                          "their prompt minus given another prompt) is below this; 0 = record it, drop nothing")
     # heal
     reg: str = knob("kl_rev", "barrier: nll (none), kl_fwd KL(ref||theta), kl_rev KL(theta||ref)", REGS)
     kl_agg: str = knob("mean", "aggregate per-position divergence over completion tokens", KL_AGGS)
@@ -96,7 +102,7 @@ class Config:
     tau: float = knob(0.0, "barrier hinge: only divergence above tau is penalised")
     lam_round_pow: float = knob(0.0, "barrier weight grows as lam * (1 + round) ** pow")
     weight_decay: float = knob(0.0, "AdamW weight decay on the adapter")
-    spectral_lam: float = knob(0.0, "weight of the operator-norm penalty on the adapter update B@A")
+    spectral_lam: float = knob(0.0, "weight of the operator-norm penalty: mean over LoRA modules of sigma_max(scale B A)")
     lora_r: int = knob(8, "LoRA rank")
     lora_alpha: float = knob(16.0, "LoRA alpha")
     lora_layers: tuple[float, float] = knob((0.0, 1.0), "LoRA layer band as fractions of depth [lo, hi], inclusive")
@@ -122,10 +128,13 @@ class Config:
     evaluator: str = knob("builtin", "seven-way probe implementation: builtin, or tinymfv when that package is importable", ("builtin", "tinymfv"))
     steerer: str = knob("builtin", "steering hooks: builtin, or steering-lite when that package is importable", ("builtin", "steering-lite"))
     eval_batch: int = knob(16, "eval batch size")
-    n_demo: int = knob(2, "greedy demo generations per stage")
+    n_demo: int = knob(16, "greedy generations per stage on held-out prompts, scored under the base model: adapter_ppl (0 = none)")
+    demo_tokens: int = knob(0, "tokens per free-text generation (0 = --max-new-tokens)")
+    coh_floor_rel: float = knob(0.85, "a stage whose seven-way coherence (or most items' option mass) falls under this fraction of base's is flagged broken and its retain, retain_trait, coh_cost, surgical are withheld (0 = off)")
+    boot: int = knob(2000, "paired bootstrap resamples behind every 95% interval of a stage delta (0 = no intervals)")
     # loop
     n_rounds: int = knob(3, "rounds of steer -> generate -> filter -> heal -> bake")
-    coh_floor: float = knob(0.0, "stop early when healed coherence falls under this")
+    coh_floor: float = knob(0.0, "stop the run when healed seven-way coherence falls under this absolute value (0 = never; the ratio guard is --coh-floor-rel)")
     seed: int = knob(0, "master seed; every stage derives its own from (seed, round, stage)")
     out: str = knob("out", "store root")
     run_id: str = knob("", "run id ('' = generated)")
@@ -166,9 +175,11 @@ class Config:
             v, t = getattr(self, f.name), hints[f.name]
             if typing.get_origin(t) is tuple:
                 args = typing.get_args(t)
-                ok = isinstance(v, tuple) and all(_is_num(x) for x in v) and (args[-1] is Ellipsis or len(v) == len(args))
+                each = (lambda x: isinstance(x, str)) if args[0] is str else _is_num
+                ok = isinstance(v, tuple) and all(each(x) for x in v) and (args[-1] is Ellipsis or len(v) == len(args))
                 if not ok:
-                    bad(f.name, f"{'one or more' if args[-1] is Ellipsis else len(args)} finite numbers")
+                    what = "strings" if args[0] is str else "finite numbers"
+                    bad(f.name, f"{'one or more' if args[-1] is Ellipsis else len(args)} {what}")
             elif t is float and not _is_num(v):
                 bad(f.name, "a finite number")
             elif t is int and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT):
@@ -199,6 +210,8 @@ class Config:
         for name in ("val_frac", "warmup"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "a fraction in [0, 1)")
+        if not 0.0 <= self.coh_floor_rel <= 1.0:
+            bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
         if not 0.0 < self.kappa_min <= 1.0:
             bad("kappa_min", "in (0, 1]")
         for name in ("probe_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "gen_batch", "lora_r",
@@ -207,7 +220,7 @@ class Config:
                 bad(name, "an integer >= 1")
         if self.max_len < MIN_MAX_LEN:
             bad("max_len", f"an integer >= {MIN_MAX_LEN} (a chat prompt plus some completion tokens)")
-        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature"):
+        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "rel_tau"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")
         if self.n_keep < self.min_train:
@@ -234,21 +247,61 @@ def _is_num(v: Any) -> bool:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny random model: garbage numbers, every code path, a few minutes on 2 CPU cores.
+    # Tiny random model: garbage numbers, every code path, a few minutes on 2 CPU cores. Its unit vector
+    # moves base perplexity from ~800 (C = 0) to ~1000 (C >= 1), so ppl_tau 950 puts an edge in the walk's range.
     "fast-dev": dict(
-        model="tiny-random", n_rounds=2, n_prompts=8, n_keep=8, min_train=4, probe_size=4,
+        model="tiny-random", n_rounds=2, n_prompts=8, n_keep=8, min_train=4, probe_size=4, normalize=True,
         bisect_steps=2, max_batches=3, gen_batch=8, max_new_tokens=16, max_len=96,
-        ppl_tau=1e9, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
-        eval_batch=16, n_demo=1, lr=1e-3,
+        ppl_tau=950.0, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
+        eval_batch=16, n_demo=4, lr=1e-3,
     ),
-    # SmolLM2-135M-Instruct on CPU: raw vector on layers 12-18 is coherent to C~0.5,
-    # borderline at 1, broken from 2 (docs/results.md), so the walk starts at C=2.
+    # SmolLM2-135M-Instruct on CPU. Its raw vector on layers 12-18 answers the prompt to C~1-2 and drifts
+    # into fluent off-topic text beyond (perplexity misses it, relevance does not): the filter at rel_tau 0.1
+    # keeps ~80% at C 1.5-2.25, ~15-20% at C 3 and ~5% at C 4 (docs/results.md). The journal's alphas
+    # (0.5, 0.75, 1) times 4 put kappa 1 above that edge, so the walk walks down to it.
     "small": dict(
-        model="smollm2-135m", steer_layers=(0.4, 0.6), alphas=(2.0,), n_rounds=3, n_prompts=32,
-        n_keep=24, min_train=8, probe_size=8, max_new_tokens=48, max_len=192, gen_batch=16,
-        ppl_tau=40.0, epochs=2, batch_size=4, dtype="float32",
+        model="smollm2-135m", steer_layers=(0.4, 0.6), alphas=(2.0, 3.0, 4.0), n_rounds=3, n_prompts=32,
+        n_keep=24, min_train=8, probe_size=8, dose_target=0.75, kappa_min=0.2, bisect_steps=4,
+        max_new_tokens=48, max_len=192, gen_batch=16, ppl_tau=40.0, rel_tau=0.1, epochs=2, batch_size=4,
+        dtype="float32",
+    ),
+    # The recipe the method's research journal settled on, for a GPU (gemma-3-4b-it, 34 layers): kl_rev
+    # with rmse aggregation and tau 2 just below the heal's operating KL (~3 nats there), lam 0.3 decaying
+    # as (1 + round)^-0.5, a spectral penalty averaged over modules, the barrier to the previous student
+    # (to base it pulls baked history back out), 512-token generations, 128 thinking tokens before the
+    # eval's answer, a 3-layer steering band (layers 15-17), LoRA r 32 on blocks 0.2-0.8, and the walk on
+    # [0.2, 1] with the alphas (0.5, 0.75, 1) and a 0.75 survival target. Give it the 132 Clifford
+    # vignettes (`just run` does when ../shared/data has them).
+    "journal": dict(
+        model="google/gemma-3-4b-it", steer_layers=(0.45, 0.5), alphas=(0.5, 0.75, 1.0), control="none",
+        dose_target=0.75, probe_size=8, kappa_min=0.2, bisect_steps=6, max_batches=8,
+        n_prompts=16, n_keep=64, min_train=30, max_new_tokens=512, max_len=1024, gen_batch=16,
+        temperature=1.0, top_p=0.95, ppl_tau=50.0, rep_tau=0.3, ppl_window=128, rel_tau=0.0,
+        reg="kl_rev", kl_agg="rmse", barrier_ref="prev", lam=0.3, tau=2.0, lam_round_pow=-0.5,
+        spectral_lam=0.01, weight_decay=0.0, lora_r=32, lora_alpha=64.0, lora_layers=(0.2, 0.8),
+        epochs=6, batch_size=3, grad_accum=2, lr=1e-4, warmup=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+        think_tokens=128, n_vignettes=0, eval_batch=8, n_rounds=8, coh_floor=0.95,
     ),
 }
+
+
+def preset_table(md: bool = False) -> str:
+    """Every knob some preset sets, with its value under the defaults and under each preset, side by side
+    (`python -m steer_heal --help` prints it; docs/usage.md holds the markdown form, checked by a test)."""
+    names = [f.name for f in fields(Config) if any(f.name in p for p in PRESETS.values())]
+    show = lambda v: " ".join(map(_fmt, v)) if isinstance(v, tuple) else _fmt(v)  # noqa: E731
+    rows = [["knob", "default", *PRESETS]] + [
+        [n, show(getattr(Config(), n)), *(show(p.get(n, getattr(Config(), n))) for p in PRESETS.values())]
+        for n in names]
+    if md:
+        out = ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out[:1] + ["|" + "---|" * len(rows[0])] + out[1:])
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ DATA = Path(__file__).parent / "data"
 SMOKE_VIGNETTES = DATA / "vignettes_smoke.jsonl"
 PERSONA_KEYS = ("pos", "neg", "trait", "target", "direction", "neutral")
 DILEMMA_KEYS = ("prompt", "trait", "opposite")
+DILEMMAS = "heldout_dilemmas.json"
 DIRECTIONS = ("down", "up")
 
 
@@ -82,15 +83,17 @@ def prompts(n: int = 0) -> list[str]:
 
 
 def dilemmas(pair: str) -> list[dict]:
-    """Contrast-probe items {prompt, trait, opposite} for a persona pair."""
-    table = _bundled("dilemmas.json")
+    """Contrast-probe items {prompt, trait, opposite} for a persona pair: the held-out set, disjoint from
+    the generation prompts and extraction contexts (tests/test_heldout_data.py), so trait_nats never
+    scores text the student was trained on. Its prompts also seed the free-text generations."""
+    table = _bundled(DILEMMAS)
     if pair not in table:
-        raise ConfigError(f"no dilemmas for persona pair {pair!r}: dilemmas.json has {', '.join(table)}")
+        raise ConfigError(f"no dilemmas for persona pair {pair!r}: {DILEMMAS} has {', '.join(table)}")
     items = copy.deepcopy(table[pair])
     for i, it in enumerate(items):
         missing = [k for k in DILEMMA_KEYS if not str(it.get(k, "")).strip()]
         if missing:
-            raise ConfigError(f"dilemmas.json {pair!r} item {i} lacks {missing}")
+            raise ConfigError(f"{DILEMMAS} {pair!r} item {i} lacks {missing}")
     return items
 
 

@@ -3,7 +3,9 @@
 `measure(model, tok, probe)` runs the evaluators the config names (the seven-way probe of mfv.py or
 of an optional backend, and the trait probe of contrast.py) on whatever model it is given: the caller
 turns adapters and steering on or off around the call. It returns a StageEval, which also owns the
-stage's rows in the store (`rows`) and how they are read back (`by_stage`).
+stage's rows in the store (`rows`: stage means; `item_rows`: one per item, what the paired intervals
+of intervals.py resample) and how they are read back (`by_stage`). The flow adds the free-text
+numbers of freetext.py (`add_text`, `add_kl`), which need the original model and the kept data.
 
 This module imports no torch at the top: the stage table and the plots read StageEvals back without
 loading a model.
@@ -11,6 +13,7 @@ loading a model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,21 +39,27 @@ class Probe:
     think_tokens: int = 0
     batch: int = 16
     mfv: Callable[..., dict] | None = None  # the seven-way probe (builtin or a backend's)
+    texts: list[str] = field(default_factory=list)  # held-out prompts of the free-text generations
 
     @classmethod
     def of(cls, cfg: Config) -> Probe:
         from . import backends, data
+        from .freetext import spread
 
         p = data.persona(cfg)
-        return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame), data.dilemmas(cfg.persona),
+        dil = data.dilemmas(cfg.persona)
+        return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame), dil,
                    cfg.gen_system or p["neutral"], p["target"], data.trait_sign(p), cfg.eval,
-                   cfg.think_tokens, cfg.eval_batch, backends.mfv_fn(cfg) if cfg.eval != "contrast" else None)
+                   cfg.think_tokens, cfg.eval_batch, backends.mfv_fn(cfg) if cfg.eval != "contrast" else None,
+                   spread([d["prompt"] for d in dil], cfg.n_demo))
 
 
 @dataclass
 class StageEval:
     """One stage's evaluation: per-foundation nats and probabilities, coherence and top-1 agreement from the
-    seven-way probe (empty/None when it is off), trait_nats from the contrast probe (None when off)."""
+    seven-way probe (empty/None when it is off), trait_nats from the contrast probe (None when off),
+    adapter_ppl of the free-text generations and kl (steered stage: KL(steered || unsteered) on the kept
+    completions), and `items`, the per-item rows every mean above is the mean of."""
     nats: dict[str, float] = field(default_factory=dict)
     prob: dict[str, float] = field(default_factory=dict)
     coherence: float | None = None
@@ -59,6 +68,11 @@ class StageEval:
     trait_nats: float | None = None
     n_trait: int | None = None
     coef: float = 0.0
+    adapter_ppl: float | None = None
+    n_text: int | None = None
+    kl: float | None = None
+    n_kl: int | None = None
+    items: list[dict] = field(default_factory=list)  # eval_items rows without run, round and stage
 
     def target(self, target: str) -> float | None:
         return self.nats.get(target)
@@ -68,28 +82,61 @@ class StageEval:
         return dict(nats=self.nats, target_nats=self.nats.get(target), trait_nats=self.trait_nats,
                     coherence=self.coherence, n=self.n)
 
+    def of(self, evaluator: str) -> list[dict]:
+        return [x for x in self.items if x["evaluator"] == evaluator]
+
+    def add_text(self, ppl: list[float | None]) -> None:
+        """The free-text generations' perplexities: adapter_ppl is their mean over the finite ones."""
+        self.items += [dict(evaluator="freetext", item=str(i), ppl=p) for i, p in enumerate(ppl)]
+        ok = [p for p in ppl if p is not None and math.isfinite(p)]
+        self.adapter_ppl, self.n_text = (sum(ok) / len(ok) if ok else None), len(ok)
+
+    def add_kl(self, kl: list[float]) -> None:
+        self.items += [dict(evaluator="kl", item=str(i), kl=k) for i, k in enumerate(kl)]
+        self.kl, self.n_kl = (sum(kl) / len(kl) if kl else None), len(kl)
+
     def rows(self, round_: int, stage: str) -> list[dict]:
-        """stage_metrics rows: one per foundation (mfv) and one for the trait probe (contrast)."""
+        """stage_metrics rows: one per foundation (mfv), one for the trait probe (contrast), one for the free
+        text (freetext, its mean perplexity in `ppl`) and one for the steering KL (kl)."""
         out = [dict(round=round_, stage=stage, evaluator="mfv", foundation=f, prob=self.prob[f], nats=self.nats[f],
                     coherence=self.coherence, top1_agree=self.top1_agree, n=self.n, coef=self.coef)
                for f in FOUNDATIONS if f in self.nats]
         if self.n_trait is not None:
             out.append(dict(round=round_, stage=stage, evaluator="contrast", foundation="trait", nats=self.trait_nats,
                             n=self.n_trait, coef=self.coef))
+        if self.n_text is not None:
+            out.append(dict(round=round_, stage=stage, evaluator="freetext", foundation="adapter_ppl",
+                            ppl=self.adapter_ppl, n=self.n_text, coef=self.coef))
+        if self.n_kl is not None:
+            out.append(dict(round=round_, stage=stage, evaluator="kl", foundation="kl", kl=self.kl, n=self.n_kl,
+                            coef=self.coef))
         return out
 
+    def item_rows(self, round_: int, stage: str) -> list[dict]:
+        """eval_items rows: one per (evaluator, item)."""
+        return [dict(round=round_, stage=stage, coef=self.coef, **x) for x in self.items]
+
     @classmethod
-    def by_stage(cls, rows: list[dict]) -> dict[tuple[int, str], StageEval]:
-        """stage_metrics rows (of one run) read back: {(round, stage): StageEval}."""
+    def by_stage(cls, rows: list[dict], items: list[dict] = ()) -> dict[tuple[int, str], StageEval]:
+        """stage_metrics rows (of one run), and optionally its eval_items rows, read back:
+        {(round, stage): StageEval}."""
         by: dict[tuple[int, str], StageEval] = {}
         for m in rows:  # rows from SQL may carry only some columns
             d = by.setdefault((m["round"], m["stage"]), cls())
             d.coef = m["coef"] if m.get("coef") is not None else d.coef
             if m["evaluator"] == "contrast":
                 d.trait_nats, d.n_trait = m["nats"], m.get("n")
+            elif m["evaluator"] == "freetext":
+                d.adapter_ppl, d.n_text = m.get("ppl"), m.get("n")
+            elif m["evaluator"] == "kl":
+                d.kl, d.n_kl = m.get("kl"), m.get("n")
             else:
                 d.nats[m["foundation"]], d.prob[m["foundation"]] = m["nats"], m.get("prob")
                 d.coherence, d.top1_agree, d.n = m["coherence"], m.get("top1_agree"), m.get("n")
+        for x in items:
+            if (x["round"], x["stage"]) in by:
+                by[(x["round"], x["stage"])].items.append(
+                    {k: v for k, v in x.items() if k not in ("run_id", "round", "stage", "coef") and v is not None})
         return by
 
 
@@ -103,7 +150,12 @@ def measure(model, tok, probe: Probe, system: str | None = None, coef: float = 0
         m = probe.mfv(model, tok, probe.vignettes, system=sys_, think_tokens=probe.think_tokens, batch=probe.batch)
         out.nats, out.prob, out.coherence = m["nats"], m["profile"], m["coherence"]
         out.top1_agree, out.n = m["top1_agree"], m["n"]
+        out.items += [dict(evaluator="mfv", item=str(v["id"]), frame=v.get("frame"), option_order="both",
+                           p=r["p"], p_target=r["p"][probe.target] if r["p"] else None, pmass=r["pmass"])
+                      for v, r in zip(probe.vignettes, m["rows"], strict=True)]
     if probe.evaluators in ("contrast", "both"):
         c = contrast(model, tok, probe.dilemmas, system=sys_, batch=probe.batch)
         out.trait_nats, out.n_trait = c["trait_nats"], c["n"]
+        out.items += [dict(evaluator="contrast", item=str(i), trait_lp=r["trait_lp"], opposite_lp=r["opposite_lp"],
+                           diff=r["diff"]) for i, r in enumerate(c["rows"])]
     return out

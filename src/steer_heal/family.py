@@ -22,11 +22,8 @@ def check(cfg: Config) -> dict:
 
     where, gguf = resolve(cfg.model, cfg.gguf_file, f"{cfg.out}/models")
     template = use_template(read_part("tokenizer", where, gguf, cfg.trust_remote_code), cfg.chat_template, cfg.model)
-    logger.info(f"chat template: {template['name']} (sha256 {template['sha256'][:12]}, BOS {template['bos']})")
     config = read_part("config", where, gguf, cfg.trust_remote_code)  # after the cheaper refusal above
     impl, note = attn_for(config, cfg.attn_impl)
-    if note:
-        logger.warning(note)
     meta = meta_copy(config, cfg.trust_remote_code)
     dec = get_layers(meta)
     prefix = next(n for n, m in meta.named_modules() if m is dec)
@@ -41,6 +38,10 @@ def check(cfg: Config) -> dict:
     if adapted != len(names):
         raise ConfigError(f"peft adapted {adapted} of the {len(names)} --lora-targets modules of {cfg.model}")
     per_layer = targets_by_name(names, prefix)
+    # logged once every check has passed: a refused model's output is its one error line
+    logger.info(f"chat template: {template['name']} (sha256 {template['sha256'][:12]}, BOS {template['bos']})")
+    if note:
+        logger.warning(note)
     logger.info(targets_table(per_layer, prefix, cfg.lora_targets))
     return {"chat_template": template, "attn_impl": {"requested": cfg.attn_impl, "used": impl, "note": note},
             "lora_targets": {"targets": list(cfg.lora_targets), "n": len(names), "prefix": prefix,

@@ -2,8 +2,9 @@
 
 Criteria (keep = all pass): perplexity under the ORIGINAL base model (the caller
 passes it with every adapter off and no steering), over the completion's tail;
-repetition (max n-gram frequency over words and characters, n = 2..4); first-person
-trait narration; refusal / assistant-identity boilerplate.
+repetition (max n-gram frequency over words and characters, n = 2..4); prompt
+relevance (fluent text that no longer answers its prompt, see `relevance`), when
+rel_tau > 0; first-person trait narration; refusal / assistant-identity boilerplate.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ REFUSAL = [r"\bas an ai\b", r"\bI('m| am) sorry,? but\b", r"\bI apologi[sz]e,? b
            r"\btrained by hugging ?face\b", r"\blanguage model\b"]
 _NARR = re.compile("|".join(NARRATION), re.I)
 _REF = re.compile("|".join(REFUSAL), re.I)
-CRITERIA = ("empty", "ppl", "rep", "narration", "refusal")
+CRITERIA = ("empty", "ppl", "rep", "relevance", "narration", "refusal")
 
 
 def max_ngram_freq(seq: list | str, ns=(2, 3, 4)) -> float:
@@ -56,18 +57,50 @@ def perplexity(model, tok, prompts: list[str], completions: list[str], system: s
     return out
 
 
+def foils(prompts: list[str]) -> dict[str, str]:
+    """Each distinct prompt's unrelated prompt for `relevance`: the one half the list away (fixed by the
+    prompt list, not by which batch a completion lands in). One distinct prompt has no foil."""
+    u = list(dict.fromkeys(prompts))
+    return {p: u[(i + len(u) // 2) % len(u)] for i, p in enumerate(u)} if len(u) > 1 else {}
+
+
+def relevance(model, tok, prompts: list[str], completions: list[str], foil: list[str], system: str = "",
+              max_len: int = 512, batch: int = 16) -> list[float]:
+    """Mean log-prob per token of the whole completion given its own prompt minus given an unrelated one.
+
+    An answer to its prompt is likelier after that prompt (> 0); fluent off-topic drift is about as
+    likely after any prompt (~ 0), which perplexity cannot tell from an answer.
+    """
+    own = perplexity(model, tok, prompts, completions, system, 0, max_len, batch)
+    other = perplexity(model, tok, foil, completions, system, 0, max_len, batch)
+    return [math.log(o) - math.log(w) for w, o in zip(own, other)]
+
+
 def score(model, tok, items: list[dict], *, system: str, ppl_tau: float, rep_tau: float,
-          window: int = 0, max_len: int = 512, batch: int = 16) -> list[dict]:
-    """Each item ({prompt, completion, ...}) comes back with its scores, flags, keep and reason."""
-    ppl = perplexity(model, tok, [x["prompt"] for x in items], [x["completion"] for x in items],
-                     system, window, max_len, batch)
+          window: int = 0, max_len: int = 512, batch: int = 16, foil: dict[str, str] | None = None,
+          rel_tau: float = 0.0) -> list[dict]:
+    """Each item ({prompt, completion, ...}) comes back with its scores, flags, keep and reason.
+
+    `foil` maps a prompt to its unrelated prompt (`foils`); without one an item's relevance is None.
+    rel_tau > 0 drops completions whose relevance is below it (0 records relevance, drops nothing).
+    """
+    prompts, texts = [x["prompt"] for x in items], [x["completion"] for x in items]
+    ppl = perplexity(model, tok, prompts, texts, system, window, max_len, batch)
+    rel: list[float | None] = [None] * len(items)
+    has = [i for i, p in enumerate(prompts) if (foil or {}).get(p, p) != p]
+    if has:
+        got = relevance(model, tok, [prompts[i] for i in has], [texts[i] for i in has],
+                        [foil[prompts[i]] for i in has], system, max_len, batch)
+        for i, v in zip(has, got):
+            rel[i] = v
     out = []
-    for x, p in zip(items, ppl):
+    for x, p, rv in zip(items, ppl, rel):
         text = x["completion"]
-        r = dict(x, ppl=p, rep_word=max_ngram_freq(text.split()), rep_char=max_ngram_freq(text),
+        r = dict(x, ppl=p, relevance=rv, rep_word=max_ngram_freq(text.split()), rep_char=max_ngram_freq(text),
                  narration=bool(_NARR.search(text)), refusal=bool(_REF.search(text)))
         fails = {"empty": not text.strip(), "ppl": not p <= ppl_tau,
                  "rep": max(r["rep_word"], r["rep_char"]) > rep_tau,
+                 "relevance": rel_tau > 0 and rv is not None and rv < rel_tau,
                  "narration": r["narration"], "refusal": r["refusal"]}
         r["reason"] = next((c for c in CRITERIA if fails[c]), "")
         r["keep"] = r["reason"] == ""

@@ -1,13 +1,15 @@
 """The steer-heal Prefect flow: it wires the stages, records what they return and decides the next step.
 
-Round -1: base and prompted evals and a base demo. Rounds 0..N-1: extract, dose walk (generate + filter),
-steered eval, heal, bake, healed eval and demo, each a task. The run's state (config, store log, the
-student stack, the stage inputs) is a `Run` handed to every task; each task is also callable in-process
-as `task.fn(run, ...)`. The model lives in this process: Prefect neither hashes nor persists a task's
-inputs or results here (NO_CACHE, persist_result=False). The store, not Prefect's cache, is what resume
-reads: a stage writes its rows, then its marker in `stages`; a marked stage is read back as its own
-result type, an unmarked one has its partial rows dropped (store.STAGE_ROWS) and is redone with the
-same seeds. docs/architecture.md maps stage -> module -> task -> store tables.
+Round -1: base and prompted evals. Rounds 0..N-1: extract, dose walk (generate + filter), steered eval,
+heal, bake, healed eval, each a task; every eval also writes its free-text generations (adapter_ppl).
+A round ends with its paired intervals, its row (the coherence floor before any ratio) and its SHOULD
+lines. The run's state (config, store log, the student stack, the stage inputs) is a `Run` handed to
+every task; each task is also callable in-process as `task.fn(run, ...)`. The model lives in this
+process: Prefect neither hashes nor persists a task's inputs or results here (NO_CACHE,
+persist_result=False). The store, not Prefect's cache, is what resume reads: a stage writes its rows,
+then its marker in `stages`; a marked stage is read back as its own result type, an unmarked one has
+its partial rows dropped (store.STAGE_ROWS) and is redone with the same seeds. docs/architecture.md
+maps stage -> module -> task -> store tables.
 """
 
 from __future__ import annotations
@@ -22,18 +24,19 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, metrics, seeds, student
+from . import backends, data, intervals, metrics, seeds, student
 from .bake import Stack, bake, lora_config
 from .config import Config
-from .dose import DoseResult, Starved, dose_walk
+from .dose import DoseResult, Starved, collect_at, dose_walk
 from .evaluate import Probe, StageEval, measure
 from .extract import Extracted, extract, student_vector
-from .filter import drop_counts, score
+from .filter import drop_counts, foils, score
+from .freetext import adapter_ppl, steer_kl
 from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
-from .report import round_table, write_report
-from .steering import save_vector
+from .report import dose_table, round_table, write_report
+from .steering import control_vector, save_vector
 from .store import STAGE_ROWS, RunLog
 from .tokens import check_room
 
@@ -60,9 +63,14 @@ class Run:
         self.contexts = data.contexts()
         self.prompts = data.prompts(cfg.n_prompts)
         check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)
+        self.foils = foils(self.prompts)
         self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
-        self.vectors: dict[int, dict] = {}
+        self.vectors: dict[int, dict] = {}  # round -> the extracted vector
+
+    def gen_vector(self, r: int) -> dict | None:
+        """What round r generates and steers its steered eval with: the vector, or the run's control's."""
+        return control_vector(self.vectors[r], self.cfg.control, seeds.control_vector(self.cfg.seed))
 
     def mark(self, r: int, stage: str, seconds: float) -> None:
         self.log.append("stages", dict(round=r, stage=stage, seconds=seconds))
@@ -77,28 +85,46 @@ class Run:
         """Round r's adapters row: written once its adapter file is, so it is what resume trusts."""
         return next((x for x in self.log.read("adapters") if x["round"] == r), None)
 
-    def evaluate(self, stage: str, r: int, coef: float = 0.0, system: str | None = None) -> StageEval:
-        """Evaluate the model as it is now and store the stage's rows."""
-        ev = measure(self.stack.model, self.tok, self.probe, system=system, coef=coef)
+    def evaluate(self, stage: str, r: int, coef: float = 0.0, system: str | None = None, vec: dict | None = None,
+                 kept: list[dict] = ()) -> StageEval:
+        """Evaluate the model as it is now, steered at coef * vec when a vector is given, and store the stage's
+        rows: the probes' means and items, the free-text generations (adapter_ppl) and, given the round's kept
+        completions, KL(steered || unsteered) on them."""
+        cfg, model, tok = self.cfg, self.stack.model, self.tok
+        with self.steer(model, vec, coef):
+            ev = measure(model, tok, self.probe, system=system, coef=coef)
+        if self.probe.texts:
+            ps = self.probe.texts
+            outs, ppl = adapter_ppl(model, tok, ps, base=self.stack.base, gen_system=system or self.system,
+                                    score_system=self.system, max_new_tokens=cfg.demo_tokens or cfg.max_new_tokens,
+                                    window=cfg.ppl_window, max_len=cfg.max_len, batch=cfg.gen_batch, vec=vec,
+                                    coef=coef, steerer=self.steer)
+            ev.add_text(ppl)
+            self.log.append("completions", [dict(round=r, phase=f"demo:{stage}", idx=i, coef=coef, prompt=p,
+                                                 completion=o, ppl=x) for i, (p, o, x) in enumerate(zip(ps, outs, ppl))])
+            logger.info(f"demo {stage} r{r}: {ps[0]!r}\n    -> {outs[0]!r}")
+            crash_point(f"eval_{stage}:r{r}:demo")  # a real window: demo rows written, the means not yet
+        if kept and vec is not None:
+            ev.add_kl(steer_kl(model, tok, [x["prompt"] for x in kept], [x["completion"] for x in kept],
+                               system=self.system, vec=vec, coef=coef, max_len=cfg.max_len, batch=cfg.eval_batch,
+                               steerer=self.steer))
         self.log.append("stage_metrics", ev.rows(r, stage))
+        crash_point(f"eval_{stage}:r{r}:metrics")  # means written, items not yet
+        self.log.append("eval_items", ev.item_rows(r, stage))
         return ev
 
-    def demo(self, stage: str, r: int) -> None:
-        ps = self.prompts[: self.cfg.n_demo]
-        if not ps:
-            return
-        outs = generate(self.stack.model, self.tok, ps, system=self.system, max_new_tokens=self.cfg.max_new_tokens,
-                        greedy=True, batch=self.cfg.gen_batch, steerer=self.steer)
-        self.log.append("completions", [dict(round=r, phase=f"demo:{stage}", idx=i, coef=0.0, prompt=p, completion=o)
-                                        for i, (p, o) in enumerate(zip(ps, outs))])
-        logger.info(f"demo {stage} r{r}: {ps[0]!r}\n    -> {outs[0]!r}")
+    def stage_intervals(self, r: int, stages: tuple[str, ...]) -> list[dict]:
+        """Paired bootstrap intervals of these stages of round r against base and the previous student."""
+        items = intervals.by_stage(self.log.read("eval_items"))
+        return [x for s in stages for x in intervals.stage_intervals(items, r, s, self.cfg.seed, self.cfg.boot)]
 
 
 def crash_point(where: str) -> None:
     """Fault injection for crash-and-resume tests: STEER_HEAL_KILL_AT=<where> SIGKILLs the whole process
     group here (its Prefect server, in a session of its own, follows its parent), like a power cut would.
-    Points: eval_base:prompted, extract:r{r}:saved, dose:r{r}:step{s}, heal:r{r}:step{s}, bake:r{r}:saved,
-    eval_healed:r{r}:demo."""
+    Points sit inside each stage after its first stored rows (tests/test_faults.py, tests/test_flow_pins.py):
+    eval_base:base, eval_<stage>:rR:demo and :metrics (inside Run.evaluate), extract:rR:saved, dose:rR:stepS,
+    dose:rR:completions, heal:rR:stepS, heal:rR:steps, bake:rR:saved, bake:rR:adapter."""
     if os.environ.get("STEER_HEAL_KILL_AT") == where:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
@@ -111,11 +137,11 @@ def _opts(name: str) -> dict:
 def eval_base(run: Run) -> None:
     run.forget_partial(-1, "eval_base")
     t = time.time()
-    with run.stack.base():
+    with run.stack.base():  # no adapter exists yet; base() says so, and nothing inside re-enters it
         run.evaluate("base", -1)
-        crash_point("eval_base:prompted")
+        crash_point("eval_base:base")
         run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
-        run.demo("base", -1)
+    run.log.append("intervals", run.stage_intervals(-1, ("prompted",)))
     run.mark(-1, "eval_base", time.time() - t)
 
 
@@ -144,43 +170,46 @@ def extract_task(run: Run, r: int) -> Extracted:
 
 @task(**_opts("dose"))
 def dose_task(run: Run, r: int) -> DoseResult | Stop:
-    cfg, t, v = run.cfg, time.time(), run.vectors[r]
+    cfg, t, v = run.cfg, time.time(), run.gen_vector(r)
     if (r, "dose") in run.done:
         return student.stored_dose(run.log, r, cfg)
     run.forget_partial(r, "dose")
 
     def sample(items: list[dict], step: int) -> list[dict]:
-        outs = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
-                        coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
-                        seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature, top_p=cfg.top_p,
-                        batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}", steerer=run.steer)
+        outs, ended = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
+                               coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
+                               seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature,
+                               top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
+                               steerer=run.steer, with_ended=True)
         crash_point(f"dose:r{r}:step{step}")
-        with run.stack.base():  # perplexity under the original model, no steering
-            return score(run.stack.model, run.tok, [dict(x, completion=o) for x, o in zip(items, outs)],
+        with run.stack.base():  # perplexity and relevance under the original model, no steering
+            return score(run.stack.model, run.tok,
+                         [dict(x, completion=o, ended=e) for x, o, e in zip(items, outs, ended)],
                          system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
-                         max_len=cfg.max_len, batch=cfg.gen_batch)
+                         max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau)
 
-    try:
-        res = dose_walk(cfg, run.prompts, sample)
+    try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
+        res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)
     except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
         return Stop("starved", str(e))
     completions, steps = res.rows()
     run.log.append("completions", [dict(round=r, **x) for x in completions])
+    crash_point(f"dose:r{r}:completions")
     run.log.append("dose_steps", [dict(round=r, **x) for x in steps])
     run.mark(r, "dose", time.time() - t)
-    logger.info(f"r{r} dose: kappa={res.kappa:.3f} kept {len(res.kept)}/{res.n_gen} drops={drop_counts(res.scored)}")
+    logger.info(f"r{r} dose: kappa={res.kappa:.3f} (walk: {res.walk}) kept {len(res.kept)}/{res.n_gen} "
+                f"drops={drop_counts(res.scored)}\n" + dose_table(res.steps))
     res.seconds = time.time() - t
     return res
 
 
 @task(**_opts("eval-steered"))
-def eval_steered(run: Run, r: int, coef: float) -> StageEval:
+def eval_steered(run: Run, r: int, coef: float, kept: list[dict]) -> StageEval:
     if (r, "eval_steered") in run.done:
         return student.stored_evals(run.log).get((r, "steered"), StageEval())
     run.forget_partial(r, "eval_steered")
     t = time.time()
-    with run.steer(run.stack.model, run.vectors[r], coef):
-        out = run.evaluate("steered", r, coef=coef)
+    out = run.evaluate("steered", r, coef=coef, vec=run.gen_vector(r), kept=kept)
     run.mark(r, "eval_steered", time.time() - t)
     return out
 
@@ -199,6 +228,7 @@ def heal_task(run: Run, r: int, kept: list[dict]) -> HealResult | Stop:
     except HealError as e:
         return Stop("failed", str(e))
     run.log.append("heal_steps", [dict(round=r, **x) for x in out.steps])
+    crash_point(f"heal:r{r}:steps")  # rows stored, adapter not yet baked
     out.seconds = time.time() - t
     return out
 
@@ -211,10 +241,13 @@ def bake_task(run: Run, r: int, heal_seconds: float) -> float:
     if rec is not None:
         if name not in run.stack.names:
             run.stack.load(name, run.log.dir / rec["path"], rec["sha256"], run.lora)
+        if (r, "heal") not in run.done:  # killed between the adapters row and the marker
+            run.mark(r, "heal", heal_seconds)
         return 0.0
     sha = bake(run.stack, name, path)
     crash_point(f"bake:r{r}:saved")
     run.log.append("adapters", dict(round=r, path=str(path.relative_to(run.log.dir)), sha256=sha))
+    crash_point(f"bake:r{r}:adapter")
     run.mark(r, "heal", heal_seconds + time.time() - t)
     return time.time() - t
 
@@ -226,8 +259,6 @@ def eval_healed(run: Run, r: int) -> StageEval:
     run.forget_partial(r, "eval_healed")
     t = time.time()
     out = run.evaluate("healed", r)
-    crash_point(f"eval_healed:r{r}:demo")
-    run.demo("healed", r)
     run.mark(r, "eval_healed", time.time() - t)
     return out
 
@@ -251,7 +282,7 @@ def steer_heal(config: dict, run_id: str) -> str:
         dose = dose_task(run, r)
         if isinstance(dose, Stop):
             return f"{dose.status}:{dose.reason}"
-        steered = eval_steered(run, r, dose.coef)
+        steered = eval_steered(run, r, dose.coef, dose.kept)
         hl = heal_task(run, r, dose.kept)
         if isinstance(hl, Stop):
             return f"{hl.status}:{hl.reason}"
@@ -260,8 +291,16 @@ def steer_heal(config: dict, run_id: str) -> str:
         secs = dict(sec_extract=ext.seconds, sec_dose=dose.seconds, sec_heal=hl.seconds + sec_bake,
                     sec_total=time.time() - t0)
         secs["sec_eval"] = secs["sec_total"] - secs["sec_extract"] - secs["sec_dose"] - secs["sec_heal"]
-        run.log.append("rounds", metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs))
-        logger.info("\n" + round_table(run.log.read("rounds")))
+        row = metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs, cfg.coh_floor_rel)
+        run.log.drop("intervals", lambda x, r=r: x["round"] == r)  # left by a crash before this round's row
+        ivs = run.stage_intervals(r, ("steered", "healed"))
+        run.log.append("intervals", ivs)
+        crash_point(f"rows:r{r}")
+        run.log.append("rounds", row)
+        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals")))
+        for held, line in metrics.shoulds(row, intervals.lookup(ivs)):
+            if held is not None:
+                (logger.info if held else logger.warning)(f"SHOULD{'' if held else ' (FAILED)'}: {line}")
         if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor:
             write_report(run.log, target)
             return f"stopped:healed coherence {healed.coherence:.3f} < coh_floor {cfg.coh_floor}"

@@ -33,11 +33,13 @@ def cut(text: str, stops: tuple[str, ...]) -> str:
 def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | None = None,
              coefs: list[float] | None = None, max_new_tokens: int = 48, seed: int = 0,
              greedy: bool = False, temperature: float = 0.0, top_p: float = 0.0,
-             batch: int = 16, desc: str = "generate", steerer=steer) -> list[str]:
+             batch: int = 16, desc: str = "generate", steerer=steer, with_ended: bool = False):
     """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec.
 
     temperature/top_p of 0 keep the model's own generation_config defaults; `steerer` is the
     hook context manager (steering.steer, or an optional backend's, see backends.py).
+    with_ended: return (texts, ended), ended[i] True when row i stopped by itself (emitted a stop
+    token) rather than being cut at max_new_tokens.
     """
     dev = next(model.parameters()).device
     coefs = coefs if coefs is not None else [0.0] * len(prompts)
@@ -50,8 +52,11 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
             kw["temperature"] = temperature
         if top_p > 0:
             kw["top_p"] = top_p
-    stops = stop_strings(tok)
+    stops = stop_strings(tok)  # text that ends a turn (the plain template's next "User:")
+    eos = model.generation_config.eos_token_id  # tokens that end one: a row that emits one ended by itself
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [tok.eos_token_id])
     out: list[str] = []
+    ended: list[bool] = []
     starts = range(0, len(prompts), batch)
     for s in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
         # one generator stream per batch start: a batch's text does not depend on earlier batches
@@ -64,5 +69,9 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
             kw["stopping_criteria"] = [StopAt(tok, stops, n)]
         with steerer(model, vec, c):
             ids = model.generate(**enc, **kw)
-        out += tok.batch_decode(ids[:, n:], skip_special_tokens=True)
-    return [cut(o, stops).strip() for o in out]
+        new = ids[:, n:]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        out += [cut(o, stops) for o in texts]
+        ended += [any(t in eos for t in row) or cut(o, stops) != o for o, row in zip(texts, new.tolist())]
+    texts = [o.strip() for o in out]
+    return (texts, ended) if with_ended else texts

@@ -1,10 +1,11 @@
 """heal: distil the kept completions into the current (fresh) LoRA behind a divergence barrier.
 
 loss = sft + lam * (1 + round)^lam_round_pow * relu(D(student || ref) - tau)
-           + spectral_lam * sum over LoRA modules of sigma_max(B @ A * scale)
+           + spectral_lam * mean over LoRA modules of sigma_max(B @ A * scale)
 
-sft is the nll of completion tokens only; D is a per-position KL over completion
-positions, aggregated by kl_agg. The reference (base or prev) is the same weights
+sft is the nll of completion tokens only, plus the turn-end token after a completion that
+ended by itself (never after one cut at max_new_tokens: that would teach stopping mid-sentence);
+D is a per-position KL over completion positions, aggregated by kl_agg. The reference (base or prev) is the same weights
 with gates switched, so its forward costs one extra no-grad pass and no memory copy.
 """
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .bake import Stack
 from .config import Config
-from .tokens import chat, completion_logits, pack
+from .tokens import chat, completion_logits, pack, turn_end_id
 
 
 class HealError(RuntimeError):
@@ -66,11 +67,12 @@ def aggregate(d: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def spectral_norm(model) -> torch.Tensor:
-    """Sum over LoRA modules of the largest singular value of scale * B @ A (trainable adapter only).
+    """Mean over LoRA modules of the largest singular value of scale * B @ A (trainable adapter only), as
+    the method has it: a sum would make the same spectral_lam ~n_modules times stronger on a bigger model.
 
     sigma(B A) = sigma(R_B R_A^T) with B = Q_B R_B, A^T = Q_A R_A: an r x r problem.
     """
-    total = torch.zeros((), device=next(model.parameters()).device)
+    total, n = torch.zeros((), device=next(model.parameters()).device), 0
     for m in model.modules():
         if not hasattr(m, "lora_A"):
             continue
@@ -81,16 +83,19 @@ def spectral_norm(model) -> torch.Tensor:
             rb = torch.linalg.qr(b.float())[1]
             ra = torch.linalg.qr(a.weight.float().T)[1]
             total = total + m.scaling[name] * torch.linalg.matrix_norm(rb @ ra.T, ord=2)
-    return total
+            n += 1
+    return total / max(1, n)
 
 
 def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: int, system: str,
          on_step=None) -> HealResult:
-    """Train the stack's current adapter on `kept` ({prompt, completion}): the rows and their summary."""
+    """Train the stack's current adapter on `kept` ({prompt, completion, ended}): the rows and their summary.
+    A row without `ended` (stored before it was recorded) gets no turn-end token."""
     model = stack.model
     dev = next(model.parameters()).device
     rng = random.Random(seed)
     data = [(chat(tok, k["prompt"], system), k["completion"], i) for i, k in enumerate(kept)]
+    ended, end_id = [bool(k.get("ended")) for k in kept], turn_end_id(tok)
     rng.shuffle(data)
     n_val = int(round(cfg.val_frac * len(data))) if len(data) >= 4 else 0
     val, train = data[:n_val], data[n_val:]
@@ -107,7 +112,8 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
     steps: list[dict] = []
 
     def packed(rows) -> dict:
-        return pack(tok, [p for p, _, _ in rows], [c for _, c, _ in rows], cfg.max_len, dev, eos=True)
+        return pack(tok, [p for p, _, _ in rows], [c for _, c, _ in rows], cfg.max_len, dev,
+                    eos=[ended[i] for _, _, i in rows], eos_id=end_id)
 
     def nll_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
         lp = torch.log_softmax(completion_logits(model, batch), -1)

@@ -88,24 +88,110 @@ def _layers(v) -> str:
     return f"layers {sorted(v)}" if isinstance(v, dict) else f"a tensor of shape {tuple(v.shape)}"
 
 
-def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs: dict) -> dict:
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def broken(stage, base, target: str, floor_rel: float) -> str:
+    """Why no ratio of this stage may be read ('' when they may): the coherence floor, checked before any
+    ratio (spec.md "The coherence floor"). stage, base: evaluate.StageEval (base is round -1's).
+
+    - a number an evaluator measured is missing or non-finite (the store keeps NaN and inf as NULL);
+    - seven-way coherence under floor_rel x base's;
+    - option mass collapsed: on most items (the median of per-item mass / that item's base mass) the
+      mass fell under floor_rel, even if a few items hold the mean up;
+    - every free-text generation came out empty, where base wrote text.
+    """
+    why = []
+    measured = [("target nats", stage.nats.get(target), stage.n), ("coherence", stage.coherence, stage.n),
+                ("trait nats", stage.trait_nats, stage.n_trait), ("adapter_ppl", stage.adapter_ppl, stage.n_text)]
+    bad = [name for name, v, n in measured if n and not _finite(v)]  # n = 0: nothing scored, nothing to judge
+    if bad:
+        why.append(f"non-finite {', '.join(bad)}")
+    if stage.n_text == 0 and base.n_text:
+        why.append("every free-text generation was empty (base wrote text)")
+    if floor_rel > 0 and _finite(stage.coherence) and _finite(base.coherence):
+        floor = floor_rel * base.coherence
+        if stage.coherence < floor:
+            why.append(f"coherence {stage.coherence:.3g} < {floor_rel:g} x base {base.coherence:.3g}")
+        mass = {x["item"]: x.get("pmass") for x in base.of("mfv")}
+        ratios = sorted(x["pmass"] / mass[x["item"]] for x in stage.of("mfv")
+                        if _finite(x.get("pmass")) and mass.get(x["item"]))
+        if ratios and statistics.median(ratios) < floor_rel:
+            why.append(f"option mass collapsed: median item keeps {statistics.median(ratios):.3g} of its base mass "
+                       f"< {floor_rel:g}")
+    return "; ".join(why)
+
+
+def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs: dict, floor_rel: float) -> dict:
     """Everything round r measured, by the store's column names (spec.md "Round metrics").
 
     ext: extract.Extracted, dose: dose.DoseResult, heal: heal.HealResult, steered/healed/base:
-    evaluate.StageEval of those stages (base is round -1's).
+    evaluate.StageEval of those stages (base is round -1's). The coherence floor comes first: a broken
+    steered stage withholds retain and retain_trait (their denominator), a broken healed stage every ratio.
     """
     ks = kept_stats([x["ppl"] for x in dose.scored], [x["keep"] for x in dose.scored])
-    row = dict(round=r, kappa=dose.kappa, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
+    why = {name: broken(st, base, target, floor_rel) for name, st in (("steered", steered), ("healed", healed))}
+    row = dict(round=r, kappa=dose.kappa, walk=dose.walk, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
                cos_v0=ext.cos_v0, student_cos=ext.student_cos, heal_nll=heal.heal_nll, val_nll=heal.val_nll,
-               trait_nats=healed.trait_nats, coherence=healed.coherence,
-               steered_trait_nats=steered.trait_nats, steered_coherence=steered.coherence, **secs)
+               trait_nats=healed.trait_nats, coherence=healed.coherence, adapter_ppl=healed.adapter_ppl,
+               steered_trait_nats=steered.trait_nats, steered_coherence=steered.coherence,
+               steered_adapter_ppl=steered.adapter_ppl, kl_steer=steered.kl,
+               broken=bool(why["healed"]), steered_broken=bool(why["steered"]),
+               broken_reason="; ".join(f"{k}: {v}" for k, v in why.items() if v) or None, **secs)
+    ratios = not (why["healed"] or why["steered"])
     for f, v in healed.nats.items():
         row[foundation_column(f)] = v
     if healed.nats:
         t_h, t_s, t_b = healed.nats[target], steered.nats[target], base.nats[target]
-        row.update(target_nats=t_h, steered_target_nats=t_s, retain=retain(t_h, t_s, t_b),
-                   coh_cost=coh_cost(healed.coherence, base.coherence, t_h, t_b),
-                   surgical=surgical(t_h - t_b, {f: healed.nats[f] - base.nats[f] for f in FOUNDATIONS}, target=target))
+        row.update(target_nats=t_h, steered_target_nats=t_s, retain=retain(t_h, t_s, t_b) if ratios else None)
+        if not why["healed"]:
+            row.update(coh_cost=coh_cost(healed.coherence, base.coherence, t_h, t_b),
+                       surgical=surgical(t_h - t_b, {f: healed.nats[f] - base.nats[f] for f in FOUNDATIONS},
+                                         target=target))
     if healed.trait_nats is not None:
-        row["retain_trait"] = retain(healed.trait_nats, steered.trait_nats, base.trait_nats)
+        row["retain_trait"] = retain(healed.trait_nats, steered.trait_nats, base.trait_nats) if ratios else None
     return row
+
+
+def shoulds(row: dict, ivs: dict) -> list[tuple[bool | None, str]]:
+    """The method's expectations of a finished round, each with what a failure means: (held, line);
+    held is None when the round lacks the numbers to check it. ivs: intervals.lookup() of the run."""
+    r = row["round"]
+
+    def iv(stage: str, metric: str, ref: str) -> dict:
+        return ivs.get((r, stage, metric, ref)) or {}
+
+    def above0(ci: dict) -> bool | None:
+        return None if ci.get("lo") is None else ci["lo"] > 0
+
+    def between(v) -> bool | None:
+        return None if v is None else 0 < v <= 1
+
+    ppl_h, ppl_s = row.get("adapter_ppl"), row.get("steered_adapter_ppl")
+    d_ppl = iv("healed", "ppl", "base")
+    return [
+        (not row.get("steered_broken"), "steered coherence within the floor of base -- else the dose breaks the "
+         "model and retain, retain_trait are withheld"),
+        (not row.get("broken"), "healed coherence within the floor of base -- else the heal broke the model; "
+         "every ratio is withheld"),
+        (between(row.get("retain")), f"retain in (0, 1] (got {_g(row.get('retain'))}) -- <= 0: the heal undid or "
+         "reversed the steered move; > 1: it went past the teacher"),
+        (between(row.get("retain_trait")), f"retain_trait in (0, 1] (got {_g(row.get('retain_trait'))}) -- same, "
+         "on the contrast probe"),
+        (above0(iv("healed", "trait", "base")), f"healed d_trait vs base above 0 with its interval "
+         f"({_g(iv('healed', 'trait', 'base').get('lo'))}..{_g(iv('healed', 'trait', 'base').get('hi'))}) -- else "
+         "the student holds no trait the held-out probe can tell from noise"),
+        (above0(iv("healed", "trait", "prev")), "healed d_trait vs the previous student above 0 with its interval "
+         "-- else this round added no trait (the loop stalls)"),
+        (None if None in (ppl_h, ppl_s) else ppl_h < ppl_s, f"healed adapter_ppl {_g(ppl_h)} below the steered "
+         f"stage's {_g(ppl_s)} -- else the heal learnt the teacher's disfluency"),
+        (None if d_ppl.get("lo") is None else d_ppl["lo"] <= 0, "healed adapter_ppl not above base's with its "
+         "interval -- else the student writes less fluently than base"),
+        (None if row.get("cos_v0") is None else row["cos_v0"] > 0.5, f"cos_v0 > 0.5 (got {_g(row.get('cos_v0'))}) "
+         "-- else this round's vector has drifted from round 0's direction"),
+    ]
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.3g}"

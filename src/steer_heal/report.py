@@ -6,13 +6,19 @@ import datetime as dt
 import json
 from typing import Any
 
+from . import intervals, metrics
+from .config import Config
 from .evaluate import StageEval, stage_order
 from .files import atomic_write_bytes
 from .store import RunLog
 
-ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("heal_nll", "heal_nll"),
-              ("target_nats", "target"), ("trait_nats", "trait"), ("coherence", "coh"), ("cos_v0", "cos_v0"),
-              ("retain", "retain")]
+ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("walk", "walk"),
+              ("heal_nll", "heal_nll"),
+              ("target_nats", "target"), ("trait_nats", "trait"), ("d_trait", "d_trait vs base (95% CI)"),
+              ("coherence", "coh"), ("adapter_ppl", "ppl"), ("kl_steer", "kl"), ("cos_v0", "cos_v0"),
+              ("retain", "retain"), ("retain_trait", "retain_trait")]
+SHOW_DEMOS = 2
+DELTAS = (("target", "d_target"), ("trait", "d_trait"), ("coh", "d_coh"), ("ppl", "d_ppl"))
 
 
 def _fmt(v) -> str:
@@ -33,33 +39,88 @@ def table(header: list[str], rows: list[list], md: bool = False) -> str:
     return "\n".join(out + [line(r) for r in cells[1:]])
 
 
-def round_table(rounds: list[dict], md: bool = False) -> str:
-    rows = sorted(rounds, key=lambda x: x["round"])
-    return table([h for _, h in ROUND_COLS], [[r.get(c) for c, _ in ROUND_COLS] for r in rows], md)
+def withheld(row: dict, value):
+    """A ratio of a round row, or the flag that withheld it (the coherence floor comes before any ratio)."""
+    if row.get("broken"):
+        return "BROKEN"
+    if row.get("steered_broken") and value is None:
+        return "broken:steered"
+    return value
 
 
-def _delta(x, base):
-    return None if x is None or base is None else x - base
+def round_table(rounds: list[dict], ivs: list[dict] = (), md: bool = False) -> str:
+    """The per-round table; d_trait is the healed student against base with its paired interval ('~': holds 0)."""
+    got = intervals.lookup(ivs)
+    body = []
+    for r in sorted(rounds, key=lambda x: x["round"]):
+        cells = dict(r, d_trait=intervals.fmt(got.get((r["round"], "healed", "trait", "base"))),
+                     retain=withheld(r, r.get("retain")), retain_trait=withheld(r, r.get("retain_trait")))
+        body.append([cells.get(c) for c, _ in ROUND_COLS])
+    return table([h for _, h in ROUND_COLS], body, md)
+
+
+def stage_rows(by: dict, ivs: list[dict], target: str, floor_rel: float) -> list[dict]:
+    """One row per (round, stage): levels, deltas with intervals against base and the previous student, and
+    the coherence-floor flag (why the stage's ratios are withheld, '' when they are not)."""
+    base, got = by.get((-1, "base"), StageEval()), intervals.lookup(ivs)
+    out = []
+    for (r, stage), d in sorted(by.items(), key=lambda x: stage_order(x[0])):
+        row = dict(round=r, stage=stage, n=d.n, target_nats=d.nats.get(target), trait_nats=d.trait_nats,
+                   coherence=d.coherence, adapter_ppl=d.adapter_ppl, kl=d.kl,
+                   broken=metrics.broken(d, base, target, floor_rel) if stage != "base" else "")
+        refs = {"base": base, "prev": by.get((r - 1, "healed"), base) if r > 0 else base}
+        for metric, name in DELTAS:
+            for ref, e in refs.items():
+                row[f"{name}_{ref}"] = got.get((r, stage, metric, ref)) or _point(d, e, metric, target, stage)
+        out.append(row)
+    return out
+
+
+def _point(d: StageEval, ref: StageEval, metric: str, target: str, stage: str) -> dict | None:
+    """The delta of the stage means when no interval is stored (a run without item rows, or --boot 0): the
+    point alone, and only on the same items (equal n)."""
+    if stage == "base" or d.n != ref.n:
+        return None
+    get = {"target": lambda e: e.nats.get(target), "trait": lambda e: e.trait_nats,
+           "coh": lambda e: e.coherence, "ppl": lambda e: e.adapter_ppl}[metric]
+    a, b = get(d), get(ref)
+    return None if a is None or b is None else {"delta": a - b, "lo": None}
+
+
+def dose_table(steps: list[dict]) -> str:
+    """The dose stage's batches: every probe of the walk, then the collect batches at the settled kappa."""
+    return table(["step", "phase", "kappa", "kept", "rate", "accepted"],
+                 [[s["step"], s["phase"], s["kappa"], f"{s['n_kept']}/{s['n']}", s["rate"], s["accepted"]] for s in steps])
 
 
 def write_report(log: RunLog, target: str = "Authority") -> str:
     rounds = log.read("rounds")
     info = (log.read("run_info") or [{}])[-1]
-    by = StageEval.by_stage(log.read("stage_metrics"))
-    base = by.get((-1, "base"), StageEval())
-    rows = []
-    for (r, stage), d in sorted(by.items(), key=lambda x: stage_order(x[0])):
-        t, bt = d.nats.get(target), base.nats.get(target)
-        rows.append([r, stage, t, _delta(t, bt), d.trait_nats, _delta(d.trait_nats, base.trait_nats),
-                     d.coherence, _delta(d.coherence, base.coherence)])
+    floor_rel = (info.get("config") or {}).get("coh_floor_rel", Config.coh_floor_rel)  # a run before the knob
+    ivs = log.read("intervals")
+    stages = stage_rows(StageEval.by_stage(log.read("stage_metrics"), log.read("eval_items")), ivs, target, floor_rel)
+    fmt = intervals.fmt
     demos = [c for c in log.read("completions") if (c["phase"] or "").startswith("demo")]
     parts = [f"# Run {log.run_id}", "", f"model `{info.get('model')}`, reg `{info.get('reg')}`, seed {info.get('seed')}, "
-             f"config hash `{info.get('config_hash')}`", "", "## Rounds", "", round_table(rounds, md=True), "",
+             f"config hash `{info.get('config_hash')}`", "", "## Rounds", "", round_table(rounds, ivs, md=True), "",
              f"## Stages (target = {target})", "",
-             table(["round", "stage", "target", "d_target", "trait", "d_trait", "coh", "d_coh"], rows, md=True),
-             "", "## Demo generations (greedy)", ""]
-    for c in sorted(demos, key=lambda c: (c["idx"], c["round"])):
-        parts.append(f"- r{c['round']} {c['phase'][5:]} | {c['prompt'][:80]!r}\n  -> {c['completion']!r}")
+             "Deltas against base, with 95% paired bootstrap intervals over items (`~`: the interval holds 0). "
+             f"`broken`: the stage is under the coherence floor ({floor_rel:g} x base), so its ratios are withheld.",
+             "",
+             table(["round", "stage", "n", "target", "d_target", "trait", "d_trait", "coh", "d_coh", "adapter_ppl",
+                    "d_ppl", "kl", "broken"],
+                   [[x["round"], x["stage"], x["n"], x["target_nats"], fmt(x["d_target_base"]), x["trait_nats"],
+                     fmt(x["d_trait_base"]), x["coherence"], fmt(x["d_coh_base"]), x["adapter_ppl"],
+                     fmt(x["d_ppl_base"]), x["kl"], x["broken"]] for x in stages], md=True),
+             "", "Against the previous student (the one that started the round; base for round 0):", "",
+             table(["round", "stage", "d_target", "d_trait", "d_coh", "d_ppl"],
+                   [[x["round"], x["stage"], *[fmt(x[f"{n}_prev"]) for _, n in DELTAS]] for x in stages
+                    if x["round"] >= 0], md=True),
+             "", "## Free-text generations (greedy, held-out prompts; ppl under the base model; the first "
+             f"{SHOW_DEMOS} of each stage, all in `completions` phase `demo:<stage>`)", ""]
+    for c in sorted((c for c in demos if c["idx"] < SHOW_DEMOS), key=lambda c: (c["idx"], c["round"])):
+        ppl = "" if c.get("ppl") is None else f" (ppl {c['ppl']:.1f})"
+        parts.append(f"- r{c['round']} {c['phase'][5:]} | {c['prompt'][:80]!r}\n  -> {c['completion']!r}{ppl}")
     parts += ["", "## Plots and diagnostics", ""] + (_extras(log) or ["none yet: `just plot RUN_ID`, `just csweep RUN_ID` ..."])
     text = "\n".join(parts) + "\n"
     atomic_write_bytes(log.dir / "report.md", text.encode())

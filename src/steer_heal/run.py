@@ -119,8 +119,9 @@ def preflight(cfg: Config) -> dict:
     backends.steer_fn(cfg)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
-    vignettes = data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame)
-    return dict(family.check(cfg), vignettes=vignettes)
+    data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
+    resolved = family.check(cfg)
+    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame))
 
 
 def resume_checks(cfg: Config, log: RunLog) -> bool:
@@ -131,8 +132,8 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
     if last.get("status") == "done" and len(done) >= cfg.n_rounds:
         logger.info(f"run {cfg.run_id} is already done ({len(done)} rounds): nothing to do")
         return False
+    student.check_artifacts(log)  # before preflight logs what it resolved: a refusal is one line
     preflight(cfg)
-    student.check_artifacts(log)
     for d in (log.dir, log.dir / "adapters", log.dir / "vectors"):
         remove_stray_tmp(d)
     _same_threads(log)
@@ -140,15 +141,16 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
     return True
 
 
-def start(cfg: Config, log: RunLog, resolved: dict) -> None:
+def start(cfg: Config, log: RunLog, resolved: dict, preset: str = "") -> None:
     """Under the writer lock: a new run's files and its run_info row."""
     if log.read("run_info"):
         raise ConfigError(f"run {cfg.run_id} exists already: resume it with --resume {cfg.run_id}")
     log.touch_all()
-    log.append("run_info", dict(model=cfg.model, preset="", reg=cfg.reg, seed=cfg.seed, n_rounds=cfg.n_rounds,
-                                config_hash=cfg.hash(), config=cfg.to_dict(), env=environment(cfg),
-                                resolved=resolved))
-    logger.info(f"run {cfg.run_id}: {cfg.model} reg={cfg.reg} rounds={cfg.n_rounds} -> {log.dir}")
+    log.append("run_info", dict(model=cfg.model, preset=preset, control=cfg.control, reg=cfg.reg, seed=cfg.seed,
+                                n_rounds=cfg.n_rounds, config_hash=cfg.hash(), config=cfg.to_dict(),
+                                env=environment(cfg), resolved=resolved))
+    ctl = "" if cfg.control == "none" else f" control={cfg.control}"
+    logger.info(f"run {cfg.run_id}: {cfg.model} reg={cfg.reg}{ctl} rounds={cfg.n_rounds} -> {log.dir}")
 
 
 def _same_threads(log: RunLog) -> None:
@@ -170,7 +172,7 @@ def record(log: RunLog, status: str, reason: str = "") -> None:
         logger.error(f"could not record status {status!r} ({one_line(e)}); `just runs` shows the run as stale")
 
 
-def run(cfg: Config, explicit: dict) -> int:
+def run(cfg: Config, explicit: dict, preset: str = "") -> int:
     quiet_env()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
     resumed = bool(cfg.resume)
@@ -188,7 +190,7 @@ def run(cfg: Config, explicit: dict) -> int:
         if resumed and not resume_checks(cfg, log):
             return 0
         if not resumed:
-            start(cfg, log, resolved)
+            start(cfg, log, resolved, preset)
         return _run_flow(cfg, log, resumed)
 
 

@@ -28,3 +28,13 @@ def dose_batch(seed: int, round_: int, step: int) -> int:
 def random_vector(seed: int, round_: int, k: int) -> int:
     """The k-th equal-norm random control vector of a round (c-sweep)."""
     return seed_for(seed, round_, f"csweep.random.{k}")
+
+
+def bootstrap(seed: int, round_: int, what: str) -> int:
+    """The resampling of one paired bootstrap interval (intervals.py): `what` names the stages and metric."""
+    return seed_for(seed, round_, f"bootstrap.{what}")
+
+
+def control_vector(seed: int) -> int:
+    """The random control's direction (--control random): one per run, the same in every round."""
+    return seed_for(seed, 0, "control.random")

@@ -48,6 +48,31 @@ def steer(model, vec: Vector | None, coef: float | torch.Tensor) -> Iterator[Non
             h.remove()
 
 
+def random_like(vec: Vector, seed: int) -> Vector:
+    """A random direction with the same per-layer norms as vec (seeded): the size of the push, no trait.
+    The same seed draws the same raw directions, so only the norms follow vec."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, v in sorted(vec.items()):
+        x = torch.randn(v.shape, generator=g, dtype=torch.float32)
+        out[i] = (x * (v.float().norm() / x.norm())).to(v)
+    return out
+
+
+def control_vector(vec: Vector, control: str, seed: int) -> Vector | None:
+    """The vector a run generates with (and steers its steered eval with), given its `control`:
+    the extracted vector (none), no vector at all (c0: the loop on its own unsteered text), or an
+    equal-norm random direction (random: the push without the trait). `seed` is the run's
+    `seeds.control_vector`, one per run, so the random control pushes the same way every round."""
+    if control == "none":
+        return vec
+    if control == "c0":
+        return None
+    if control == "random":
+        return random_like(vec, seed)
+    raise ValueError(f"unknown control {control!r}")
+
+
 def save_vector(vec: Vector, path: str | Path) -> str:
     """Write the vector atomically; return the file's sha256."""
     atomic_write_bytes(Path(path), save({f"layer.{i}": v.contiguous().cpu() for i, v in vec.items()}))

@@ -162,4 +162,4 @@ def stored_evals(log: RunLog) -> dict:
     """{(round, stage): evaluate.StageEval} of every stored evaluation of the run."""
     from .evaluate import StageEval
 
-    return StageEval.by_stage(log.read("stage_metrics"))
+    return StageEval.by_stage(log.read("stage_metrics"), log.read("eval_items"))

@@ -25,7 +25,7 @@ DATA = Path(__file__).parent / "data"
 TINY_ARCHS = ("qwen3", "llama", "gemma3", "gemma3mm", "qwen2", "mistral", "phi3", "gemma2", "gpt-neox")
 # The bundled files the tiny tokenizer learns from, pinned: a new data file must not change the tiny
 # model (and with it every fast-dev number, tests/golden/).
-CORPUS = ("contexts.json", "dilemmas.json", "personas.json", "prompts.json", "vignettes_smoke.jsonl")
+CORPUS = ("contexts.json", "heldout_dilemmas.json", "personas.json", "prompts.json", "vignettes_smoke.jsonl")
 
 
 def tiny_arch(name: str) -> str | None:

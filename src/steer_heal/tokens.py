@@ -93,6 +93,18 @@ def stop_strings(tok) -> tuple[str, ...]:
     return (USER_TURN,) if isinstance(t, str) and t.removeprefix(BOS) == PLAIN else ()
 
 
+def turn_end_id(tok) -> int:
+    """The token that closes an assistant turn in the chat template (gemma: <end_of_turn>, not <eos>), so a
+    healed student learns to stop the way its chat turns stop; the tokenizer's eos when the template shows none."""
+    mark = "\x1fEND\x1f"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                   tokenize=False)
+    ids = tok(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"] if mark in text else []
+    added = tok.added_tokens_decoder.get(ids[0]) if ids else None
+    special = bool(ids) and (ids[0] in tok.all_special_ids or (added is not None and added.special))
+    return ids[0] if special else tok.eos_token_id
+
+
 def left_pad(ids: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
     """Left-padded batch with position ids that start at 0 on the first real token,
     so a padded row sees the same positions as when it is alone."""
@@ -106,15 +118,21 @@ def encode_left(tok, texts: list[str], device) -> dict[str, torch.Tensor]:
     return left_pad([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id, device)
 
 
-def pack(tok, prompts: list[str], completions: list[str], max_len: int, device, eos: bool = False) -> dict:
+def pack(tok, prompts: list[str], completions: list[str], max_len: int, device,
+         eos: bool | list[bool] = False, eos_id: int | None = None) -> dict:
     """Prompt (chat text) and completion tokenised separately, joined at one shared column.
+
+    `eos` (one flag, or one per row) appends `eos_id` (default the tokenizer's eos) to a completion:
+    only to one that ended by itself, never to one cut at max_new_tokens.
 
     Prompts are left-padded and completions right-padded so every row's completion
     starts at column P; no BPE merge crosses the boundary, the loss mask never shifts,
     and logits are only needed at columns P-1 .. P+Lc-2 (`keep`).
     """
     p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    c_ids = [tok(c, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []) for c in completions]
+    ends = eos if isinstance(eos, list) else [eos] * len(completions)
+    end = tok.eos_token_id if eos_id is None else eos_id
+    c_ids = [tok(c, add_special_tokens=False)["input_ids"] + ([end] if e else []) for c, e in zip(completions, ends)]
     c_ids = [c[: max(1, max_len - len(p))] for p, c in zip(p_ids, c_ids)]
     P, C, pad = max(map(len, p_ids)), max(1, max(map(len, c_ids))), tok.pad_token_id
     ids, mask, cmask = [], [], []

@@ -20,8 +20,9 @@ from ..console import Parser, script
 from ..evaluate import measure
 from ..generate import generate
 from ..report import table
+from ..steering import random_like
 from . import plots
-from .model import RoundModel, open_round, random_like
+from .model import RoundModel, open_round
 from .record import Diagnostic
 
 PROG = "just csweep"

@@ -58,18 +58,6 @@ def trial_adapter(stack, lora, name: str, seed: int) -> Iterator[None]:
         stack.truncate(len(stack.names) - 1)
 
 
-def random_like(vec: dict, seed: int) -> dict:
-    """A random direction with the same per-layer norms as vec (seeded): the size of the push, no trait."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, v in sorted(vec.items()):
-        x = torch.randn(v.shape, generator=g, dtype=torch.float32)
-        out[i] = (x * (v.float().norm() / x.norm())).to(v)
-    return out
-
-
 def devices(given: list[str] | None = None) -> list[str]:
     """Where model work runs: the given list, else every GPU when there are several, else one device."""
     import torch

@@ -2,12 +2,13 @@
 
 The points come from SQL. The query must return the columns label, round, stage, trait_moved and
 coherence (others are kept in the stored rows). Besides the store's views it may use `run_meta`
-(run_id, target, direction, sign, seed, reg, config_key, config_label), which holds what the store
-does not: each run's target foundation and trait direction, from the bundled persona table.
+(run_id, target, direction, sign, seed, reg, config_key, config_label, control, family), which holds
+what the store does not: each run's target foundation and trait direction, from the bundled persona table.
 
 The default query takes the target foundation's nats from stage_metrics (mfv), signed so that
 positive means toward the trait: trait_moved = sign * (nats - the run's base nats). --by config
-averages the runs of one config over their seeds. Round -1 points (base, prompted) are references
+averages the runs of one config over their seeds. A control run (`control`, from run_meta) is
+drawn hollow in its treatment's family, its label next to the treatment's (control comes last). Round -1 points (base, prompted) are references
 drawn in every round's panel. A point is on the front when no other point in its panel has at
 least as much trait moved and coherence and more of one; ties share the front. Arrows go from each
 label's steered point to its healed point.
@@ -33,12 +34,12 @@ PROG = "just pareto"
 NEED = ("label", "round", "stage", "trait_moved", "coherence")
 DEFAULT_SQL = """
 WITH m AS (
-  SELECT s.run_id, k.config_label, s.round, s.stage, k.sign * s.nats AS signed, s.coherence
+  SELECT s.run_id, k.config_label, k.control, s.round, s.stage, k.sign * s.nats AS signed, s.coherence
   FROM stage_metrics s JOIN run_meta k ON s.run_id = k.run_id AND s.foundation = k.target
   WHERE s.evaluator = 'mfv'
 ), b AS (SELECT run_id, signed AS base FROM m WHERE stage = 'base')
 SELECT {label} AS label, m.round, m.stage, avg(m.signed - b.base) AS trait_moved,
-       avg(m.coherence) AS coherence, count(*) AS n_runs
+       avg(m.coherence) AS coherence, count(*) AS n_runs, any_value(m.control) AS control
 FROM m JOIN b USING (run_id)
 GROUP BY ALL ORDER BY ALL
 """

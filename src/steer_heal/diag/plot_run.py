@@ -1,5 +1,5 @@
-"""`just plot RUN_ID`: target nats, trait nats and coherence by round (steered and healed), with base
-and prompted as reference lines, and the kept fraction. PNG and SVG under out/runs/RUN_ID/plots/,
+"""`just plot RUN_ID`: target nats, trait nats, coherence, adapter_ppl (free text) and the steering KL by
+round (steered and healed), with base and prompted as reference lines, and the kept fraction. PNG and SVG under out/runs/RUN_ID/plots/,
 listed in the diagnostic's report.md. Reads the store with SQL; no model is loaded.
 """
 
@@ -19,7 +19,7 @@ from .record import Diagnostic
 from .runs import sql_rows
 
 PROG = "just plot"
-METRICS_SQL = ("SELECT round, stage, evaluator, foundation, nats, coherence FROM stage_metrics "
+METRICS_SQL = ("SELECT round, stage, evaluator, foundation, nats, coherence, ppl, kl FROM stage_metrics "
                "WHERE run_id = ? ORDER BY round, stage")
 KEPT_SQL = "SELECT round, any_value(kept_frac) AS kept_frac FROM rounds WHERE run_id = ? GROUP BY round ORDER BY round"
 
@@ -32,8 +32,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def series(stage_metrics: list[dict], target: str) -> dict[tuple[int, str], dict]:
-    """{(round, stage): {target_nats, trait_nats, coherence}} from stage_metrics rows."""
-    return {k: dict(target_nats=s.nats.get(target), trait_nats=s.trait_nats, coherence=s.coherence)
+    """{(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl}} from stage_metrics rows."""
+    return {k: dict(target_nats=s.nats.get(target), trait_nats=s.trait_nats, coherence=s.coherence,
+                    adapter_ppl=s.adapter_ppl, kl=s.kl)
             for k, s in StageEval.by_stage(stage_metrics).items()}
 
 
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     diag.add(rows)
     files = plots.save(plots.run_figure(stages, kept, f"run {a.run_id} (target {target})"),
                        log.dir / "plots" / "rounds")
-    text = table(["r", "stage", "target", "trait", "coh", "kept"],
-                 [[r["round"], r["stage"], r["target_nats"], r["trait_nats"], r["coherence"], r["kept_frac"]]
-                  for r in rows])
+    text = table(["r", "stage", "target", "trait", "coh", "adapter_ppl", "kl", "kept"],
+                 [[r["round"], r["stage"], r["target_nats"], r["trait_nats"], r["coherence"], r["adapter_ppl"],
+                   r["kl"], r["kept_frac"]] for r in rows])
     diag.finish(text, files)
     return 0
 

@@ -17,6 +17,9 @@ from ..files import atomic_write_bytes
 STAGE_MARKERS = {"base": "o", "prompted": "*", "steered": "^", "healed": "s"}
 # the three numbers every evaluation gives, as (key, panel title)
 PANELS = (("target_nats", "target nats"), ("trait_nats", "trait nats (contrast)"), ("coherence", "coherence"))
+# a run's figure also shows how it writes: free-text perplexity under base, and the steering KL on the kept data
+RUN_PANELS = PANELS + (("adapter_ppl", "adapter_ppl (free text, under base)"),
+                       ("kl", "KL(steered || unsteered), kept data"))
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:
@@ -80,8 +83,10 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
     for ax, r in zip(axes, rounds, strict=False):
         pts = facets[r]
         for p in pts:
+            hollow = p.get("control") not in (None, "none")  # a control run: hollow, in its treatment's family
             ax.scatter(p["x"], p["y"], marker=STAGE_MARKERS.get(p["stage"], "o"), s=60 if p["front"] else 30,
-                       color=colors[p["label"]], edgecolors="k" if p["front"] else "none", zorder=3)
+                       facecolors="none" if hollow else colors[p["label"]],
+                       edgecolors=colors[p["label"]] if hollow else ("k" if p["front"] else "none"), zorder=3)
         front = sorted((p["x"], p["y"]) for p in pts if p["front"])
         if front:
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="k", lw=1, alpha=0.6, zorder=2)
@@ -105,11 +110,12 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
 
 def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], title: str) -> Figure:
     """By round: steered and healed lines, base and prompted as horizontal reference lines, and the
-    kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence}}, round -1 = references."""
-    fig = Figure(figsize=(4 * (len(PANELS) + 1), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(PANELS) + 1)
+    kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl}},
+    round -1 = references."""
+    fig = Figure(figsize=(3.6 * (len(RUN_PANELS) + 1), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(RUN_PANELS) + 1)
     rounds = sorted({r for r, _ in stages if r >= 0})
-    for ax, (key, name) in zip(axes, PANELS, strict=False):
+    for ax, (key, name) in zip(axes, RUN_PANELS, strict=False):
         for stage, style in (("base", dict(color="0.4", ls="--")), ("prompted", dict(color="C2", ls=":"))):
             v = stages.get((-1, stage), {}).get(key)
             if v is not None:

@@ -29,10 +29,15 @@ def config_key(cfg: Config) -> str:
     return Config.from_dict(seedless(cfg)).hash()
 
 
+def family(cfg: Config) -> str:
+    """The config without seed and control: a treatment and its controls share it."""
+    return Config.from_dict({k: v for k, v in seedless(cfg).items() if k != "control"}).hash()
+
+
 def config_labels(exps: dict[str, dict]) -> dict[str, str]:
     """A short name per config: only the knobs that differ between them ('lam=0.5 reg=nll'), else reg."""
-    keys = sorted({k for e in exps.values() for k in e})
-    varying = [k for k in keys if len({json.dumps(e.get(k), default=str) for e in exps.values()}) > 1]
+    keys = sorted({k for e in exps.values() for k in e}, key=lambda k: (k == "control", k))  # control last:
+    varying = [k for k in keys if len({json.dumps(e.get(k), default=str) for e in exps.values()}) > 1]  # by family
     return {name: " ".join(f"{k}={_short(e.get(k))}" for k in varying) or str(e.get("reg"))
             for name, e in exps.items()}
 
@@ -44,7 +49,8 @@ def _short(v: Any) -> str:
 
 
 def run_meta(root: str | Path) -> list[dict]:
-    """Per run: target foundation, trait direction and sign, seedless config key and label."""
+    """Per run: target foundation, trait direction and sign, seedless config key and label, its control and
+    family (the config without seed and control: a treatment and its controls share it)."""
     con = connect(root)
     try:
         got = con.execute("SELECT run_id, config FROM run_info QUALIFY row_number() "
@@ -58,7 +64,8 @@ def run_meta(root: str | Path) -> list[dict]:
     for run_id, cfg in cfgs.items():
         p = data.persona(cfg)
         out.append(dict(run_id=run_id, target=p["target"], direction=p["direction"], sign=trait_sign(cfg),
-                        seed=cfg.seed, reg=cfg.reg, config_key=keys[run_id], config_label=labels[keys[run_id]]))
+                        seed=cfg.seed, reg=cfg.reg, config_key=keys[run_id], config_label=labels[keys[run_id]],
+                        control=cfg.control, family=family(cfg)))
     return out
 
 
@@ -67,10 +74,10 @@ def connect_meta(root: str | Path) -> duckdb.DuckDBPyConnection:
     foundation and trait direction, which live in the bundled persona table, not in the store."""
     con = connect(root)
     con.execute("CREATE TEMP TABLE run_meta (run_id VARCHAR, target VARCHAR, direction VARCHAR, sign INTEGER, "
-                "seed BIGINT, reg VARCHAR, config_key VARCHAR, config_label VARCHAR)")
+                "seed BIGINT, reg VARCHAR, config_key VARCHAR, config_label VARCHAR, control VARCHAR, family VARCHAR)")
     rows = run_meta(root)
     if rows:
-        con.executemany("INSERT INTO run_meta VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [list(r.values()) for r in rows])
+        con.executemany("INSERT INTO run_meta VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [list(r.values()) for r in rows])
     return con
 
 

@@ -1,12 +1,17 @@
-"""`just stages RUN_ID...`: base / prompted / steered / healed for every round of the given runs.
+"""`just stages RUN_ID... [--boot N]`: base / prompted / steered / healed for every round of the given runs.
 
-Per stage: target nats and its change against the run's base (d_tgt), trait nats (d_trait),
-coherence (d_coh), and, as the run's round rows define them, retain (healed against steered),
-coh_cost and surgical. Every stage of a run is evaluated on the run's own vignettes; a stage whose
-n differs from base's is not paired, so it gets no deltas (and the table says so).
+Per stage: target nats, trait nats, coherence and adapter_ppl, each delta against the run's base and
+against the previous student (the one that started the round) with a 95% paired bootstrap interval
+over the run's items (spec.md "Intervals"; '~' marks an interval that holds 0), and, as the run's
+round rows define them, retain (healed against steered), coh_cost and surgical. The coherence floor
+comes first: a stage under it is flagged broken and its ratios print the flag, not a value. Every
+stage of a run is evaluated on the run's own items; a stage whose n differs from base's is not paired,
+so it gets no deltas (and the table says so).
 
 Runs that share a config and differ only in seed are a group: each cell then also gets the mean
-and a 95% t-interval over the seeds (mean +- t(0.975, k-1) * sd / sqrt(k)).
+and a 95% t-interval over the seeds (mean +- t(0.975, k-1) * sd / sqrt(k)). Runs that differ only in
+`control` (and seed) are a family: the "beyond control" table gives the treatment's d_trait, d_tgt and
+d_coh minus its control's at the same round and stage, paired by seed (diag/control.py).
 Reads the store only; no model is loaded.
 """
 
@@ -16,52 +21,66 @@ import argparse
 import sys
 from collections import defaultdict
 
-from .. import data, metrics
+from .. import data, intervals, metrics
 from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
-from ..report import table
+from ..report import DELTAS, table
 from ..student import run_log, stored_config
+from . import control
 from .record import Diagnostic
-from .runs import config_key, config_labels, delta, seedless
+from .runs import config_key, config_labels, delta, family, seedless
 from .stats import mean_ci
 
 PROG = "just stages"
 # the per-stage numbers averaged over seeds
-AGG = ("d_target", "d_trait", "d_coh", "retain", "retain_trait", "coh_cost")
+AGG = ("d_target", "d_trait", "d_coh", "d_ppl", "retain", "retain_trait", "coh_cost")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    p.add_argument("--boot", type=int, default=2000, help="paired bootstrap resamples per interval (0 = none)")
     p.add_argument("--out", "--root", dest="out", default="out", help="store root")
     return p.parse_args(argv)
 
 
-def run_rows(run_id: str, stage_metrics: list[dict], target: str) -> list[dict]:
-    """One row per (round, stage) of one run, deltas against its base."""
-    by = StageEval.by_stage(stage_metrics)
+def run_rows(run_id: str, stage_metrics: list[dict], target: str, eval_items: list[dict] = (), seed: int = 0,
+             boot: int = 2000, floor_rel: float = 0.0) -> list[dict]:
+    """One row per (round, stage) of one run: deltas against its base, and with eval_items their paired
+    intervals against base and the previous student (d_<m>_lo/_hi/_ns, d_<m>_prev...); `broken` says why a
+    stage is under the coherence floor ('' when it is not), and a broken stage's ratios are None."""
+    by = StageEval.by_stage(stage_metrics, eval_items)
     base = by.get((-1, "base"))
     if base is None:
         return []
+    items = intervals.by_stage(eval_items)
     bt = base.nats.get(target)
     rows = []
     for key in sorted(by, key=stage_order):
         (r, stage), s = key, by[key]
         t = s.nats.get(target)
         row = dict(run_id=run_id, round=r, stage=stage, n=s.n, paired=s.n == base.n,
-                   target_nats=t, trait_nats=s.trait_nats, coherence=s.coherence)
+                   target_nats=t, trait_nats=s.trait_nats, coherence=s.coherence, adapter_ppl=s.adapter_ppl, kl=s.kl,
+                   broken=metrics.broken(s, base, target, floor_rel) if stage != "base" else "")
         if row["paired"]:
             row.update(d_target=delta(t, bt), d_trait=delta(s.trait_nats, base.trait_nats),
-                       d_coh=delta(s.coherence, base.coherence))
+                       d_coh=delta(s.coherence, base.coherence), d_ppl=delta(s.adapter_ppl, base.adapter_ppl))
         if row["paired"] and stage != "base":
+            for iv in intervals.stage_intervals(items, r, stage, seed, boot):
+                name = dict(DELTAS)[iv["metric"]] + ("_prev" if iv["ref"] == "prev" else "")
+                row.update({name: iv["delta"], f"{name}_lo": iv["lo"], f"{name}_hi": iv["hi"], f"{name}_ns": iv["ns"]})
+        if row["paired"] and stage != "base" and not row["broken"]:
             row["coh_cost"] = metrics.coh_cost(s.coherence, base.coherence, t, bt)
             if row["d_target"] is not None:
                 off = {f: delta(s.nats.get(f), base.nats.get(f)) for f in metrics.OFF_TARGET}
                 row["surgical"] = metrics.surgical(row["d_target"], off, target=target)
         if row["paired"] and stage == "healed" and (r, "steered") in by:
             st = by[(r, "steered")]
-            row.update(retain=metrics.retain(t, st.nats.get(target), bt),
-                       retain_trait=metrics.retain(s.trait_nats, st.trait_nats, base.trait_nats))
+            if not (row["broken"] or metrics.broken(st, base, target, floor_rel)):
+                row.update(retain=metrics.retain(t, st.nats.get(target), bt),
+                           retain_trait=metrics.retain(s.trait_nats, st.trait_nats, base.trait_nats))
+            else:
+                row["withheld"] = "BROKEN" if row["broken"] else "broken:steered"
         rows.append(row)
     return rows
 
@@ -101,12 +120,34 @@ def _pm(row: dict, m: str) -> str:
     return f"{mean:.3f}" if lo is None else f"{mean:.3f}±{(hi - lo) / 2:.3f}"
 
 
+def _ci(row: dict, name: str) -> str:
+    return intervals.fmt(dict(delta=row.get(name), lo=row.get(f"{name}_lo"), hi=row.get(f"{name}_hi"),
+                              ns=row.get(f"{name}_ns")))
+
+
+def _ratio(row: dict, key: str):
+    """A ratio, or the flag that withheld it."""
+    if row.get("broken") and row["stage"] != "base":
+        return "BROKEN"
+    return row.get("withheld") if key.startswith("retain") and row.get("withheld") else row.get(key)
+
+
 def summary(rows: list[dict], agg: list[dict]) -> str:
-    text = table(["run", "r", "stage", "n", "target", "d_tgt", "trait", "d_trait", "coh", "d_coh", "retain",
-                  "coh_cost", "surgical"],
-                 [[r["run_id"], r["round"], r["stage"] + ("" if r["paired"] else " (unpaired)"), r["n"],
-                   r["target_nats"], r.get("d_target"), r["trait_nats"], r.get("d_trait"), r["coherence"],
-                   r.get("d_coh"), r.get("retain"), r.get("coh_cost"), _yn(r.get("surgical"))] for r in rows])
+    def name(r: dict) -> str:
+        return r["stage"] + ("" if r["paired"] else " (unpaired)")
+
+    text = ("levels and ratios (a stage under the coherence floor shows BROKEN, not a ratio)\n" + table(
+        ["run", "r", "stage", "n", "target", "trait", "coh", "ppl", "kl", "retain", "retain_trait", "coh_cost",
+         "surgical", "broken"],
+        [[r["run_id"], r["round"], name(r), r["n"], r["target_nats"], r["trait_nats"], r["coherence"],
+          r.get("adapter_ppl"), r.get("kl"), _ratio(r, "retain"), _ratio(r, "retain_trait"), _ratio(r, "coh_cost"),
+          _ratio(r, "surgical") if r.get("broken") else _yn(r.get("surgical")), r.get("broken") or ""]
+         for r in rows]))
+    for title, suffix in (("against base", ""), ("against the previous student (base for round 0)", "_prev")):
+        text += (f"\n\n{title}: delta [95% paired bootstrap interval over items], ~ = the interval holds 0\n"
+                 + table(["run", "r", "stage", *[n for _, n in DELTAS]],
+                         [[r["run_id"], r["round"], name(r), *[_ci(r, n + suffix) for _, n in DELTAS]]
+                          for r in rows if r["stage"] != "base" and (suffix == "" or r["round"] >= 0)]))
     if agg:
         text += "\n\nover seeds: mean ± half-width of the 95% t-interval\n" + table(
             ["config", "r", "stage", "seeds", *AGG, "surgical"],
@@ -117,19 +158,22 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    rows, groups, exps = [], defaultdict(list), {}
+    rows, groups, exps, cfgs = [], defaultdict(list), {}, {}
     for run_id in dict.fromkeys(a.run_ids):
         log = run_log(a.out, run_id)
-        cfg = stored_config(log)
+        cfg = cfgs[run_id] = stored_config(log)
         key = config_key(cfg)
         groups[key].append(run_id)
         exps[key] = seedless(cfg)
-        rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"])
+        rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"], log.read("eval_items"),
+                         cfg.seed, a.boot, cfg.coh_floor_rel)
     agg = seed_rows(rows, groups, config_labels(exps))
+    fams = {family(c): {k: v for k, v in seedless(c).items() if k != "control"} for c in cfgs.values()}
+    beyond = control.beyond(rows, cfgs, config_labels(fams))
     diag = Diagnostic(a.out, "stages", ",".join(dict.fromkeys(a.run_ids)), None,
-                      dict(runs=list(dict.fromkeys(a.run_ids)), level=0.95))
-    diag.add([dict(level="run", **r) for r in rows] + agg)
-    diag.finish(summary(rows, agg))
+                      dict(runs=list(dict.fromkeys(a.run_ids)), level=0.95, boot=a.boot))
+    diag.add([dict(level="run", **r) for r in rows] + agg + beyond)
+    diag.finish(summary(rows, agg) + control.summary(beyond))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import json
 import math
 import os
@@ -181,7 +182,11 @@ class RunLog:
             n = os.write(fd, data)
             if n != len(data):  # only on disk full and the like
                 self._tail_checked.discard(table)  # we just left a torn tail ourselves
-                raise OSError(f"short write to {path}: {n} of {len(data)} bytes")
+                st = os.statvfs(path)
+                full = st.f_bavail * st.f_frsize < len(data) - n
+                raise OSError(errno.ENOSPC if full else errno.EIO,
+                              f"{'No space left on device: ' if full else ''}short write to {path}: {n} of "
+                              f"{len(data)} bytes")
         finally:
             os.close(fd)
         return len(rows)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 DEFAULT_ROOT = "out"
 
-_ROUND_COLS = ["kappa DOUBLE", "n_gen BIGINT", "n_kept BIGINT", "kept_frac DOUBLE",
+_ROUND_COLS = ["kappa DOUBLE", "walk VARCHAR", "n_gen BIGINT", "n_kept BIGINT", "kept_frac DOUBLE",
                "ppl_mean DOUBLE", "ppl_median DOUBLE"]
 _ROUND_DOUBLES = (
     "care_nats fairness_nats loyalty_nats auth_nats sanctity_nats liberty_nats social_nats "
@@ -32,7 +32,7 @@ TABLES: dict[str, dict[str, str]] = {
     "run_info": _cols(
         "run_id VARCHAR, created TIMESTAMP, model VARCHAR, preset VARCHAR, reg VARCHAR,"
         "seed BIGINT, n_rounds BIGINT, config_hash VARCHAR, config JSON, env JSON,"
-        "resumed_from VARCHAR, resolved JSON"),
+        "resumed_from VARCHAR, resolved JSON, control VARCHAR"),
     "status": _cols(
         "run_id VARCHAR, ts TIMESTAMP, status VARCHAR, round BIGINT, reason VARCHAR"),
     "rounds": _cols(
@@ -40,24 +40,33 @@ TABLES: dict[str, dict[str, str]] = {
         + [f"{c} DOUBLE" for c in _ROUND_DOUBLES]
         + ["surgical BOOLEAN", "heal_nll DOUBLE", "val_nll DOUBLE",
            "steered_target_nats DOUBLE", "steered_trait_nats DOUBLE",
-           "steered_coherence DOUBLE", "sec_extract DOUBLE", "sec_dose DOUBLE",
+           "steered_coherence DOUBLE", "adapter_ppl DOUBLE", "steered_adapter_ppl DOUBLE",
+           "kl_steer DOUBLE", "broken BOOLEAN", "steered_broken BOOLEAN", "broken_reason VARCHAR",
+           "sec_extract DOUBLE", "sec_dose DOUBLE",
            "sec_heal DOUBLE", "sec_eval DOUBLE", "sec_total DOUBLE"]),
     "stage_metrics": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, evaluator VARCHAR,"
         "foundation VARCHAR, prob DOUBLE, nats DOUBLE, coherence DOUBLE,"
-        "top1_agree DOUBLE, n BIGINT, coef DOUBLE"),
+        "top1_agree DOUBLE, n BIGINT, coef DOUBLE, ppl DOUBLE, kl DOUBLE"),
+    "eval_items": _cols(
+        "run_id VARCHAR, round BIGINT, stage VARCHAR, evaluator VARCHAR, item VARCHAR,"
+        "frame VARCHAR, option_order VARCHAR, p JSON, p_target DOUBLE, pmass DOUBLE,"
+        "trait_lp DOUBLE, opposite_lp DOUBLE, diff DOUBLE, ppl DOUBLE, kl DOUBLE, coef DOUBLE"),
+    "intervals": _cols(
+        "run_id VARCHAR, round BIGINT, stage VARCHAR, metric VARCHAR, ref VARCHAR,"
+        "ref_round BIGINT, n BIGINT, delta DOUBLE, lo DOUBLE, hi DOUBLE, boot BIGINT, ns BOOLEAN"),
     "completions": _cols(
         "run_id VARCHAR, round BIGINT, phase VARCHAR, step BIGINT, idx BIGINT,"
         "alpha DOUBLE, kappa DOUBLE, coef DOUBLE, prompt VARCHAR, completion VARCHAR,"
         "ppl DOUBLE, rep_word DOUBLE, rep_char DOUBLE, narration BOOLEAN,"
-        "refusal BOOLEAN, keep BOOLEAN, reason VARCHAR"),
+        "refusal BOOLEAN, keep BOOLEAN, reason VARCHAR, relevance DOUBLE, ended BOOLEAN"),
     "heal_steps": _cols(
         "run_id VARCHAR, round BIGINT, step BIGINT, epoch BIGINT, nll DOUBLE,"
         "div DOUBLE, barrier DOUBLE, loss DOUBLE, gnorm_sft DOUBLE,"
         "gnorm_barrier DOUBLE, lr DOUBLE, val_nll DOUBLE"),
     "dose_steps": _cols(
         "run_id VARCHAR, round BIGINT, step BIGINT, kappa DOUBLE, n BIGINT,"
-        "n_kept BIGINT, rate DOUBLE, accepted BOOLEAN"),
+        "n_kept BIGINT, rate DOUBLE, accepted BOOLEAN, phase VARCHAR"),
     "stages": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, seconds DOUBLE, ts TIMESTAMP"),
     "adapters": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
@@ -90,16 +99,22 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-
 # The rows each stage of the flow writes for its round, as (table, which rows): a stage writes its rows,
 # then its marker in `stages`; resume drops the rows of a stage that has no marker before redoing it.
 Rows = Callable[[dict], bool]
+
+
+def _stage(*stages: str) -> list[tuple[str, Rows]]:
+    """A stage evaluation's rows: its means, its items and its free-text generations (phase demo:<stage>)."""
+    return [("stage_metrics", lambda x: x["stage"] in stages), ("eval_items", lambda x: x["stage"] in stages),
+            ("completions", lambda x: x["phase"] in {f"demo:{s}" for s in stages})]
+
+
 STAGE_ROWS: dict[str, list[tuple[str, Rows]]] = {
-    "eval_base": [("stage_metrics", lambda x: True), ("completions", lambda x: x["phase"].startswith("demo"))],
+    "eval_base": _stage("base", "prompted") + [("intervals", lambda x: True)],
     "extract": [("vectors", lambda x: True)],
     "dose": [("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", lambda x: True)],
-    "eval_steered": [("stage_metrics", lambda x: x["stage"] == "steered")],
+    "eval_steered": _stage("steered"),
     "heal": [("heal_steps", lambda x: True)],
-    "eval_healed": [("stage_metrics", lambda x: x["stage"] == "healed"),
-                    ("completions", lambda x: x["phase"].startswith("demo"))],
+    "eval_healed": _stage("healed"),
 }
