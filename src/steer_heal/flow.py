@@ -94,8 +94,11 @@ class Run:
 
 def crash_point(where: str) -> None:
     """Fault injection for crash-and-resume tests: STEER_HEAL_KILL_AT=<where> SIGKILLs the
-    whole process group here (the Prefect server included), like a power cut would."""
+    whole process group here (the Prefect server included), like a power cut would; in a
+    sweep cell, the Prefect worker that started this process goes first."""
     if os.environ.get("STEER_HEAL_KILL_AT") == where:
+        if os.environ.get("PREFECT__WORKER_NAME"):
+            os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 

@@ -160,6 +160,9 @@ def run(cfg: Config, explicit: dict) -> int:
     except Exception as e:
         log.append("status", dict(status="failed", reason=f"{type(e).__name__}: {e}"))
         raise
+    except BaseException as e:  # SIGTERM in a sweep cell (Prefect's TerminationSignal), SystemExit
+        log.append("status", dict(status="interrupted", reason=type(e).__name__))
+        raise
     status, _, reason = result.partition(":")
     log.append("status", dict(status=status, reason=reason))
     if status in ("starved", "failed"):
