@@ -108,9 +108,9 @@ class Pool:
         return subprocess.run([sys.executable, "-m", "steer_heal.sweep", *args], env=self.env(), cwd=REPO,
                               capture_output=True, text=True, timeout=timeout)
 
-    def sweep(self, name: str, *extra: str, pool: str = "steer-heal") -> dict[str, tuple[str, str]]:
-        """Submit the 4-cell grid; what happened to each cell: run_id -> (action, why)."""
-        got = self.cli("submit", "--name", name, "--pool", pool, *GRID, *extra, "--", *ARGS, "--out", str(self.out))
+    def sweep(self, name: str, *extra: str, pool: str = "steer-heal", grid: list[str] = GRID) -> dict[str, tuple]:
+        """Submit the grid (4 cells); what happened to each cell: run_id -> (action, why)."""
+        got = self.cli("submit", "--name", name, "--pool", pool, *grid, *extra, "--", *ARGS, "--out", str(self.out))
         assert got.returncode == 0, got.stderr[-3000:]
         rows = [re.split(r"\s{2,}", x.strip(), maxsplit=2) for x in got.stdout.splitlines() if x.startswith("sw-")]
         return {r[0]: (r[1], r[2]) for r in rows}
@@ -217,17 +217,20 @@ def grid(sqlite_pool):
 def test_queue_and_sweep_land_on_the_pool_without_pueue(sqlite_pool):
     p, pool = sqlite_pool, "smoke"  # a pool no worker polls: what is queued stays queued
     env = p.env(STEER_HEAL_POOL=pool, PATH=path_without_pueue())
-    for recipe, args in [("queue-stages", ["a", "b", "--out", str(p.out)]), ("queue-csweep", ["a", "1"]),
-                         ("queue-barrier", ["a", "0", "--lam", "0.5", "1"]), ("queue-run", ["--preset", "fast-dev"])]:
-        got = subprocess.run(["just", recipe, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert got.returncode == 0 and f"on pool '{pool}'" in got.stdout, got.stderr[-2000:]
-    queued = p.flow_runs("steer-heal-command", pool)
-    assert [r.parameters["argv"] for r in queued] == [
-        ["just", "stages", "a", "b", "--out", str(p.out)], ["just", "csweep", "a", "1"],
-        ["just", "barrier-sweep", "a", "0", "--lam", "0.5", "1"], ["just", "run", "--preset", "fast-dev"]]
-    assert all(r.parameters["cwd"] == str(REPO) and r.state.type.value == "SCHEDULED" for r in queued)
-    assert [t for r in queued for t in r.tags if t.startswith("queue:")] == \
-        ["queue:stages", "queue:csweep", "queue:barrier-sweep", "queue:run"]
+    calls = [subprocess.Popen(["just", recipe, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for recipe, args in [("queue-stages", ["a", "b", "--out", str(p.out)]), ("queue-csweep", ["a", "1"]),
+                                  ("queue-barrier", ["a", "0", "--lam", "0.5", "1"]),
+                                  ("queue-run", ["--preset", "fast-dev"])]]
+    for call in calls:
+        so, se = call.communicate(timeout=180)
+        assert call.returncode == 0 and f"on pool '{pool}'" in so, se[-2000:]
+    queued = {t[6:]: r for r in p.flow_runs("steer-heal-command", pool) for t in r.tags if t.startswith("queue:")}
+    assert {k: r.parameters["argv"] for k, r in queued.items()} == {
+        "stages": ["just", "stages", "a", "b", "--out", str(p.out)], "csweep": ["just", "csweep", "a", "1"],
+        "barrier-sweep": ["just", "barrier-sweep", "a", "0", "--lam", "0.5", "1"],
+        "run": ["just", "run", "--preset", "fast-dev"]}
+    assert all(r.parameters["cwd"] == str(REPO) and r.state.type.value == "SCHEDULED" for r in queued.values())
 
     first = p.cli("submit", "--name", "smoke", "--pool", pool, "--lam", "0.3", "1", "--", *ARGS, "--out", str(p.out))
     assert first.returncode == 0 and first.stdout.count(" submitted  start") == 2, first.stderr[-2000:]
@@ -319,6 +322,29 @@ def test_a_worker_killed_mid_round_resumes_on_resubmit(sqlite_pool, grid):
     mine = [r for r in p.flow_runs(pool="kill") if r.name == killed]
     assert [(r.state.type.value, r.idempotency_key) for r in mine] == [("CRASHED", killed + "#0"),
                                                                        ("COMPLETED", killed + "#1")]
+
+
+@pytest.mark.slow
+def test_stopping_a_worker_drains_its_cell_and_a_resubmit_resumes_it_at_once(sqlite_pool, grid):
+    """Ctrl-C on `just worker` SIGTERMs the flow run first: the run writes `interrupted`, Prefect marks the flow run
+    Crashed, so the next `just sweep` resumes the cell without waiting out --stale-after."""
+    p, one, rid = sqlite_pool, ["--lam", "1", "--seeds", "0"], "sw-d-lam=1-s0"
+    sup = p.workers(1, "drain", "drain")
+    p.sweep("d", pool="drain", grid=one)
+    wait_for(p, lambda: (0, "extract") in {(r["round"], r["stage"]) for r in RunLog(p.out, rid).read("stages")}
+             if (p.out / "runs" / rid).is_dir() else False, 600, "workers-drain.log", every=0.2)
+    os.kill(sup.pid, signal.SIGINT)
+    assert sup.wait(60) == 0, p.tail("workers-drain.log")
+    assert RunLog(p.out, rid).read("status")[-1]["status"] == "interrupted"
+    assert [r.state.type.value for r in p.flow_runs(pool="drain")] == ["CRASHED"]
+    assert p.sweep("d", pool="drain", grid=one) == {rid: ("submitted", "resume after Crashed")}
+    sup = p.workers(1, "drain2", "drain")
+    try:
+        wait_for(p, lambda: store_runs(p.out, "d").get(rid) == ("done", 2), 600, "workers-drain2.log")
+    finally:
+        kill_group(sup)
+    assert_same_rounds(rounds(p.out, "sw-g-lam=1-s0"), rounds(p.out, rid))
+    assert [r["status"] for r in RunLog(p.out, rid).read("status")] == ["running", "interrupted", "running", "done"]
 
 
 # ---------------------------------------------------------------- slow: the same grid with Prefect on Postgres

@@ -1,9 +1,9 @@
 """`just server` and `just worker N`: the Prefect server a sweep talks to, and N process workers on its pool.
 
 The server runs in the foreground (exec), so Ctrl-C and `kill` reach it directly. The workers each run
-in their own session, one flow run at a time, started by a small supervisor that forwards Ctrl-C or
-SIGTERM to each of them once (a second SIGINT makes a Prefect worker SIGKILL itself and orphan its
-flow run) and that they do not outlive (PR_SET_PDEATHSIG).
+in their own session, one flow run at a time, started by a small supervisor that they do not outlive
+(PR_SET_PDEATHSIG). On Ctrl-C or SIGTERM it drains: it SIGTERMs the flow runs first (see drain), then
+sends each worker one SIGINT (a second one makes a Prefect worker SIGKILL itself and orphan its run).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -67,6 +68,39 @@ def _die_with_parent() -> None:
         pass
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (a worker's flow-run processes), from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def drain(pids: list[int], grace: float = 30.0) -> None:
+    """SIGTERM each flow run and wait for it: Prefect turns SIGTERM into an exception in the flow, so the run
+    writes its status `interrupted` and the flow run ends Crashed, and a re-submit resumes it at once. A
+    worker stopped first would SIGKILL it and leave it `running`, to be found stale only after --stale-after."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and _running(p) for p in pids):
+        time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _relay(name: str, stream) -> None:
     for line in iter(stream.readline, b""):
         sys.stdout.buffer.write(f"[{name}] ".encode() + line)
@@ -82,12 +116,15 @@ def workers(n: int, pool: str, devices: list[str] | None, prefix: str) -> int:
     stopping = threading.Event()
 
     def stop(signum, _frame) -> None:
-        if not stopping.is_set():
+        if not stopping.is_set():  # the first signal drains: flow runs end as interrupted, then the workers stop
             stopping.set()
-            logger.info(f"stopping {len(procs)} worker(s); a cell in flight is interrupted and resumes on re-submit")
-            for p in procs.values():
-                if p.poll() is None:
-                    os.kill(p.pid, signal.SIGINT)
+            runs = [c for p in procs.values() for c in children(p.pid)]
+            logger.info(f"stopping {len(procs)} worker(s) and the {len(runs)} cell(s) they run; an interrupted cell "
+                        "resumes when the sweep is submitted again (a second Ctrl-C stops at once)")
+            drain(runs)
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGINT)
 
     # handlers first: a child execs with SIGINT at default, not inherited as ignored (a `just worker &`
     # from a script ignores SIGINT, and a Prefect worker then never stops on it)

@@ -92,9 +92,10 @@ def _summary(rows: list[tuple], spans: list[tuple[float, float]], own: list[floa
     line = f"{len(rows)} cells, {n_done} done"
     if spans:
         wall = max(e for _, e in spans) - min(s for s, _ in spans)
-        over = [sum(x for i, x in enumerate(r[-5:]) if i != 3 and x is not None) for r in rows if r[-2] is not None]
+        # what a worker pays per cell besides the run; pickup is mostly waiting for a free worker
+        over = [r[-4] + r[-3] + r[-1] for r in rows if None not in r[-4:-2] and r[-1] is not None]
         line += (f"; latest attempts: {wall:.1f} s from first submission to last end, the runs' own time "
                  f"{sum(own):.1f} s in all")
         if over:
-            line += f", overhead per cell median {statistics.median(over):.1f} s (pickup+spawn+setup+finish)"
+            line += f", per-cell overhead median {statistics.median(over):.1f} s (spawn+setup+finish)"
     return line
