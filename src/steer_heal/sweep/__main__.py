@@ -75,7 +75,6 @@ def cmd_status(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="just sweep-status", description="One line per sweep cell.")
     p.add_argument("name", nargs="?", help="the sweep (default: every sweep)")
     p.add_argument("--out", default="out", help="store root")
-    p.add_argument("--pool", default=POOL)
     p.add_argument("--stale-after", type=float, default=STALE_AFTER)
     p.add_argument("--timing", action="store_true", help="split each cell's time: pick-up, process start, setup, "
                    "the run itself, finish")
@@ -83,7 +82,7 @@ def cmd_status(argv: list[str]) -> int:
     from .status import status_rows
 
     connect_server()
-    cols, rows, summary = status_rows(a.out, a.name, a.pool, a.stale_after, a.timing)
+    cols, rows, summary = status_rows(a.out, a.name, a.stale_after, a.timing)
     if rows:
         print(format_table(cols, rows))
     print(summary)

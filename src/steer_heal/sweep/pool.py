@@ -67,25 +67,17 @@ def deploy(pool: str = POOL) -> dict[str, Any]:
             for f in (cell, command)}
 
 
-def cell_deployment(c, pool: str = POOL):
-    """The id of the pool's cell deployment, None before the first submission."""
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        return c.read_deployment_by_name(f"steer-heal-cell/{pool}").id
-    except ObjectNotFound:
-        return None
-
-
-def flow_runs(c, dep_id, tag: str | None = None) -> list:
-    """The deployment's flow runs (with `tag`), oldest first; paged, the API caps a page at 200."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterTags
+def flow_runs(c, tag: str | None = None, flow: str = "steer-heal-cell", deployment_id: Any = None) -> list:
+    """The flow's runs (with `tag`, of one deployment), oldest first; paged, the API caps a page at 200.
+    A sweep's cells are looked up across every pool: a run id is one run, whichever pool queued it."""
+    from prefect.client.schemas import filters as f
 
     got, off = [], 0
-    frf = FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])) if tag else None
+    frf = f.FlowRunFilter(tags=f.FlowRunFilterTags(all_=[tag])) if tag else None
+    df = f.DeploymentFilter(id=f.DeploymentFilterId(any_=[deployment_id])) if deployment_id else None
     while True:
-        page = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])),
-                                flow_run_filter=frf, limit=200, offset=off)
+        page = c.read_flow_runs(flow_filter=f.FlowFilter(name=f.FlowFilterName(any_=[flow])), flow_run_filter=frf,
+                                deployment_filter=df, limit=200, offset=off)
         got += page
         if len(page) < 200:
             return sorted(got, key=lambda r: r.created)
@@ -179,8 +171,7 @@ def submit(name: str, cells: list[Cell], root: Path, pool: str = POOL, stale_aft
     dep_id = None if dry_run else deploy(pool)["steer-heal-cell"]
     out = []
     with client() as c:
-        dep_id = dep_id or cell_deployment(c, pool)
-        runs = by_cell(flow_runs(c, dep_id, f"sweep:{name}")) if dep_id else {}
+        runs = by_cell(flow_runs(c, f"sweep:{name}"))
         for cell in cells:
             mine, st = runs.get(cell.run_id, []), states[cell.run_id]
             latest = mine[-1] if mine else None

@@ -29,6 +29,7 @@ def server(out: str, host: str, port: int, extra: list[str]) -> NoReturn:
     """exec `prefect server start`: SQLite under PREFECT_HOME (default <out>/prefect-server, started from
     the migrated template a run's home uses), or Postgres when Prefect's database URL is set."""
     from ..run import prefect_home
+    from .pool import LOCAL_API
 
     home = Path(os.environ.get("PREFECT_HOME") or Path(out).resolve() / "prefect-server")
     db = next((os.environ[v] for v in DB_URL_VARS if os.environ.get(v)), "")
@@ -44,8 +45,7 @@ def server(out: str, host: str, port: int, extra: list[str]) -> NoReturn:
     where = "localhost" if host in ("127.0.0.1", "localhost") else platform.node()
     print(f"steer-heal: Prefect server ({'SQLite in ' + str(home) if sqlite else 'Postgres'}) on port {port}. "
           f"Clients and workers: export PREFECT_API_URL=http://{where}:{port}/api "
-          f"(the default for just worker/sweep/sweep-status is {'http://127.0.0.1:4200/api'})", file=sys.stderr,
-          flush=True)
+          f"(unset, just worker/sweep/sweep-status use {LOCAL_API})", file=sys.stderr, flush=True)
     os.execve(sys.executable, argv, env)
 
 

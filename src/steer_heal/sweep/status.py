@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..store import query
-from .pool import POOL, by_cell, cell_deployment, client, flow_runs, is_alive
+from .pool import by_cell, client, flow_runs, is_alive
 from .state import STALE_AFTER, StoreState, _epoch
 
 COLS = ["run_id", "prefect", "runs", "worker", "status", "rounds", "last_ts", "alive"]
@@ -52,7 +52,7 @@ def timing(c, root: Path, run_id: str, fr) -> list[float | None]:
     return [round(b - a, 2) if a is not None and b is not None else None for a, b in zip(marks, marks[1:])]
 
 
-def status_rows(root: str | Path, name: str | None = None, pool: str = POOL, stale_after: float = STALE_AFTER,
+def status_rows(root: str | Path, name: str | None = None, stale_after: float = STALE_AFTER,
                 with_timing: bool = False) -> tuple[list[str], list[tuple], str]:
     """Columns, one row per cell (cells of sweep `name`, or of every sweep), and a summary line."""
     root = Path(root).resolve()
@@ -61,8 +61,7 @@ def status_rows(root: str | Path, name: str | None = None, pool: str = POOL, sta
     now = time.time()
     rows, spans, own = [], [], []
     with client() as c:
-        dep = cell_deployment(c, pool)
-        runs = by_cell(flow_runs(c, dep, f"sweep:{name}" if name else None)) if dep else {}
+        runs = by_cell(flow_runs(c, f"sweep:{name}" if name else "sweep"))
         for rid in sorted(set(store) | {r for r in runs if r.startswith(prefix)}):
             status, reason, done, n, last = store.get(rid, (None, "", 0, None, None))
             mine = runs.get(rid, [])
