@@ -108,37 +108,54 @@ pareto *ARGS:
 plot RUN_ID *ARGS:
     @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/plot_run.py "$@"
 
-# queue `just csweep ...` with pueue (group steer-heal, or $PUEUE_GROUP)
+# queue `just csweep ...` (pueue when installed, else the Prefect work pool)
 queue-csweep RUN_ID *ARGS:
     @{{just_executable()}} --justfile "{{justfile()}}" _queue csweep "$@"
 
-# queue `just stages ...` with pueue
+# queue `just stages ...` (pueue, else the pool)
 queue-stages +RUN_IDS:
     @{{just_executable()}} --justfile "{{justfile()}}" _queue stages "$@"
 
-# queue `just barrier-sweep ...` with pueue
+# queue `just barrier-sweep ...` (pueue, else the pool)
 queue-barrier RUN_ID ROUND *ARGS:
     @{{just_executable()}} --justfile "{{justfile()}}" _queue barrier-sweep "$@"
 
-# queue `just run ...` with pueue
+# queue `just run ...` (pueue, else the pool)
 queue-run *ARGS:
     @{{just_executable()}} --justfile "{{justfile()}}" _queue run "$@"
 
-# add `just RECIPE ARGS` to pueue's group (created if missing), run from this folder
+# add `just RECIPE ARGS` to pueue's group (created if missing), or without pueue to the Prefect work pool
+# (`just server` + `just worker` run it); either way it runs from this folder
 [private]
 _queue RECIPE *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
     recipe="$1"; shift
-    cmd="just $recipe${*:+ $(printf '%q ' "$@")}"
-    cmd="${cmd% }"
-    if ! command -v pueue >/dev/null 2>&1; then
-        echo "pueue is not installed: see https://github.com/Nukesor/pueue (cargo install pueue), or run \`$cmd\` directly" >&2
-        exit 1
+    if command -v pueue >/dev/null 2>&1; then
+        cmd="just $recipe${*:+ $(printf '%q ' "$@")}"
+        group="${PUEUE_GROUP:-steer-heal}"
+        pueue group add "$group" >/dev/null 2>&1 || true  # already there is fine
+        exec pueue add --group "$group" --label "$recipe" --working-directory "{{justfile_directory()}}" -- "${cmd% }"
     fi
-    group="${PUEUE_GROUP:-steer-heal}"
-    pueue group add "$group" >/dev/null 2>&1 || true  # already there is fine
-    pueue add --group "$group" --label "$recipe" --working-directory "{{justfile_directory()}}" -- "$cmd"
+    exec {{python}} -m steer_heal.sweep enqueue --label "$recipe" --cwd "{{justfile_directory()}}" -- just "$recipe" "$@"
+
+# ---- sweeps on a Prefect work pool (docs/scaling.md): one server, workers on every machine, one store
+
+# a Prefect server for sweeps and the queue (SQLite under out/prefect-server, Postgres when PREFECT_SERVER_DATABASE_CONNECTION_URL is set): just server [--host 0.0.0.0] [--port 4200] [--out DIR]
+server *ARGS:
+    @{{python}} -m steer_heal.sweep server "$@"
+
+# N process workers on the pool, one run at a time each, a GPU each when there are GPUs: just worker [N] [--gpus 0,1]
+worker *ARGS:
+    @{{python}} -m steer_heal.sweep worker "$@"
+
+# submit a grid (done cells skipped, unfinished ones resumed): just sweep --name lam --reg kl_rev nll --lam 0.3 1 --seeds 0 1 2 -- --preset fast-dev
+sweep *ARGS:
+    @{{python}} -m steer_heal.sweep submit "$@"
+
+# one line per sweep cell (Prefect state, rounds, last_ts, alive/stale): just sweep-status [NAME] [--out DIR] [--timing]
+sweep-status *ARGS:
+    @{{python}} -m steer_heal.sweep status "$@"
 
 # ---- bench: performance figures for docs/performance.md
 # time generation, perplexity, a heal step, eval, orchestration and the store SQL: just bench --cache /tmp/smc --only a,b

@@ -7,7 +7,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "src" / "steer_heal"
 STAGES = ("extract", "dose", "generate", "filter", "heal", "bake", "evaluate", "mfv", "contrast", "freetext", "steering",
           "intervals", "metrics")
-ABOVE = ("store", "run", "flow", "student", "diag", "cli", "report", "export", "bench")
+ABOVE = ("store", "run", "flow", "student", "diag", "cli", "report", "export", "bench", "sweep")
 MAX_LINES = 420
 
 

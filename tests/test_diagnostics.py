@@ -336,11 +336,15 @@ def _path_without_pueue(extra: Path | None = None) -> str:
     return os.pathsep.join(([str(extra)] if extra else []) + dirs)
 
 
-def test_queue_without_pueue_says_how_to_get_it():
-    p = just("queue-csweep", "x", env=dict(os.environ, PATH=_path_without_pueue()))
-    assert p.returncode != 0
-    assert ("pueue is not installed: see https://github.com/Nukesor/pueue (cargo install pueue), "
-            "or run `just csweep x` directly") in p.stderr
+def test_queue_without_pueue_or_a_prefect_server_says_how_to_get_either():
+    """Without pueue the queue is the Prefect work pool (tests/test_pool.py); with no server either, one line
+    names both ways out."""
+    env = dict(os.environ, PATH=_path_without_pueue(), PREFECT_API_URL="http://127.0.0.1:9/api")
+    p = just("queue-csweep", "x", env=env)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "pueue is not installed and no Prefect server answers at http://127.0.0.1:9/api" in p.stderr
+    assert "`just server`" in p.stderr and "cargo install pueue" in p.stderr
+    assert "or run `just csweep x` directly" in p.stderr
 
 
 def test_queue_adds_the_job_to_a_named_group(tmp_path):

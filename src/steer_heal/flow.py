@@ -124,8 +124,11 @@ def crash_point(where: str) -> None:
     group here (its Prefect server, in a session of its own, follows its parent), like a power cut would.
     Points sit inside each stage after its first stored rows (tests/test_faults.py, tests/test_flow_pins.py):
     eval_base:base, eval_<stage>:rR:demo and :metrics (inside Run.evaluate), extract:rR:saved, dose:rR:stepS,
-    dose:rR:completions, heal:rR:stepS, heal:rR:steps, bake:rR:saved, bake:rR:adapter."""
+    dose:rR:completions, heal:rR:stepS, heal:rR:steps, bake:rR:saved, bake:rR:adapter.
+    In a sweep cell, the Prefect worker that started this process goes first."""
     if os.environ.get("STEER_HEAL_KILL_AT") == where:
+        if os.environ.get("PREFECT__WORKER_NAME"):
+            os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 

@@ -236,7 +236,10 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
-            record(log, "failed", one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")
+            if isinstance(e, Exception):
+                record(log, "failed", one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")
+            else:  # SIGTERM in a sweep cell (Prefect's TerminationSignal), SystemExit: stopped, not broken
+                record(log, "interrupted", type(e).__name__)
             raise
         before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the status write
         try:

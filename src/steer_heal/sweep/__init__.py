@@ -1,0 +1,3 @@
+"""Sweeps on a Prefect work pool: a grid of runs (grid.py), the cell and command flows a worker runs
+(cell.py), submission and the skip/resume decision (pool.py), the store's view of a cell (state.py),
+`just sweep-status` (status.py), and the server and worker processes (procs.py). docs/scaling.md."""

@@ -1,0 +1,141 @@
+"""Sweep grids and the per-cell decision, without a server: run ids, cells, liveness, refusals."""
+
+import datetime as dt
+import time
+import uuid
+
+import pytest
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Cancelled, Completed, Crashed, Late, Pending, Running, Scheduled
+
+from steer_heal.cli import parse
+from steer_heal.config import ConfigError
+from steer_heal.store import RunLog
+from steer_heal.sweep.__main__ import main
+from steer_heal.sweep.grid import Grid, load_toml
+from steer_heal.sweep.pool import check_existing, decide, next_key
+from steer_heal.sweep.state import StoreState, run_alive, store_states
+
+BASE = ["--preset", "fast-dev"]
+
+
+def ids(g):
+    return [c.run_id for c in g.cells()]
+
+
+def test_grid_is_the_cross_product_plus_extra_cells_with_canonical_ids(tmp_path):
+    g = Grid("lam", axes={"reg": ["kl_rev", "nll"], "lam": ["0.3", "1"]}, seeds=[0, 1],
+             plus=[{"normalize": "true"}], base=BASE)
+    cells = g.cells()
+    assert len(cells) == 2 * 2 * 2 + 2
+    assert cells[0].run_id == "sw-lam-lam=0.3-reg=kl_rev-s0"
+    assert "sw-lam-normalize=true-s1" in ids(g)
+    c = next(c for c in cells if c.run_id == "sw-lam-lam=1-reg=nll-s1")
+    cfg, _ = parse(list(c.flags))
+    assert (cfg.reg, cfg.lam, cfg.seed, cfg.model) == ("nll", 1.0, 1, "tiny-random")
+    # the same grid written as a file, with typed values in another order, names the same runs
+    f = tmp_path / "g.toml"
+    f.write_text('name = "lam"\nseeds = [0, 1]\nbase = ["--preset", "fast-dev"]\n'
+                 '[grid]\nlam = [0.3, 1.0]\nreg = ["kl_rev", "nll"]\n[[plus]]\nnormalize = true\n')
+    assert sorted(ids(load_toml(f))) == sorted(ids(g))
+
+
+def test_ids_stay_distinct_and_folder_safe():
+    g = Grid("m", axes={"persona_pos": ["a/b", "a b"], "persona_neg": ["x"]}, base=BASE)
+    a, b = ids(g)
+    assert a != b and "/" not in a + b and " " not in a + b
+    assert ids(g) == [a, b]  # deterministic
+    dup = Grid("d", axes={"lam": ["1", "1.0"]}, base=BASE)
+    assert ids(dup) == ["sw-d-lam=1-s0"]  # one run, kept once
+
+
+@pytest.mark.parametrize("grid, words", [
+    (Grid("x", axes={"seed": ["1"]}), "--seeds"),
+    (Grid("x", axes={"n_rounds": ["3"]}), "not an experiment knob"),
+    (Grid("x", axes={"lamda": ["1"]}), "not a config field"),
+    (Grid("x y", axes={"lam": ["1"]}), "sweep name"),
+    (Grid("x", axes={"reg": ["kl"]}), "--reg: invalid choice: 'kl'"),
+    (Grid("x", axes={"lam": ["-1"]}), "lam=-1.0"),
+    (Grid("x", axes={"lam": []}), "no values"),
+    (Grid("x", axes={"lam": ["1"]}, base=["--run-id", "r"]), "--run-id"),
+])
+def test_bad_grids_fail_before_anything_is_queued(grid, words):
+    with pytest.raises(ConfigError, match=words):
+        grid.cells()
+
+
+def test_flags_and_file_make_one_grid_and_a_dead_server_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    rc = main(["submit", "--name", "x", "--lam", "1", "--seeds", "0", "--", *BASE, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no Prefect server answers at http://127.0.0.1:9/api" in err and "just server" in err
+    rc = main(["submit", "--name", "x", "--lam", "-1", "--", *BASE])
+    assert rc == 2 and "lam=-1.0" in capsys.readouterr().err
+
+
+def _run(state, end=None):
+    fr = FlowRun(flow_id=uuid.uuid4(), state=state)
+    if end is not None:
+        fr.end_time = dt.datetime.fromtimestamp(end, dt.UTC)
+    return fr
+
+
+@pytest.mark.parametrize("store, latest, alive, action, why", [
+    (StoreState("done", "", 2), _run(Completed()), False, "skip", "done, 2 rounds"),
+    (StoreState("done", "", 2), None, False, "skip", "done"),  # run outside the pool: the store decides
+    (StoreState("done", "", 1), _run(Completed()), False, "submit", "resume"),  # more rounds asked for
+    (StoreState("starved", "", 1), _run(Completed()), False, "skip", "starved"),
+    (StoreState(), None, False, "submit", "start"),
+    (StoreState(), _run(Scheduled()), False, "skip", "queued (Scheduled)"),
+    (StoreState(), _run(Late()), False, "skip", "queued (Late)"),
+    (StoreState("running"), _run(Pending()), False, "skip", "queued"),
+    (StoreState("running"), _run(Running()), True, "skip", "running"),
+    (StoreState("running"), None, True, "skip", "running"),  # started by hand, alive
+    (StoreState("running"), _run(Running()), False, "revive", "resume"),
+    (StoreState("interrupted"), _run(Crashed()), False, "submit", "resume after Crashed"),
+    (StoreState("failed"), _run(Cancelled()), False, "submit", "resume after Cancelled"),
+    (StoreState(), _run(Crashed()), False, "submit", "start after Crashed"),
+])
+def test_decision_per_cell(store, latest, alive, action, why):
+    d = decide(store, 2, latest, alive)
+    assert d.action == action and why in d.why
+
+
+def test_next_key_skips_past_every_used_key():
+    runs = [FlowRun(flow_id=uuid.uuid4(), idempotency_key=k) for k in ("r#0", "r#2", "other#7", None)]
+    assert next_key("r", runs) == "r#3" and next_key("r", []) == "r#0"
+
+
+def _store_run(root, run_id, flags, statuses, age=0.0):
+    cfg, _ = parse([*flags, "--run-id", run_id, "--out", str(root)])
+    log = RunLog(root, run_id)
+    log.append("run_info", dict(model=cfg.model, reg=cfg.reg, seed=cfg.seed, n_rounds=cfg.n_rounds,
+                                config_hash=cfg.hash(), config=cfg.to_dict(), env={}))
+    ts = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age)).replace(tzinfo=None)
+    for i, s in enumerate(statuses):
+        log.append("status", dict(status=s, reason="", ts=ts + dt.timedelta(milliseconds=i)))
+
+
+def test_run_alive_reads_the_store_and_extra_signs(tmp_path):
+    _store_run(tmp_path, "fresh", BASE, ["running"])
+    _store_run(tmp_path, "old", BASE, ["running"], age=100)
+    _store_run(tmp_path, "gone", BASE, ["running", "interrupted"])
+    assert run_alive(tmp_path, "fresh", stale_after=30)
+    assert not run_alive(tmp_path, "old", stale_after=30)
+    assert run_alive(tmp_path, "old", stale_after=30, signs=[time.time() - 5])  # e.g. a Prefect heartbeat
+    assert not run_alive(tmp_path, "gone", stale_after=30)
+    assert not run_alive(tmp_path, "none", stale_after=30)
+    assert run_alive(tmp_path, "none", stale_after=30, signs=[time.time()])  # a cell still loading
+    st = store_states(tmp_path, ["fresh", "gone", "none"])
+    assert st["gone"].status == "interrupted" and st["none"].status is None
+    assert abs(st["fresh"].last_ts - time.time()) < 30
+
+
+def test_a_cell_whose_run_exists_with_another_config_is_refused(tmp_path):
+    g = Grid("c", axes={"lam": ["0.5"]}, seeds=[0], base=BASE)
+    (cell,) = g.cells()
+    _store_run(tmp_path, cell.run_id, [*BASE, "--lam", "0.5", "--seed", "0"], ["done"])
+    check_existing("c", [cell], tmp_path, store_states(tmp_path, [cell.run_id]))  # same run: fine
+    other = Grid("c", axes={"lam": ["0.5"]}, seeds=[0], base=[*BASE, "--tau", "0.1"]).cells()
+    with pytest.raises(ConfigError, match=r"--tau \(stored 0.0, given 0.1\).*another --name"):
+        check_existing("c", other, tmp_path, store_states(tmp_path, [cell.run_id]))
