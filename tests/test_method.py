@@ -274,6 +274,28 @@ def test_stages_prints_treatment_beyond_control_paired_by_seed(tmp_path):
     report = (tmp_path / "diagnostics").glob("*/report.md")
     assert any("beyond control" in p.read_text() for p in report)
 
+def test_one_seed_pair_beyond_control_is_the_paired_bootstrap_over_items(tmp_path):
+    """With one seed the t-interval over seeds is undefined; the treatment's healed items against the control's
+    (the same items, the same base) give the interval: here every item differs by exactly 0.2, so [0.2, 0.2]."""
+    import json
+
+    from steer_heal.diag.stages import main as stages
+    from steer_heal.store import RunLog, query
+
+    for run_id, control, shift in (("t", "none", 0.2), ("c", "c0", 0.0)):
+        _fake_run(tmp_path, run_id, 0, control, 0.3 + shift)
+        log = RunLog(tmp_path, run_id)
+        for r, stage, add in ((-1, "base", 0.0), (0, "steered", 0.9), (0, "healed", 0.3 + shift)):
+            log.append("eval_items", [dict(round=r, stage=stage, evaluator="contrast", item=f"d{i}",
+                                           diff=0.1 * i + add) for i in range(7)])
+    assert stages(["t", "c", "--out", str(tmp_path), "--boot", "500"]) == 0
+    _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
+    h = next(b for b in (json.loads(r[0]) for r in got) if b["level"] == "beyond" and b["stage"] == "healed")
+    ci = h["beyond_d_trait_items"]
+    assert ci["delta"] == pytest.approx(0.2) and ci["lo"] == pytest.approx(0.2) and ci["hi"] == pytest.approx(0.2)
+    assert ci["n"] == 7 and h["beyond_d_trait_lo"] is None  # one pair: no interval over seeds
+
+
 # ---------------------------------------------------------------- presets
 
 def test_help_shows_each_presets_values_and_usage_md_the_same_table():

@@ -158,18 +158,20 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    rows, groups, exps, cfgs = [], defaultdict(list), {}, {}
+    rows, groups, exps, cfgs, items = [], defaultdict(list), {}, {}, {}
     for run_id in dict.fromkeys(a.run_ids):
         log = run_log(a.out, run_id)
         cfg = cfgs[run_id] = stored_config(log)
         key = config_key(cfg)
         groups[key].append(run_id)
         exps[key] = seedless(cfg)
-        rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"], log.read("eval_items"),
+        eval_items = log.read("eval_items")
+        items[run_id] = intervals.by_stage(eval_items)
+        rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"], eval_items,
                          cfg.seed, a.boot, cfg.coh_floor_rel)
     agg = seed_rows(rows, groups, config_labels(exps))
     fams = {family(c): {k: v for k, v in seedless(c).items() if k != "control"} for c in cfgs.values()}
-    beyond = control.beyond(rows, cfgs, config_labels(fams))
+    beyond = control.beyond(rows, cfgs, config_labels(fams), items, a.boot)
     diag = Diagnostic(a.out, "stages", ",".join(dict.fromkeys(a.run_ids)), None,
                       dict(runs=list(dict.fromkeys(a.run_ids)), level=0.95, boot=a.boot))
     diag.add([dict(level="run", **r) for r in rows] + agg + beyond)
