@@ -81,6 +81,7 @@ def test_queue_and_sweep_land_on_the_pool_without_pueue(sqlite_pool):
     assert first.returncode == 0 and first.stdout.count(" submitted  start") == 2, first.stderr[-2000:]
     again = p.cli("submit", "--name", "smoke", "--pool", pool, "--lam", "1", "0.3", "--", *ARGS, "--out", str(p.out))
     assert again.returncode == 0 and again.stdout.count("queued (Scheduled)") == 2 and "0 submitted" in again.stdout
+    assert "no worker polls pool 'smoke' yet: start `just worker`" in again.stdout
     cells = p.flow_runs("steer-heal-cell", pool)
     assert sorted(r.name for r in cells) == ["sw-smoke-lam=0.3-s3", "sw-smoke-lam=1-s3"]
     assert all(r.parameters["out"] == str(p.out) and r.idempotency_key == r.name + "#0" for r in cells)

@@ -17,7 +17,7 @@ from ..config import ConfigError
 from ..console import quiet_env, script
 from ..report import format_table
 from .grid import AXES, FIELDS, Grid, load_toml
-from .pool import POOL, connect_server, enqueue, submit
+from .pool import POOL, connect_server, enqueue, submit, workers_note
 from .state import STALE_AFTER
 
 
@@ -66,8 +66,8 @@ def cmd_submit(argv: list[str]) -> int:
     got = submit(g.name, cells, root, a.pool, a.stale_after, a.dry_run)
     print(format_table(["run_id", "action", "why"], got))
     n = sum(1 for _, act, _ in got if act == "submitted")
-    print(f"sweep {g.name}: {len(cells)} cells, {n} submitted to pool {a.pool!r}, store {root}. "
-          f"Follow: just sweep-status {g.name} --out {shlex.quote(str(root))}")
+    print(f"sweep {g.name}: {len(cells)} cells, {n} submitted to pool {a.pool!r} ({workers_note(a.pool)}), "
+          f"store {root}. Follow: just sweep-status {g.name} --out {shlex.quote(str(root))}")
     return 0
 
 
@@ -133,7 +133,7 @@ def cmd_enqueue(argv: list[str]) -> int:
                           f"cargo install pueue); or run `{shlex.join(command)}` directly") from None
     fr = enqueue(command, a.cwd, a.label, a.pool)
     print(f"queued `{shlex.join(command)}` on pool {a.pool!r} as flow run {fr.name} ({fr.id}); "
-          f"`just worker` runs it")
+          f"{workers_note(a.pool)}")
     return 0
 
 

@@ -191,6 +191,18 @@ def submit(name: str, cells: list[Cell], root: Path, pool: str = POOL, stale_aft
     return out
 
 
+def workers_note(pool: str = POOL) -> str:
+    """How many workers poll the pool: a grid queued on a pool nobody polls waits forever, silently."""
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    with client() as c:
+        try:
+            n = sum(w.status.value == "ONLINE" for w in c.read_workers_for_work_pool(pool))
+        except (ObjectNotFound, PrefectHTTPStatusError):
+            n = 0
+    return f"{n} worker(s) online" if n else f"no worker polls pool {pool!r} yet: start `just worker` (on each machine)"
+
+
 def enqueue(argv: list[str], cwd: str, label: str, pool: str = POOL):
     """Queue a command on the pool (what `pueue add` would do); returns its flow run."""
     dep_id = deploy(pool)["steer-heal-command"]
