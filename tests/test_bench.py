@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,3 +18,35 @@ def test_bench_store_part_runs_and_reports_every_row(tmp_path):
     f = json.loads(out.read_text())["f"]
     # the Pareto SQL returns one row per run, non-base stage and round: prompted once, steered + healed per round
     assert f["result_rows"] == 4 * (1 + 2 * 3) and "f. per-round Pareto SQL" in p.stdout
+
+
+def test_bench_yardstick_growth_scale_and_precision_parts_run(tmp_path):
+    """Parts m, g, s, p on the tiny model: each prints its table and writes its figures (the SmolLM2 figures
+    are in docs/performance.md)."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "steer_heal.bench", "--only", "m,g,s,p", "--model", "tiny-random",
+                        "--cache", str(tmp_path / "models"), "--growth-rounds", "0", "--vignettes", "",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["m"]["fp32"] > 0 and res["m"]["bf16"] > 0
+    assert res["g"]["diff"]["base_bitwise"] and res["g"]["diff"]["prev"] < 1e-4
+    assert [r[0] for r in res["g"]["forward"]] == [0, 1, 2, 5, 10]
+    assert set(res["s"]["size"]) == {"tiny-random"} and len(res["s"]["heal"]) == 3
+    assert res["p"]["val_nll"][0] > 0 and "p. bf16 autocast vs fp32" in p.stdout
+
+
+@pytest.mark.slow
+def test_bench_round_part_runs_the_three_paths_and_compares_their_rows(tmp_path):
+    """Part r on the tiny model (fast-dev preset): three real flow runs, stage seconds, FLOPs per task, and the
+    tuned row equal to the old one."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "steer_heal.bench", "--only", "r", "--model", "tiny-random",
+                        "--cache", str(tmp_path / "models"), "--vignettes", "", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["r"]) == {"old", "tuned", "batch1"}
+    for v in res["r"].values():
+        assert v["rc"] == 0 and v["flops"]["eval-base"] > 0 and v["stages"]["eval_healed"] > 0
+    assert res["r_diff"]["n"] > 20 and res["r_diff"]["diffs"][0][1] < 1e-4

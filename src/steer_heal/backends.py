@@ -15,6 +15,7 @@ evaluate() API stayed the same, so either module name is accepted, `moralmaps` f
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -57,7 +58,7 @@ def _version(dist: str) -> str:
 def mfv_fn(cfg) -> Mfv:
     """The seven-way probe the config names: mfv.mfv (builtin) or the tinymfv adapter."""
     if cfg.evaluator == "builtin":
-        return builtin_mfv.mfv
+        return builtin_mfv.mfv if cfg.reuse_prefix else functools.partial(builtin_mfv.mfv, reuse_prefix=False)
     if cfg.evaluator != "tinymfv":
         raise ConfigError(f"evaluator={cfg.evaluator!r} is not one of: builtin, tinymfv")
     mm = _import_tinymfv()

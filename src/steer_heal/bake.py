@@ -6,6 +6,11 @@ One set of weights gives exactly three models:
   student  all on
 Only the current round's adapter ever trains; history is frozen, also after peft
 calls that switch gradients back on. Adapters are saved as safetensors + sha256.
+
+Each gated adapter costs a forward its own small matmuls (round 10 ran ~2.8x round 0's forward on
+SmolLM2, docs/performance.md). With fold=True the history is added into the weights when the next
+adapter arrives: one live adapter stays gated, base() swaps the original weights back in (bitwise),
+and prev/student differ from the gated stack by float rounding only (tests/test_speed.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load, save
 from transformers.pytorch_utils import Conv1D
 
@@ -87,10 +93,19 @@ def lora_config(model, r: int, alpha: float, layers: tuple[float, float], target
 class Stack:
     """The student: a base model plus a gated history of round adapters."""
 
-    def __init__(self, model):
+    def __init__(self, model, fold: bool = False):
         self.model = model  # becomes a PeftModel at the first adapter
-        self.names: list[str] = []
+        self.names: list[str] = []  # every round's adapter, folded ones first
         self.lora: LoraConfig | None = None
+        self.fold, self.folded = fold, 0  # fold: history goes into the weights; folded: how many already have
+        self._orig: dict[str, torch.Tensor] = {}  # module -> its original weight, once a fold changed it
+        self._unmerged: dict[str, torch.Tensor] = {}  # module -> its weight before merged() added the live deltas
+        self._off = False  # inside a disable_adapter context
+
+    @property
+    def live(self) -> list[str]:
+        """The adapters peft still gates (all of them unless folding)."""
+        return self.names[self.folded:]
 
     @property
     def peft(self) -> bool:
@@ -105,20 +120,43 @@ class Stack:
             self.model.add_adapter(name, copy.deepcopy(lora))
         self.names.append(name)
         self.lora = lora
-        self._activate(self.names)
+        if self.fold:
+            self._fold(self.live[:-1])
+        self._activate(self.live)
+
+    def _fold(self, names: list[str]) -> None:
+        """Add these (frozen, complete) adapters' deltas into the base weights, keeping the originals, and
+        drop them from peft."""
+        if not names:
+            return
+        for mod_name, m in self.model.named_modules():
+            if isinstance(m, LoraLayer) and any(n in m.lora_A for n in names):
+                w = m.get_base_layer().weight
+                self._orig.setdefault(mod_name, w.data.clone())
+                with torch.no_grad():
+                    for n in names:
+                        if n in m.lora_A:
+                            w.data += m.get_delta_weight(n).to(w.dtype)
+        self.model.base_model.set_adapter(self.names[-1])  # so peft deletes no active adapter
+        for n in names:
+            self.model.delete_adapter(n)
+        self.folded += len(names)
 
     def truncate(self, n: int) -> None:
         """Keep the first n adapters, frozen (a past round's student); with none left, the plain base model."""
         if len(self.names) <= n:
             return
+        if n < self.folded:
+            raise ConfigError(f"cannot truncate to {n} adapters: {self.folded} are folded into the weights (open the "
+                              "run's stack without fold_history to look at earlier students)")
         if n == 0:
             self.model = self.model.unload()  # LoRA layers out, nothing merged: the original weights
         else:
             for name in self.names[n:]:
                 self.model.delete_adapter(name)
         self.names = self.names[:n]
-        if self.names:
-            self._activate(self.names)
+        if self.live:
+            self._activate(self.live)
         self.model.requires_grad_(False)  # _activate leaves the newest adapter trainable; a student is frozen
 
     def _activate(self, names: list[str]) -> None:
@@ -135,15 +173,61 @@ class Stack:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @contextmanager
-    def base(self) -> Iterator[None]:
-        if not self.peft:
+    def _gates_off(self) -> Iterator[None]:
+        if self._off:  # already off (base() inside merged()): peft's own context would switch them back on
             yield
             return
+        self._off = True
         try:
             with self.model.disable_adapter():
                 yield
         finally:
+            self._off = False
             self.freeze_history()  # leaving disable_adapter re-enables grads on every active adapter
+
+    def _weights(self, names) -> dict[str, torch.nn.Parameter]:
+        return {n: m.get_base_layer().weight for n, m in self.model.named_modules() if n in names}
+
+    @contextmanager
+    def _swapped(self, new: dict[str, torch.Tensor]) -> Iterator[None]:
+        """These modules' weights replaced by these tensors (a pointer swap, so restored bitwise)."""
+        ws = self._weights(new)
+        now = {n: w.data for n, w in ws.items()}
+        try:
+            for n, w in ws.items():
+                w.data = new[n]
+            yield
+        finally:
+            for n, w in ws.items():
+                w.data = now[n]
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        if not self.peft:
+            yield
+            return
+        with self._swapped({**self._unmerged, **self._orig}), self._gates_off():  # the original tensors themselves
+            yield
+
+    @contextmanager
+    def merged(self) -> Iterator[None]:
+        """The student with its live adapters added into the weights for a while (a folding stack's frozen
+        stages: extract, dose, evals), so a forward costs what the plain model's does. Within float rounding
+        of the gated student; base() inside still gives the original weights bitwise. Not for training."""
+        if not (self.fold and self.peft) or self._unmerged:
+            yield
+            return
+        live = [(n, m) for n, m in self.model.named_modules()
+                if isinstance(m, LoraLayer) and any(a in m.lora_A for a in self.live)]
+        with torch.no_grad():
+            new = {n: m.get_base_layer().weight.data + sum(m.get_delta_weight(a).to(m.get_base_layer().weight.dtype)
+                                                         for a in self.live if a in m.lora_A) for n, m in live}
+        self._unmerged = {n: w.data for n, w in self._weights(new).items()}
+        try:
+            with self._swapped(new), self._gates_off():
+                yield
+        finally:
+            self._unmerged = {}
 
     @contextmanager
     def prev(self) -> Iterator[None]:
@@ -151,12 +235,15 @@ class Stack:
         if len(self.names) <= 1:
             with self.base():
                 yield
-            return
-        self._activate(self.names[:-1])
-        try:
-            yield
-        finally:
-            self._activate(self.names)
+        elif len(self.live) <= 1:  # the whole history is in the weights
+            with self._gates_off():
+                yield
+        else:
+            self._activate(self.live[:-1])
+            try:
+                yield
+            finally:
+                self._activate(self.live)
 
     @contextmanager
     def ref(self, which: str) -> Iterator[None]:
@@ -186,7 +273,7 @@ class Stack:
         """Merge the whole stack into a plain Hugging Face model directory (on a copy)."""
         merged = copy.deepcopy(self.model)
         if self.peft:
-            merged = merged.merge_and_unload(adapter_names=list(self.names))
+            merged = merged.merge_and_unload(adapter_names=self.live)  # folded ones are in the weights already
         merged.save_pretrained(out_dir)
         if tok is not None:
             tok.save_pretrained(out_dir)

@@ -128,12 +128,15 @@ class Config:
     evaluator: str = knob("builtin", "seven-way probe implementation: builtin, or tinymfv when that package is importable", ("builtin", "tinymfv"))
     steerer: str = knob("builtin", "steering hooks: builtin, or steering-lite when that package is importable", ("builtin", "steering-lite"))
     eval_batch: int = knob(16, "eval batch size")
+    reuse_prefix: bool = knob(True, "score a prompt's answers (both option orders, both replies) on one pass of the prompt, its KV cache reused; full-attention models only (off: one full forward per answer, the old path; the same numbers to ~1e-6)")
+    bf16: str = knob("auto", "bf16 autocast: auto (the heal on a GPU, nothing on a CPU), off, eval (the probes), heal, both; faster where the hardware has bf16 matmul, nats off by ~0.01-0.03 (docs/performance.md has the measured trade-off)", ("auto", "off", "eval", "heal", "both"))
     n_demo: int = knob(16, "greedy generations per stage on held-out prompts, scored under the base model: adapter_ppl (0 = none)")
     demo_tokens: int = knob(0, "tokens per free-text generation (0 = --max-new-tokens)")
     coh_floor_rel: float = knob(0.85, "a stage whose seven-way coherence (or most items' option mass) falls under this fraction of base's is flagged broken and its retain, retain_trait, coh_cost, surgical are withheld (0 = off)")
     boot: int = knob(2000, "paired bootstrap resamples behind every 95% interval of a stage delta (0 = no intervals)")
     # loop
     n_rounds: int = knob(3, "rounds of steer -> generate -> filter -> heal -> bake")
+    fold_history: bool = knob(False, "fold baked adapters into the weights when the next round starts, and run the frozen stages (extract, dose, evals) on the live adapter merged in, so a forward costs the same at round 10 as the plain model; base stays bitwise (originals swapped back), the student within ~1e-5 of the gated stack (off: every adapter gated, the old path)")
     coh_floor: float = knob(0.0, "stop the run when healed seven-way coherence falls under this absolute value (0 = never; the ratio guard is --coh-floor-rel)")
     seed: int = knob(0, "master seed; every stage derives its own from (seed, round, stage)")
     out: str = knob("out", "store root")
@@ -263,7 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="smollm2-135m", steer_layers=(0.4, 0.6), alphas=(2.0, 3.0, 4.0), n_rounds=3, n_prompts=32,
         n_keep=24, min_train=8, probe_size=8, dose_target=0.75, kappa_min=0.2, bisect_steps=4,
         max_new_tokens=48, max_len=192, gen_batch=16, ppl_tau=40.0, rel_tau=0.1, epochs=2, batch_size=4,
-        dtype="float32",
+        dtype="float32", fold_history=True,
     ),
     # The recipe the method's research journal settled on, for a GPU (gemma-3-4b-it, 34 layers): kl_rev
     # with rmse aggregation and tau 2 just below the heal's operating KL (~3 nats there), lam 0.3 decaying
@@ -280,7 +283,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         reg="kl_rev", kl_agg="rmse", barrier_ref="prev", lam=0.3, tau=2.0, lam_round_pow=-0.5,
         spectral_lam=0.01, weight_decay=0.0, lora_r=32, lora_alpha=64.0, lora_layers=(0.2, 0.8),
         epochs=6, batch_size=3, grad_accum=2, lr=1e-4, warmup=0.1, betas=(0.9, 0.95), grad_clip=1.0,
-        think_tokens=128, n_vignettes=0, eval_batch=8, n_rounds=8, coh_floor=0.95,
+        think_tokens=128, n_vignettes=0, eval_batch=8, n_rounds=8, coh_floor=0.95, fold_history=True,
     ),
 }
 

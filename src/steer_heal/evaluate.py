@@ -40,6 +40,8 @@ class Probe:
     batch: int = 16
     mfv: Callable[..., dict] | None = None  # the seven-way probe (builtin or a backend's)
     texts: list[str] = field(default_factory=list)  # held-out prompts of the free-text generations
+    reuse_prefix: bool = True  # contrast: both replies on one pass of the prompt (the mfv callable is bound already)
+    bf16: bool = False         # the probes under bf16 autocast
 
     @classmethod
     def of(cls, cfg: Config) -> Probe:
@@ -51,7 +53,7 @@ class Probe:
         return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame), dil,
                    cfg.gen_system or p["neutral"], p["target"], data.trait_sign(p), cfg.eval,
                    cfg.think_tokens, cfg.eval_batch, backends.mfv_fn(cfg) if cfg.eval != "contrast" else None,
-                   spread([d["prompt"] for d in dil], cfg.n_demo))
+                   spread([d["prompt"] for d in dil], cfg.n_demo), cfg.reuse_prefix, cfg.bf16 in ("eval", "both"))
 
 
 @dataclass
@@ -142,9 +144,21 @@ class StageEval:
 
 def measure(model, tok, probe: Probe, system: str | None = None, coef: float = 0.0) -> StageEval:
     """Evaluate the model as it is now with the probe's evaluators; `system` overrides the probe's prompt."""
+    sys_ = probe.system if system is None else system
+    with autocast(model, probe.bf16):
+        return _measure(model, tok, probe, sys_, coef)
+
+
+def autocast(model, on: bool):
+    """bf16 autocast on the model's device when on (probe logits are read in float32 either way)."""
+    import torch
+
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def _measure(model, tok, probe: Probe, sys_: str, coef: float) -> StageEval:
     from .contrast import contrast
 
-    sys_ = probe.system if system is None else system
     out = StageEval(coef=coef)
     if probe.evaluators in ("mfv", "both"):
         m = probe.mfv(model, tok, probe.vignettes, system=sys_, think_tokens=probe.think_tokens, batch=probe.batch)
@@ -154,7 +168,7 @@ def measure(model, tok, probe: Probe, system: str | None = None, coef: float = 0
                            p=r["p"], p_target=r["p"][probe.target] if r["p"] else None, pmass=r["pmass"])
                       for v, r in zip(probe.vignettes, m["rows"], strict=True)]
     if probe.evaluators in ("contrast", "both"):
-        c = contrast(model, tok, probe.dilemmas, system=sys_, batch=probe.batch)
+        c = contrast(model, tok, probe.dilemmas, system=sys_, batch=probe.batch, reuse_prefix=probe.reuse_prefix)
         out.trait_nats, out.n_trait = c["trait_nats"], c["n"]
         out.items += [dict(evaluator="contrast", item=str(i), trait_lp=r["trait_lp"], opposite_lp=r["opposite_lp"],
                            diff=r["diff"]) for i, r in enumerate(c["rows"])]

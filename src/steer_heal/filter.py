@@ -42,19 +42,26 @@ def max_ngram_freq(seq: list | str, ns=(2, 3, 4)) -> float:
 
 @torch.no_grad()
 def perplexity(model, tok, prompts: list[str], completions: list[str], system: str = "",
-               window: int = 0, max_len: int = 512, batch: int = 16) -> list[float]:
-    """exp(mean nll) of each completion's last `window` tokens (0 = all) given its prompt."""
+               window: int = 0, max_len: int = 512, batch: int = 16, whole: bool = False):
+    """exp(mean nll) of each completion's last `window` tokens (0 = all) given its prompt; with `whole`, also
+    that of the whole completion from the same forward: (windowed, whole)."""
     dev = next(model.parameters()).device
     out: list[float] = []
+    full: list[float] = []
     for s in range(0, len(prompts), batch):
         b = pack(tok, [chat(tok, p, system) for p in prompts[s:s + batch]], completions[s:s + batch], max_len, dev)
         lp, m = completion_logprobs(model, b), b["cmask"].clone()
+        full += _ppl(lp, m)
         if window > 0:  # keep only the tail: steering tends to collapse late
             n = m.sum(-1, keepdim=True)
             m &= torch.arange(m.shape[1], device=dev) >= (n - window)
-        nll = -(lp * m).sum(-1) / m.sum(-1).clamp(min=1)
-        out += [math.exp(min(x, 50.0)) for x in nll.tolist()]
-    return out
+        out += _ppl(lp, m)
+    return (out, full) if whole else out
+
+
+def _ppl(lp: torch.Tensor, m: torch.Tensor) -> list[float]:
+    nll = -(lp * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return [math.exp(min(x, 50.0)) for x in nll.tolist()]
 
 
 def foils(prompts: list[str]) -> dict[str, str]:
@@ -65,13 +72,14 @@ def foils(prompts: list[str]) -> dict[str, str]:
 
 
 def relevance(model, tok, prompts: list[str], completions: list[str], foil: list[str], system: str = "",
-              max_len: int = 512, batch: int = 16) -> list[float]:
+              max_len: int = 512, batch: int = 16, own: list[float] | None = None) -> list[float]:
     """Mean log-prob per token of the whole completion given its own prompt minus given an unrelated one.
 
     An answer to its prompt is likelier after that prompt (> 0); fluent off-topic drift is about as
-    likely after any prompt (~ 0), which perplexity cannot tell from an answer.
+    likely after any prompt (~ 0), which perplexity cannot tell from an answer. `own`: the whole-completion
+    perplexities given their own prompts, when a caller has them already (score's one forward).
     """
-    own = perplexity(model, tok, prompts, completions, system, 0, max_len, batch)
+    own = own or perplexity(model, tok, prompts, completions, system, 0, max_len, batch)
     other = perplexity(model, tok, foil, completions, system, 0, max_len, batch)
     return [math.log(o) - math.log(w) for w, o in zip(own, other)]
 
@@ -85,12 +93,12 @@ def score(model, tok, items: list[dict], *, system: str, ppl_tau: float, rep_tau
     rel_tau > 0 drops completions whose relevance is below it (0 records relevance, drops nothing).
     """
     prompts, texts = [x["prompt"] for x in items], [x["completion"] for x in items]
-    ppl = perplexity(model, tok, prompts, texts, system, window, max_len, batch)
+    ppl, whole = perplexity(model, tok, prompts, texts, system, window, max_len, batch, whole=True)
     rel: list[float | None] = [None] * len(items)
     has = [i for i, p in enumerate(prompts) if (foil or {}).get(p, p) != p]
-    if has:
+    if has:  # the own-prompt half of relevance is the forward perplexity just ran
         got = relevance(model, tok, [prompts[i] for i in has], [texts[i] for i in has],
-                        [foil[prompts[i]] for i in has], system, max_len, batch)
+                        [foil[prompts[i]] for i in has], system, max_len, batch, own=[whole[i] for i in has])
         for i, v in zip(has, got):
             rel[i] = v
     out = []

@@ -54,7 +54,7 @@ class Run:
     def __init__(self, cfg: Config, run_id: str):
         self.cfg, self.log = cfg, RunLog(cfg.out, run_id)
         model, self.tok = student.base_model(cfg, cfg.out)
-        self.stack = Stack(model)
+        self.stack = Stack(model, fold=cfg.fold_history)
         self.layers = band(cfg.steer_layers, len(get_layers(model)))
         self.lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers, cfg.lora_targets)
         self.persona = data.persona(cfg)
@@ -281,16 +281,18 @@ def steer_heal(config: dict, run_id: str) -> str:
     for r in range(first, cfg.n_rounds):
         t0 = time.time()
         logger.info(f"round {r}/{cfg.n_rounds - 1}")
-        ext = extract_task(run, r)
-        dose = dose_task(run, r)
-        if isinstance(dose, Stop):
-            return f"{dose.status}:{dose.reason}"
-        steered = eval_steered(run, r, dose.coef, dose.kept)
+        with run.stack.merged():  # --fold-history: the frozen stages run on merged weights (bake.py)
+            ext = extract_task(run, r)
+            dose = dose_task(run, r)
+            if isinstance(dose, Stop):
+                return f"{dose.status}:{dose.reason}"
+            steered = eval_steered(run, r, dose.coef, dose.kept)
         hl = heal_task(run, r, dose.kept)
         if isinstance(hl, Stop):
             return f"{hl.status}:{hl.reason}"
         sec_bake = bake_task(run, r, hl.seconds)
-        healed = eval_healed(run, r)
+        with run.stack.merged():
+            healed = eval_healed(run, r)
         secs = dict(sec_extract=ext.seconds, sec_dose=dose.seconds, sec_heal=hl.seconds + sec_bake,
                     sec_total=time.time() - t0)
         secs["sec_eval"] = secs["sec_total"] - secs["sec_extract"] - secs["sec_dose"] - secs["sec_heal"]

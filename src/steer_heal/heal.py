@@ -108,7 +108,8 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     lam = cfg.lam * (1 + round_) ** cfg.lam_round_pow
     use_barrier = cfg.reg != "nll" and lam > 0
-    auto = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bf16 = cfg.bf16 in ("heal", "both") or (cfg.bf16 == "auto" and dev.type == "cuda")
+    auto = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     steps: list[dict] = []
 
     def packed(rows) -> dict:

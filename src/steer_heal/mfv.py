@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .config import FOUNDATIONS, ConfigError
 from .models import evaluating
-from .tokens import chat, left_pad
+from .tokens import branch_logits, chat, common_prefix, full_attention, left_pad
 
 # The word each foundation is offered as; "social" = not morally wrong, just unusual.
 OPTION_WORDS = {"Care": "care", "Fairness": "fairness", "Loyalty": "loyalty", "Authority": "authority",
@@ -108,36 +108,66 @@ def question(text: str, order: tuple[str, ...], opts: Options) -> str:
     return QUESTION.format(text=text, options=", ".join(opts.words[f] for f in order), social=opts.words["SocialNorms"])
 
 
-def score_order(model, tok, vignettes: list[dict], order: tuple[str, ...] = FOUNDATIONS, system: str = "",
-                think_tokens: int = 0, batch: int = 16) -> list[dict]:
-    """Per vignette {p: {F: renormalised prob}, pmass: full-vocab mass on the options} with the options
-    listed in `order`. Results are keyed by foundation, whatever the listing order."""
+def _seqs(model, tok, vignettes: list[dict], order: tuple[str, ...], opts: Options, system: str, think_tokens: int,
+          batch: int) -> list[list[int]]:
+    """Each vignette's question with the options in `order`, any thinking, then the forced answer slot."""
     if sorted(order) != sorted(FOUNDATIONS):
         raise ValueError(f"order must list each of {FOUNDATIONS} once, got {order}")
+    prompts = [chat_ids(tok, system, question(v["text"], tuple(order), opts)) for v in vignettes]
+    thoughts = _think(model, tok, prompts, think_tokens, batch) if think_tokens > 0 else [[] for _ in prompts]
+    slot_plain = tok(opts.slot, add_special_tokens=False)["input_ids"]
+    slot_after = tok("\n" + opts.slot, add_special_tokens=False)["input_ids"]  # thinking ends its own line
+    return [p + t + (slot_after if t else slot_plain) for p, t in zip(prompts, thoughts, strict=True)]
+
+
+def _answer(logits: torch.Tensor, opts: Options) -> list[dict]:
+    """{p: {F: renormalised prob}, pmass: full-vocab mass on the options} from next-token logits [B, V]."""
+    logp = torch.log_softmax(logits, -1)
+    lp = logp[:, torch.tensor([opts.ids[f] for f in FOUNDATIONS], device=logp.device)].double().cpu()
+    pmass = lp.logsumexp(-1).exp()
+    p = (lp - lp.logsumexp(-1, keepdim=True)).exp()
+    return [{"p": dict(zip(FOUNDATIONS, p[j].tolist(), strict=True)), "pmass": float(pmass[j])} for j in range(len(p))]
+
+
+def score_orders(model, tok, vignettes: list[dict], orders: tuple[tuple[str, ...], ...] = (FOUNDATIONS,),
+                 system: str = "", think_tokens: int = 0, batch: int = 16, reuse_prefix: bool = True) -> list[list[dict]]:
+    """Per order, per vignette {p: {F: renormalised prob}, pmass: full-vocab mass on the options}, keyed by
+    foundation whatever the listing order. With reuse_prefix (and a full-attention model) the orders' shared
+    prefix (system prompt, vignette, question up to the options) runs once per vignette (tokens.branch_logits)."""
     opts = answer_options(tok)
-    option_ids = torch.tensor([opts.ids[f] for f in FOUNDATIONS])
     with evaluating(model):
-        prompts = [chat_ids(tok, system, question(v["text"], tuple(order), opts)) for v in vignettes]
-        thoughts = _think(model, tok, prompts, think_tokens, batch) if think_tokens > 0 else [[] for _ in prompts]
-        slot_plain = tok(opts.slot, add_special_tokens=False)["input_ids"]
-        slot_after = tok("\n" + opts.slot, add_special_tokens=False)["input_ids"]  # thinking ends its own line
-        seqs = [p + t + (slot_after if t else slot_plain) for p, t in zip(prompts, thoughts, strict=True)]
-        res: list[dict] = [{} for _ in seqs]
-        for idx in _batches(seqs, batch, "mfv"):
-            logp = torch.log_softmax(_tail_logits(model, [seqs[i] for i in idx], 1, tok.pad_token_id)[:, -1], -1)
-            lp = logp[:, option_ids.to(logp.device)].double().cpu()  # [B, 7] in FOUNDATIONS order
-            pmass = lp.logsumexp(-1).exp()
-            p = (lp - lp.logsumexp(-1, keepdim=True)).exp()
-            for j, i in enumerate(idx):
-                res[i] = {"p": dict(zip(FOUNDATIONS, p[j].tolist(), strict=True)), "pmass": float(pmass[j])}
+        seqs = [_seqs(model, tok, vignettes, order, opts, system, think_tokens, batch) for order in orders]
+        res: list[list[dict]] = [[{} for _ in vignettes] for _ in orders]
+        if reuse_prefix and full_attention(model):
+            cut = [min(common_prefix([s[i] for s in seqs]), min(len(s[i]) for s in seqs) - 1)
+                   for i in range(len(vignettes))]
+            for idx in _batches([seqs[0][i][:cut[i]] for i in range(len(vignettes))], batch, "mfv"):
+                logits = branch_logits(model, [seqs[0][i][:cut[i]] for i in idx],
+                                       [[s[i][cut[i]:] for s in seqs] for i in idx], tok.pad_token_id, last_only=True)
+                for k in range(len(orders)):
+                    for i, r in zip(idx, _answer(torch.cat([x[k] for x in logits]), opts), strict=True):
+                        res[k][i] = r
+            return res
+        for k, sq in enumerate(seqs):
+            for idx in _batches(sq, batch, "mfv"):
+                for i, r in zip(idx, _answer(_tail_logits(model, [sq[i] for i in idx], 1, tok.pad_token_id)[:, -1],
+                                             opts), strict=True):
+                    res[k][i] = r
     return res
+
+
+def score_order(model, tok, vignettes: list[dict], order: tuple[str, ...] = FOUNDATIONS, system: str = "",
+                think_tokens: int = 0, batch: int = 16) -> list[dict]:
+    """score_orders for one listing order."""
+    return score_orders(model, tok, vignettes, (tuple(order),), system, think_tokens, batch)[0]
 
 
 def top_foundation(d: dict[str, float]) -> str:
     return max(FOUNDATIONS, key=lambda f: (d[f], -FOUNDATIONS.index(f)))  # ties go to the earlier foundation
 
 
-def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int = 0, batch: int = 16) -> dict:
+def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int = 0, batch: int = 16,
+        reuse_prefix: bool = True) -> dict:
     """Moral-foundations forced choice, scored in both option orders and averaged so position bias cancels.
 
     Returns profile {F: mean p}, nats {F: log profile}, coherence (mean pmass), top1_agree (share of
@@ -145,8 +175,8 @@ def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int =
     """
     if not vignettes:
         raise ConfigError("mfv needs at least one vignette")
-    scored = [score_order(model, tok, vignettes, order, system, think_tokens, batch)
-              for order in (FOUNDATIONS, FOUNDATIONS[::-1])]
+    scored = score_orders(model, tok, vignettes, (FOUNDATIONS, FOUNDATIONS[::-1]), system, think_tokens, batch,
+                          reuse_prefix)
     rows = []
     for v, a, b in zip(vignettes, *scored, strict=True):
         rows.append({"id": v["id"], "foundation": v["foundation"],

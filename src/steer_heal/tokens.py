@@ -4,6 +4,7 @@ and log-probs at the completion positions only. Every stage that runs a forward 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -160,3 +161,51 @@ def completion_logprobs(model, batch: dict) -> torch.Tensor:
     return tok_lp * batch["cmask"]
 
 
+
+
+def full_attention(model) -> bool:
+    """Every layer attends to the whole past (no sliding-window or chunked layer), so a prefix's KV cache
+    serves any continuation of it exactly."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return all(t == "full_attention" for t in types)
+    return not getattr(cfg, "sliding_window", None) and not getattr(cfg, "attention_chunk_size", None)
+
+
+def branch_logits(model, prefixes: list[list[int]], branches: list[list[list[int]]], pad_id: int,
+                  last_only: bool = False) -> list[list[torch.Tensor]]:
+    """float32 logits of each row's prefix followed by each of its K branches, the prefix run once.
+
+    out[i][k] is [len(branches[i][k]) + 1, V]: row 0 predicts the branch's first token (the prefix's last
+    position), row j the token after branch[:j]; with last_only, only that last row ([1, V]). The prefix's
+    KV cache is computed once per batch; each branch but the last extends a copy of it. Branches are left-padded after
+    the prefix (masked, positions continuing the prefix's), so every row's last token shares one column.
+    Equal to the full forward of prefix + branch up to float rounding (tests/test_speed.py)."""
+    K = len(branches[0])
+    pre = left_pad(prefixes, pad_id, model.device)
+    out = model(**pre, use_cache=True, logits_to_keep=1)
+    first, cache = out.logits[:, -1:].float(), out.past_key_values
+    plen = pre["attention_mask"].sum(-1, keepdim=True)
+    res: list[list[torch.Tensor]] = [[None] * K for _ in prefixes]  # type: ignore[list-item]
+    for k in range(K):
+        seqs = [b[k] for b in branches]
+        S = max(1, max(map(len, seqs)))
+        ids = torch.tensor([[pad_id] * (S - len(s)) + s for s in seqs], device=model.device)
+        smask = torch.tensor([[0] * (S - len(s)) + [1] * len(s) for s in seqs], device=model.device)
+        pos = plen + (smask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=torch.cat([pre["attention_mask"], smask], 1), position_ids=pos,
+                       past_key_values=cache if k == K - 1 else copy.deepcopy(cache), use_cache=True,
+                       logits_to_keep=1 if last_only else S).logits.float()
+        for i, s in enumerate(seqs):
+            if last_only:
+                res[i][k] = logits[i, -1:] if s else first[i]
+            else:
+                res[i][k] = torch.cat([first[i], logits[i, S - len(s):]])
+    return res
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest token prefix all of seqs share."""
+    n = min(map(len, seqs))
+    return next((j for j in range(n) if len({s[j] for s in seqs}) > 1), n)

@@ -1,5 +1,6 @@
 """`just bench [--only a,b,...]` (`python -m steer_heal.bench`): where a round's time goes, measured with the
-package's own functions. One module per part: gen.py (a, b), heal.py (c), evals.py (d), orch.py (e), sql.py (f).
+package's own functions. One module per part: gen.py (a, b), heal.py (c), evals.py (d), orch.py (e), sql.py (f),
+yardstick.py (m), round.py (r), growth.py (g), scale.py (s), precision.py (p).
 
 Parts (each prints one compact table; ratios side by side, same model and inputs in one run):
   a  steered generation (generate.generate, vector from extract.extract on band 0.4-0.6):
@@ -12,6 +13,13 @@ Parts (each prints one compact table; ratios side by side, same model and inputs
   e  orchestration: one fast-dev round through the real flow in a subprocess (OMP_NUM_THREADS=1), plain
      and under cProfile: the task bodies vs Prefect's task runs around them, the store's reads and writes
   f  the per-round Pareto SQL of docs/store.md over a synthetic store of 200 runs x 10 rounds
+  m  the yardstick: this machine's dense matmul rate, fp32 and bf16
+  r  one SmolLM2 round (small preset, all --vignettes) through the real flow, old eval path vs tuned vs batch 1
+     everywhere, stage seconds side by side, each stage's FLOP rate against m, the rounds rows compared
+  g  cost against the round index: forward and heal step with 0-10 baked adapters, gated vs folded; with
+     --growth-rounds N also a real N-round fast-dev run each way
+  s  cost against the inputs: eval on 33/66/132 vignettes, heal on 8/16/24 kept, tiny vs SmolLM2
+  p  bf16 autocast vs fp32: eval (nats and stage-delta differences) and heal (val nll), seconds each
 
 Every figure carries the 1-minute load average read right after it (other processes may share the
 CPU). On a shared 2-core box pass --threads 1 when other torch jobs run: 2-thread torch beside them
@@ -36,12 +44,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from .common import Ctx, machine  # noqa: E402
 from .evals import part_d  # noqa: E402
 from .gen import part_a, part_b  # noqa: E402
+from .growth import part_g  # noqa: E402
 from .heal import heal_worker, part_c  # noqa: E402
 from .orch import part_e  # noqa: E402
+from .precision import part_p  # noqa: E402
+from .round import part_r, round_worker  # noqa: E402
+from .scale import part_s  # noqa: E402
 from .sql import part_f  # noqa: E402
+from .yardstick import part_m  # noqa: E402
 
 PROG = "just bench"
-PARTS = "abcdef"
+PARTS = "abcdefmrgsp"
 VIGNETTES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mfv_classic_other_violate.jsonl"
 
 
@@ -60,6 +73,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-vignettes", type=int, default=28, help="part d: vignettes (stratified subset)")
     p.add_argument("--runs", type=int, default=200, help="part f: synthetic runs")
     p.add_argument("--rounds", type=int, default=10, help="part f: rounds per synthetic run")
+    p.add_argument("--growth-rounds", type=int, default=10, help="part g: rounds of the fast-dev run each way (0 = skip)")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: heal variant / orch
     p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
@@ -75,8 +89,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.worker:  # part c's fresh process per variant
-        out = heal_worker(args)
+    if args.worker:  # a fresh process per variant: part c's heal, part r's round
+        out = round_worker(args) if args.worker.startswith("round:") else heal_worker(args)
         Path(args.worker_out).write_text(json.dumps(out))
         return 0
     import torch
@@ -91,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(args)
     t0 = time.time()
     for part in args.parts:
-        fn = {"a": part_a, "b": part_b, "d": part_d}.get(part)
+        fn = {"a": part_a, "b": part_b, "d": part_d, "g": part_g, "s": part_s, "p": part_p}.get(part)
         if fn is not None:
             fn(ctx, res)
         else:
-            {"c": part_c, "e": part_e, "f": part_f}[part](args, res)
+            {"c": part_c, "e": part_e, "f": part_f, "m": part_m, "r": part_r}[part](args, res)
         sys.stdout.flush()
+        if args.json:  # after every part, so a later part's failure loses nothing measured
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     res["seconds"] = time.time() - t0
     res["load_end"] = os.getloadavg()
     print(f"\ndone in {res['seconds']:.0f} s; load {' '.join(f'{x:.2f}' for x in res['load_end'])}")
