@@ -67,6 +67,9 @@ class Run:
         self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
         self.vectors: dict[int, dict] = {}  # round -> the extracted vector
+        if cfg.bf16 in ("eval", "heal", "both"):  # approximate numbers are said, not only stored in run_info
+            logger.warning(f"--bf16 {cfg.bf16}: measured on SmolLM2, bf16 probes move a stage delta by up to ~0.01 "
+                           "nats and a bf16 heal's val nll by ~2% (docs/performance.md, part p)")
 
     def gen_vector(self, r: int) -> dict | None:
         """What round r generates and steers its steered eval with: the vector, or the run's control's."""
