@@ -20,6 +20,7 @@ def test_bench_store_part_runs_and_reports_every_row(tmp_path):
     assert f["result_rows"] == 4 * (1 + 2 * 3) and "f. per-round Pareto SQL" in p.stdout
 
 
+@pytest.mark.slow
 def test_bench_yardstick_growth_scale_and_precision_parts_run(tmp_path):
     """Parts m, g, s, p on the tiny model: each prints its table and writes its figures (the SmolLM2 figures
     are in docs/performance.md)."""
