@@ -15,7 +15,7 @@ import pytest
 from steer_heal.store import RunLog, query
 
 ARGS = ["--preset", "fast-dev", "--n-vignettes", "7", "--n-prompts", "6", "--n-keep", "4", "--min-train", "2",
-        "--probe-size", "4", "--gen-batch", "4", "--max-new-tokens", "8", "--bisect-steps", "1",
+        "--probe-size", "4", "--collect-size", "4", "--gen-batch", "4", "--max-new-tokens", "8", "--bisect-steps", "1",
         "--max-batches", "2", "--epochs", "2", "--batch-size", "2", "--n-demo", "1", "--seed", "3"]
 SKIP = {"run_id", "sec_extract", "sec_dose", "sec_heal", "sec_eval", "sec_total"}
 

@@ -73,7 +73,7 @@ def test_turn_end_is_what_the_template_closes_a_turn_with(tiny):
 
 def test_generate_tells_rows_that_stopped_from_rows_that_were_cut(tiny):
     model, tok = tiny
-    kw = dict(max_new_tokens=6, seed=1)
+    kw = dict(max_new_tokens=6, seeds=[1, 2, 3, 4])
     texts, ended = generate(model, tok, PROMPTS, with_ended=True, **kw)
     assert ended == [False] * 4 and all(texts)  # the random model never emits its eos: every row was cut
     saved = model.generation_config.eos_token_id
@@ -87,7 +87,7 @@ def test_generate_tells_rows_that_stopped_from_rows_that_were_cut(tiny):
 # ---------------------------------------------------------------- the dose walk, on synthetic filters
 
 def walk_cfg(**kw) -> Config:
-    base = dict(alphas=(1.0,), dose_target=0.75, kappa_min=0.2, bisect_steps=6, probe_size=8, gen_batch=8,
+    base = dict(alphas=(1.0,), dose_target=0.75, kappa_min=0.2, bisect_steps=6, probe_size=8, collect_size=8,
                 n_keep=12, min_train=4)
     return Config(**preset("fast-dev")).replace(**{**base, **kw})
 
@@ -213,7 +213,8 @@ def test_controls_change_only_what_they_should(tmp_path):
     for step in sorted({x["step"] for x in c0.scored}):
         rows = [x for x in c0.scored if x["step"] == step]
         plain = generate(run.stack.model, run.tok, [x["prompt"] for x in rows], system=run.system,
-                         max_new_tokens=run.cfg.max_new_tokens, seed=seeds.dose_batch(run.cfg.seed, 0, step),
+                         max_new_tokens=run.cfg.max_new_tokens,
+                         seeds=[seeds.slot(run.cfg.seed, 0, x["phase"], step, x["idx"]) for x in rows],
                          batch=run.cfg.gen_batch)
         assert [x["completion"] for x in rows] == plain
     # every arm extracted the same vector; the random control pushes with its norms, the same way each round

@@ -258,7 +258,7 @@ def _resolution(cfg, res) -> float:
 
 @pytest.mark.parametrize("edge", [0.07, 0.3, 0.55, 0.97])
 def test_walk_settles_at_the_largest_surviving_kappa(edge):
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=6, kappa_min=0.05, probe_size=4, gen_batch=4, n_keep=6,
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=6, kappa_min=0.05, probe_size=4, collect_size=4, n_keep=6,
                                                 min_train=2, dose_target=0.75)
     res = _walk(cfg, lambda k: 1.0 if k <= edge else 0.5)  # 0.5 < dose_target: above the edge fails
     assert res.kappa <= edge
@@ -274,14 +274,14 @@ def test_walk_settles_at_the_largest_surviving_kappa(edge):
 
 def test_walk_survival_target_is_inclusive():
     """Survival exactly at dose_target passes: the edge is where survival drops below it."""
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=6, probe_size=4, gen_batch=4, n_keep=4, min_train=2,
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=6, probe_size=4, collect_size=4, n_keep=4, min_train=2,
                                                 dose_target=0.5)
     res = _walk(cfg, lambda k: 0.5 if k <= 0.2 else 0.25)
     assert 0.2 * math.exp(-_resolution(cfg, res)) <= res.kappa <= 0.2
 
 
 def test_walk_on_a_filter_that_always_passes_settles_at_the_top():
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=4, probe_size=4, gen_batch=4, n_keep=6, min_train=2)
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=4, probe_size=4, collect_size=4, n_keep=6, min_train=2)
     res = _walk(cfg, lambda k: 1.0)
     probes = [s for s in res.steps if s["phase"] == "probe"]
     assert all(s["accepted"] for s in probes)
@@ -291,7 +291,7 @@ def test_walk_on_a_filter_that_always_passes_settles_at_the_top():
 def test_walk_records_every_batch_as_it_was_made():
     """Items cycle prompts and alphas by a running index; coef = kappa * alpha; each batch's step row counts
     exactly what its sample returned; every scored item is kept in order, and kept is cut at n_keep."""
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=2, probe_size=3, gen_batch=1, n_keep=5, min_train=5,
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=2, probe_size=3, collect_size=1, n_keep=5, min_train=5,
                                                 max_batches=6, alphas=(1.0, 2.0, 4.0), dose_target=0.6)
     prompts = [f"prompt {i}" for i in range(5)]
     calls = []
@@ -328,7 +328,7 @@ def test_walk_records_every_batch_as_it_was_made():
 def test_starved_walk_reports_its_counts():
     from steer_heal.dose import Starved
 
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=1, probe_size=2, gen_batch=2, n_keep=6, min_train=6,
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=1, probe_size=2, collect_size=2, n_keep=6, min_train=6,
                                                 max_batches=2, kappa_min=0.25, dose_target=0.9)
     with pytest.raises(Starved) as e:
         _walk(cfg, lambda k: 0.5)  # one of every two survives, at every dose: no probe passes
@@ -341,7 +341,7 @@ def test_starved_walk_reports_its_counts():
 
 
 def test_stored_walk_reads_back_the_same_dose():
-    cfg = Config(**preset("fast-dev")).replace(bisect_steps=5, probe_size=4, gen_batch=4, n_keep=6, min_train=2)
+    cfg = Config(**preset("fast-dev")).replace(bisect_steps=5, probe_size=4, collect_size=4, n_keep=6, min_train=2)
     res = _walk(cfg, lambda k: 1.0 if k <= 0.4 else 0.0)
     completions, steps = res.rows()
     back = DoseResult.from_rows(completions, steps, cfg.n_keep, cfg.kappa_min)

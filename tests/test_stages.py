@@ -90,12 +90,28 @@ def test_sampling_seeded_and_greedy_batch_invariant(tiny):
     model, tok = tiny
     v = _vec(model, tok)
     kw = dict(vec=v, coefs=[1.0, 2.0, 0.0, 1.0], max_new_tokens=8)
-    a = generate(model, tok, PROMPTS, seed=7, **kw)
-    assert a == generate(model, tok, PROMPTS, seed=7, **kw)
-    assert a != generate(model, tok, PROMPTS, seed=8, **kw)
-    g_batch = generate(model, tok, PROMPTS, greedy=True, batch=4, **kw)
-    g_one = generate(model, tok, PROMPTS, greedy=True, batch=1, **kw)
+    a = generate(model, tok, PROMPTS, seeds=[7, 8, 9, 10], **kw)
+    assert a == generate(model, tok, PROMPTS, seeds=[7, 8, 9, 10], **kw)
+    assert a != generate(model, tok, PROMPTS, seeds=[11, 12, 13, 14], **kw)
+    g_batch = generate(model, tok, PROMPTS, batch=4, **kw)
+    g_one = generate(model, tok, PROMPTS, batch=1, **kw)
     assert g_batch == g_one
+
+
+def test_each_slot_samples_from_its_own_seed_whatever_its_batch(tiny):
+    """A slot's text depends on its prompt, coefficient and seed only: batch 4 and 16 give the same
+    completions, and a slot keeps its text when its batch mates change."""
+    model, tok = tiny
+    v = _vec(model, tok)
+    prompts = [PROMPTS[i % 4] for i in range(16)]
+    kw = dict(vec=v, coefs=[0.5 * (i % 3) for i in range(16)], max_new_tokens=12, seeds=list(range(100, 116)))
+    b16 = generate(model, tok, prompts, batch=16, **kw)
+    assert generate(model, tok, prompts, batch=4, **kw) == b16
+    assert len(set(b16)) > 8  # sampled, not greedy: equal prompts at equal coefs still differ by seed
+    alone = generate(model, tok, prompts[5:6], vec=v, coefs=kw["coefs"][5:6], max_new_tokens=12, seeds=[105])
+    assert alone == b16[5:6]
+    with pytest.raises(ValueError, match="one per slot"):
+        generate(model, tok, prompts, seeds=[1, 2])
 
 
 def test_filter_scores_every_completion(tiny):

@@ -228,11 +228,10 @@ def _import_steering_lite():
 
 
 def _steering_lite_steer(sl) -> Steer:
-    from steering_lite.attach import attach, detach
-    from steering_lite.target import find_targets
-    from steering_lite.variants.mean_diff import MeanDiffC
-
-    attached_attr = getattr(importlib.import_module("steering_lite.attach"), "_ATTACHED_ATTR", "_steering_lite_attached")
+    # through the imported module, never a static import: steering-lite is an optional backend off PyPI
+    attach, detach = sl.attach.attach, sl.attach.detach
+    find_targets, MeanDiffC = sl.target.find_targets, sl.variants.mean_diff.MeanDiffC
+    attached_attr = getattr(sl.attach, "_ATTACHED_ATTR", "_steering_lite_attached")
 
     @contextmanager
     def steer(model, vec: steering.Vector | None, coef: float | torch.Tensor) -> Iterator[None]:

@@ -79,13 +79,14 @@ class Config:
     kappa_min: float = knob(0.2, "bottom of the walk's range [kappa_min, 1]; settled on, untested, when no probe passes")
     bisect_steps: int = knob(6, "bisection probes on log kappa after the kappa-1 probe (fewer once hi/lo < 1.05)")
     max_batches: int = knob(8, "collection batches at the settled kappa before giving up on n_keep")
+    collect_size: int = knob(16, "completions per collection batch at the settled kappa")
     # data sizes
     n_prompts: int = knob(32, "generation prompts used per round (cycled)")
     n_keep: int = knob(32, "survivors to bank per round")
     min_train: int = knob(8, "fewest survivors a round may train on; fewer ends the run as starved")
     max_new_tokens: int = knob(48, "tokens sampled per completion")
     max_len: int = knob(256, "longest prompt+completion in tokens for heal")
-    gen_batch: int = knob(16, "generation batch size")
+    gen_batch: int = knob(16, "generation batch size (how many slots share a forward; each slot samples from its own seed, so the text does not depend on it)")
     temperature: float = knob(0.0, "sampling temperature (0 = the model's generation_config default)")
     top_p: float = knob(0.0, "nucleus top_p (0 = the model's default)")
     # filter
@@ -157,6 +158,8 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if "collect_size" not in kw and "gen_batch" in kw:  # stored before collect_size: gen_batch set it
+            kw["collect_size"] = kw["gen_batch"]
         return cls(**kw)
 
     def experiment(self) -> dict:
@@ -217,7 +220,7 @@ class Config:
             bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
         if not 0.0 < self.kappa_min <= 1.0:
             bad("kappa_min", "in (0, 1]")
-        for name in ("probe_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "gen_batch", "lora_r",
+        for name in ("probe_size", "collect_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "gen_batch", "lora_r",
                      "epochs", "batch_size", "grad_accum", "eval_batch", "n_rounds"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
@@ -254,7 +257,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # moves base perplexity from ~800 (C = 0) to ~1000 (C >= 1), so ppl_tau 950 puts an edge in the walk's range.
     "fast-dev": dict(
         model="tiny-random", n_rounds=2, n_prompts=8, n_keep=8, min_train=4, probe_size=4, normalize=True,
-        bisect_steps=2, max_batches=3, gen_batch=8, max_new_tokens=16, max_len=96,
+        bisect_steps=2, max_batches=3, collect_size=8, gen_batch=8, max_new_tokens=16, max_len=96,
         ppl_tau=950.0, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
         eval_batch=16, n_demo=4, lr=1e-3,
     ),
@@ -265,7 +268,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
         model="smollm2-135m", steer_layers=(0.4, 0.6), alphas=(2.0, 3.0, 4.0), n_rounds=3, n_prompts=32,
         n_keep=24, min_train=8, probe_size=8, dose_target=0.75, kappa_min=0.2, bisect_steps=4,
-        max_new_tokens=48, max_len=192, gen_batch=16, ppl_tau=40.0, rel_tau=0.1, epochs=2, batch_size=4,
+        max_new_tokens=48, max_len=192, collect_size=16, gen_batch=16, ppl_tau=40.0, rel_tau=0.1, epochs=2, batch_size=4,
         dtype="float32", fold_history=True,
     ),
     # The recipe the method's research journal settled on, for a GPU (gemma-3-4b-it, 34 layers): kl_rev
@@ -278,7 +281,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "journal": dict(
         model="google/gemma-3-4b-it", steer_layers=(0.45, 0.5), alphas=(0.5, 0.75, 1.0), control="none",
         dose_target=0.75, probe_size=8, kappa_min=0.2, bisect_steps=6, max_batches=8,
-        n_prompts=16, n_keep=64, min_train=30, max_new_tokens=512, max_len=1024, gen_batch=16,
+        n_prompts=16, n_keep=64, min_train=30, max_new_tokens=512, max_len=1024, collect_size=16, gen_batch=16,
         temperature=1.0, top_p=0.95, ppl_tau=50.0, rep_tau=0.3, ppl_window=128, rel_tau=0.0,
         reg="kl_rev", kl_agg="rmse", barrier_ref="prev", lam=0.3, tau=2.0, lam_round_pow=-0.5,
         spectral_lam=0.01, weight_decay=0.0, lora_r=32, lora_alpha=64.0, lora_layers=(0.2, 0.8),

@@ -126,7 +126,7 @@ class _Batches:
         for _ in range(cfg.max_batches):
             if len(res.kept) >= cfg.n_keep:
                 break
-            self(res.kappa, cfg.gen_batch, "collect")
+            self(res.kappa, cfg.collect_size, "collect")
         res.kept = res.kept[: cfg.n_keep]
         if len(res.kept) < cfg.min_train:
             counts = dict(kept=len(res.kept), generated=res.n_gen, kappa=res.kappa)

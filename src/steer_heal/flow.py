@@ -184,7 +184,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
     def sample(items: list[dict], step: int) -> list[dict]:
         outs, ended = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
                                coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
-                               seed=seeds.dose_batch(cfg.seed, r, step), temperature=cfg.temperature,
+                               seeds=[seeds.slot(cfg.seed, r, x["phase"], step, x["idx"]) for x in items],
+                               temperature=cfg.temperature,
                                top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
                                steerer=run.steer, with_ended=True)
         crash_point(f"dose:r{r}:step{step}")

@@ -35,7 +35,7 @@ def adapter_ppl(model, tok, prompts: list[str], *, base: Callable[[], AbstractCo
                 vec: Vector | None = None, coef: float = 0.0, steerer=steer) -> tuple[list[str], list[float | None]]:
     """(greedy completions, their perplexity under `base()`); an empty completion has no perplexity (None),
     never the 1.0 an empty mask would give."""
-    outs = generate(model, tok, prompts, system=gen_system, vec=vec, coefs=[coef] * len(prompts), greedy=True,
+    outs = generate(model, tok, prompts, system=gen_system, vec=vec, coefs=[coef] * len(prompts),
                     max_new_tokens=max_new_tokens, batch=batch, desc="free text", steerer=steerer)
     with base():
         ppl = perplexity(model, tok, prompts, outs, score_system, window, max_len, batch)

@@ -1,10 +1,12 @@
-"""generate: batched (optionally steered) sampling, seeded so the same seed gives the same text."""
+"""generate: batched (optionally steered) sampling; each row draws from its own seeded generator, so the
+text a slot gets does not depend on which batch it shares or on the batch size."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria
+from transformers import LogitsProcessor, StoppingCriteria
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .steering import Vector, steer
 from .tokens import chat, encode_left, stop_strings
@@ -22,6 +24,34 @@ class StopAt(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stops) for t in tails], device=input_ids.device)
 
 
+class SlotSampler(LogitsProcessor):
+    """Samples each row's next token from that row's own generator, after the same temperature, top-k and
+    top-p warpers Hugging Face's sampling applies, and hands generate a one-hot choice (it runs greedy).
+    Hugging Face's own sampling draws the whole batch from the global RNG, so a row's text there depends on
+    its batch mates."""
+
+    def __init__(self, gens: list[torch.Generator], temperature: float, top_k: int, top_p: float):
+        self.gens = gens
+        self.warp = [w for w, on in ((TemperatureLogitsWarper(temperature), temperature != 1.0),
+                                     (TopKLogitsWarper(top_k), top_k > 0), (TopPLogitsWarper(top_p), top_p < 1.0)) if on]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for w in self.warp:
+            scores = w(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        pick = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, pick[:, None], 0.0)
+
+
+def sampling(model, temperature: float, top_p: float) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p): the knobs where set (> 0), else the model's generation_config, else
+    Hugging Face's defaults (1, 50, 1)."""
+    gc = model.generation_config
+    t = temperature or gc.temperature or 1.0
+    k = gc.top_k if gc.top_k is not None else 50
+    return t, k, top_p or gc.top_p or 1.0
+
+
 def cut(text: str, stops: tuple[str, ...]) -> str:
     """The completion before the first stop string."""
     for s in stops:
@@ -31,10 +61,11 @@ def cut(text: str, stops: tuple[str, ...]) -> str:
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | None = None,
-             coefs: list[float] | None = None, max_new_tokens: int = 48, seed: int = 0,
-             greedy: bool = False, temperature: float = 0.0, top_p: float = 0.0,
+             coefs: list[float] | None = None, max_new_tokens: int = 48, seeds: list[int] | None = None,
+             temperature: float = 0.0, top_p: float = 0.0,
              batch: int = 16, desc: str = "generate", steerer=steer, with_ended: bool = False):
-    """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec.
+    """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec and, given `seeds`,
+    sampled from its own generator seeded seeds[i] (seeds.slot); without seeds, greedy.
 
     temperature/top_p of 0 keep the model's own generation_config defaults; `steerer` is the
     hook context manager (steering.steer, or an optional backend's, see backends.py).
@@ -43,15 +74,11 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
     """
     dev = next(model.parameters()).device
     coefs = coefs if coefs is not None else [0.0] * len(prompts)
-    kw: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
-    if greedy:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        kw["do_sample"] = True
-        if temperature > 0:
-            kw["temperature"] = temperature
-        if top_p > 0:
-            kw["top_p"] = top_p
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: one per slot")
+    kw: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
+                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    warp = sampling(model, temperature, top_p)
     stops = stop_strings(tok)  # text that ends a turn (the plain template's next "User:")
     eos = model.generation_config.eos_token_id  # tokens that end one: a row that emits one ended by itself
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [tok.eos_token_id])
@@ -59,14 +86,15 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
     ended: list[bool] = []
     starts = range(0, len(prompts), batch)
     for s in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
-        # one generator stream per batch start: a batch's text does not depend on earlier batches
-        torch.manual_seed(seed * 1_000_003 + s)
         enc = encode_left(tok, [chat(tok, p, system) for p in prompts[s:s + batch]], dev)
         enc.pop("position_ids")  # generate derives positions from the mask itself
         c = torch.tensor(coefs[s:s + batch], dtype=torch.float32, device=dev)
         n = enc["input_ids"].shape[1]
         if stops:
             kw["stopping_criteria"] = [StopAt(tok, stops, n)]
+        if seeds is not None:
+            gens = [torch.Generator(dev).manual_seed(x) for x in seeds[s:s + batch]]
+            kw["logits_processor"] = [SlotSampler(gens, *warp)]
         with steerer(model, vec, c):
             ids = model.generate(**enc, **kw)
         new = ids[:, n:]

@@ -20,9 +20,10 @@ def heal_shuffle(seed: int, round_: int) -> int:
     return seed_for(seed, round_, "heal")
 
 
-def dose_batch(seed: int, round_: int, step: int) -> int:
-    """The sampling of dose-walk batch `step` (probe or collect)."""
-    return seed_for(seed, round_, f"dose.{step}")
+def slot(seed: int, round_: int, phase: str, step: int, idx: int) -> int:
+    """The sampling of one completion slot: dose-walk batch `step` (phase probe or collect), row `idx` (the
+    walk's cursor). Its own generator, so the text does not depend on its batch or on gen_batch."""
+    return seed_for(seed, round_, f"dose.{phase}.{step}.{idx}")
 
 
 def random_vector(seed: int, round_: int, k: int) -> int:

@@ -47,7 +47,7 @@ def part_a(ctx: Ctx, res: dict) -> None:
                 counts.update(tokens=0, stops=0)
                 with Clock() as c:
                     outs = generate(m, tok, prompts, system=ctx.system, vec=vec if steered else None,
-                                    coefs=[ctx.args.coef] * n, max_new_tokens=n_new, seed=0, batch=bs)
+                                    coefs=[ctx.args.coef] * n, max_new_tokens=n_new, seeds=list(range(n)), batch=bs)
                 times.append(c.s)
             s = min(times)
             key = f"{label}_b{bs}_n{n}"

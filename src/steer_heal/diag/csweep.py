@@ -51,7 +51,7 @@ def sweep(rm: RoundModel, name: str, vec: dict, coefs: list[float], demo: bool) 
     for c in coefs:
         with steer(rm.stack.model, vec, c):
             m = measure(rm.stack.model, rm.tok, rm.probe).summary(rm.probe.target)
-            text = generate(rm.stack.model, rm.tok, [prompt], system=rm.probe.system, greedy=True,
+            text = generate(rm.stack.model, rm.tok, [prompt], system=rm.probe.system,
                             max_new_tokens=rm.cfg.max_new_tokens)[0] if demo else None
         rows.append(dict(vector=name, coef=c, dose=c == rm.coef, **m, prompt=prompt if demo else None,
                          generation=text))
