@@ -64,7 +64,7 @@ def servers_of(home: Path) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc to find the server")
-def test_terminal_ctrl_c_ends_the_run_interrupted_and_resume_gives_the_same_rows(ref, tmp_path):
+def test_terminal_ctrl_c_ends_the_run_interrupted_and_resume_gives_the_same_rows(ref, tmp_path, request):
     """A terminal sends SIGINT to the whole foreground process group; the run's Prefect server is not in it,
     so the run records `interrupted` at once (no retries against a dead server), the server goes too, and
     a resume ends with exactly the undisturbed run's rows."""
@@ -90,7 +90,8 @@ def test_terminal_ctrl_c_ends_the_run_interrupted_and_resume_gives_the_same_rows
         except ProcessLookupError:
             pass
     assert p.returncode == 130, se[-2000:]
-    assert took < 30, took  # was 70-80 s of API retries once the group's SIGINT had killed the server
+    if request.config.getoption("--slow"):  # a wall-clock margin only with --slow: ~3 s idle, the bug was 70-80 s
+        assert took < 30, took  # of API retries once the group's SIGINT had killed the server
     assert "Traceback" not in se and "ConnectError" not in se and "just resume c" in se, se[-2000:]
     assert "ERROR" not in se, se[-2000:]  # no "Crash detected!" from Prefect either: one line says it all
     assert RunLog(tmp_path, "c").read("status")[-1]["status"] == "interrupted"

@@ -30,10 +30,16 @@ def test_percentile_interval_matches_a_fixed_seed_numpy_reference():
     lo, hi = np.quantile(d, [0.025, 0.975])
     assert got["delta"] == pytest.approx(x.mean() - y.mean())
     assert (got["lo"], got["hi"]) == pytest.approx((lo, hi), rel=1e-12)
-    # pairing matters: the same numbers resampled independently would give a different (here wider) interval
-    ind = np.random.default_rng(1).integers(0, 40, (500, 40))
-    d_unpaired = x[idx].mean(-1) - y[ind].mean(-1)
-    assert np.quantile(d_unpaired, 0.975) - np.quantile(d_unpaired, 0.025) != pytest.approx(hi - lo)
+    # pairing matters: on strongly correlated stages paired() must resample items together, which gives an
+    # interval far narrower than resampling the two stages independently (a paired=False bootstrap fails this)
+    base = rng.normal(0.0, 1.0, 60)
+    a, b = base + 0.1 + rng.normal(0, 0.05, 60), base + rng.normal(0, 0.05, 60)
+    got_p = I.paired(a, b, "mean", boot=1000, seed=3)
+    i1, i2 = np.random.default_rng(3).integers(0, 60, (2, 1000, 60))
+    unpaired = np.quantile(a[i1].mean(-1) - b[i2].mean(-1), [0.025, 0.975])
+    assert got_p["hi"] - got_p["lo"] < 0.2 * (unpaired[1] - unpaired[0])
+    assert got_p["lo"] > 0  # the shift of 0.1 is resolved only by the paired interval
+    assert unpaired[0] < 0
 
 
 def test_target_delta_is_a_log_of_means_resampled_whole():
