@@ -135,6 +135,20 @@ def test_kill_point_then_resume_gives_the_undisturbed_rows_once(ref, tmp_path, k
     assert {oct(f.stat().st_mode & 0o777) for d in ("adapters", "vectors") for f in (run / d).iterdir()} == {"0o644"}
 
 
+@pytest.mark.slow
+def test_a_folded_run_killed_in_round_1_resumes_to_the_undisturbed_folded_rows(tmp_path):
+    """--fold-history adds the baked adapters into the weights: a resume must rebuild that folded history from
+    the stored adapters, so its round 1 equals an undisturbed folded run's, row for row."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    rc, _, se = steer_heal(a, *ARGS, "--run-id", "f", "--fold-history")
+    assert rc == 0, se[-3000:]
+    rc, _, _ = steer_heal(b, *ARGS, "--run-id", "f", "--fold-history", kill_at="heal:r1:step2")
+    assert rc == -signal.SIGKILL
+    rc, _, se = steer_heal(b, "--resume", "f")
+    assert rc == 0, se[-3000:]
+    same_rows(a, "f", b, "f")
+
+
 def test_two_resumes_at_once_one_is_refused_and_rows_are_written_once(ref, tmp_path):
     rc, _, _ = steer_heal(tmp_path, *ARGS, "--run-id", "k", kill_at="dose:r1:step0")
     assert rc == -signal.SIGKILL

@@ -180,6 +180,21 @@ def test_relevance_is_own_prompt_minus_foil_log_prob_and_can_drop(tiny):
     assert [r["reason"] for r in strict] == ["relevance"] * len(items)
     assert score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9)[0]["relevance"] is None
 
+
+def test_relevance_gate_at_its_boundary_and_without_a_foil(tiny):
+    """rv < rel_tau drops, rv == rel_tau keeps (the gate is strict); a gate that cannot be applied to an item
+    (no foil: one distinct prompt) refuses rather than waving the item through."""
+    model, tok = tiny
+    fo = foils(PROMPTS)
+    items = [dict(prompt=p, completion="I would help him first and ask later.") for p in PROMPTS]
+    rv = score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil=fo)[0]["relevance"]
+    at = score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil=fo, rel_tau=rv)[0]
+    above = score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil=fo,
+                  rel_tau=math.nextafter(rv, math.inf))[0]
+    assert rv > 0 and at["keep"] and (above["keep"], above["reason"]) == (False, "relevance")
+    with pytest.raises(ValueError, match="rel_tau=0.5 .* no unrelated prompt"):
+        score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil={}, rel_tau=0.5)
+
 # ---------------------------------------------------------------- controls
 
 def _round0(tmp_path, control: str):

@@ -136,7 +136,7 @@ def test_merged_gives_the_gated_student_and_base_inside_it_stays_bitwise(tiny):
 
 def test_a_folded_run_keeps_the_gated_runs_numbers(tmp_path):
     """Round 0 of a fast-dev seed-0 run with --fold-history (its healed eval on merged weights) gives the gated
-    run's recorded rounds row (tests/golden) to float rounding; round 1 runs on the folded history."""
+    run.s recorded rounds row (tests/golden) to float rounding, and so does round 1, healed on the folded history."""
     import json
 
     from test_flow import steer_heal
@@ -148,9 +148,11 @@ def test_a_folded_run_keeps_the_gated_runs_numbers(tmp_path):
     assert rc == 0, se[-3000:]
     rows = sorted(RunLog(tmp_path, "f").read("rounds"), key=lambda r: r["round"])
     assert [r["round"] for r in rows] == [0, 1]
-    want = json.loads(GOLDEN.read_text())["rounds"][0]
-    for k, v in want.items():
-        if isinstance(v, float):
-            assert rows[0][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (k, rows[0][k], v)  # ppl ~ 915
-        else:
-            assert rows[0][k] == v, k
+    # round 0 within rounding; round 1 heals on the folded history, where rounding has one round to grow
+    # (measured: 1.4e-6 relative at most on the trait nats)
+    for row, want, rel, tol in zip(rows, json.loads(GOLDEN.read_text())["rounds"], (1e-6, 1e-5), (1e-7, 1e-6)):
+        for k, v in want.items():
+            if isinstance(v, float):
+                assert row[k] == pytest.approx(v, rel=rel, abs=tol), (row["round"], k, row[k], v)  # ppl ~ 915
+            else:
+                assert row[k] == v, (row["round"], k)
