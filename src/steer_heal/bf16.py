@@ -121,7 +121,7 @@ def choose(cfg: Config, device) -> dict:
     if cfg.bf16 == "off":
         return dict(rec, why="as asked")
     if ratio >= 1:
-        logger.info(f"--bf16 {cfg.bf16}: {says}, {ratio:.1f}x faster")
+        logger.debug(f"--bf16 {cfg.bf16}: {says}, {ratio:.1f}x faster")  # info would precede a refusal below
         return dict(rec, why=f"bf16 {ratio:.2f}x fp32's rate here")
     slow = f"--bf16 {cfg.bf16} would slow this run down: {says}, {1 / ratio:.1f}x slower"
     if not cfg.bf16_force:

@@ -121,9 +121,9 @@ def preflight(cfg: Config) -> dict:
     data.persona(cfg)
     data.dilemmas(cfg.persona)
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
+    speed = bf16.choose(cfg, device)  # after the inputs (its matmuls only run on good ones), before any is logged
     resolved = family.check(cfg)
-    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame),
-                bf16=bf16.choose(cfg, device))  # last: every input is good before the matmuls run
+    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame), bf16=speed)
 
 
 def resume_checks(cfg: Config, log: RunLog) -> bool:
