@@ -4,7 +4,11 @@ injected through the machine's own cache file (the path a run reads them from), 
 which measures this machine and asserts the behaviour its rates call for."""
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from steer_heal import bf16
 from steer_heal.config import Config, ConfigError, preset
 from steer_heal.run import preflight
 
+REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 SLOW = dict(fp32=61.7, bf16=0.97)  # issue 31: one thread, 512 x 512, an EPYC without AVX512
 FAST = dict(fp32=171.4, bf16=394.5)  # docs/performance.md part m, run S1: a CPU with AVX512-BF16
@@ -85,10 +90,12 @@ def test_rates_are_measured_once_per_machine_and_cached_under_out(tmp_path):
     assert not bf16.rates(tmp_path)["cached"]
 
 
-def test_the_key_is_the_cpu_its_flags_and_torch():
+def test_the_key_is_the_cpu_its_flags_and_torch(monkeypatch):
     ident = bf16.identity()
     assert ident["torch"] == torch.__version__ and ident["cpu"] and len(ident["key"]) == 12
     assert set(ident["units"]) <= set(bf16.UNITS)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # other kernels, other rates: its own cache entry
+    assert bf16.identity()["key"] != ident["key"]
 
 
 def test_real_rate_check_on_this_machine(tmp_path):
@@ -104,3 +111,19 @@ def test_real_rate_check_on_this_machine(tmp_path):
     else:
         assert preflight(c)["bf16"]["eval"]
     assert not preflight(c.replace(bf16="auto"))["bf16"]["eval"]
+
+
+def test_a_cpu_without_bf16_units_refuses_bf16_eval_for_real(tmp_path, monkeypatch):
+    """The issue's machine class, for real: oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA, as on an EPYC without
+    AVX512) emulates bf16 matmul, ~100x slower than fp32. `--bf16 eval` then exits 2 with one error line
+    that gives both measured rates and the fix; no run starts."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PYTHONPATH=str(REPO / "src"))
+    p = subprocess.run([sys.executable, "-m", "steer_heal", "--preset", "fast-dev", "--out", str(tmp_path),
+                        "--bf16", "eval"], capture_output=True, text=True, timeout=300, env=env)
+    errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-2000:]
+    assert "--bf16 eval would slow this run down" in errors[0] and "Pass --bf16 off" in errors[0]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the cap is part of the machine's key
+    cached = json.loads(bf16.cache_path(tmp_path).read_text())  # the same rates the line gives
+    assert cached["bf16"] < cached["fp32"] and f"{cached['bf16']:.3g} GFLOP/s" in errors[0]
+    assert not (tmp_path / "runs").exists() and "Traceback" not in p.stderr

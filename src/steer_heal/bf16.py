@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ MAX_REPS = 5
 
 
 def identity() -> dict:
-    """What the cache is keyed on: the CPU's model name, its flags, and torch's version (its kernels)."""
+    """What the cache is keyed on: the CPU's model name, its flags, torch's version and any cap on oneDNN's
+    instruction set (they pick the kernels)."""
     import torch
 
     info: dict[str, str] = {}
@@ -43,8 +45,10 @@ def identity() -> dict:
     cpu = info.get("model name") or platform.processor() or platform.machine()
     flags = info.get("flags") or info.get("Features", "")  # x86 or arm64
     have = sorted(set(flags.split()))
-    key = hashlib.sha256(json.dumps([cpu, have, torch.__version__]).encode()).hexdigest()[:12]
-    return dict(key=key, cpu=cpu, units=[u for u in UNITS if u in have], torch=torch.__version__)
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""  # caps oneDNN's kernels
+    key = hashlib.sha256(json.dumps([cpu, have, torch.__version__, isa]).encode()).hexdigest()[:12]
+    return dict(key=key, cpu=cpu, units=[u for u in UNITS if u in have], torch=torch.__version__,
+                **({"onednn_max_isa": isa} if isa else {}))
 
 
 def cache_path(out: str | Path, ident: dict | None = None) -> Path:
@@ -118,8 +122,9 @@ def choose(cfg: Config, device) -> dict:
     ratio = r["bf16"] / r["fp32"]
     rec.update(fp32_gflops=round(r["fp32"], 2), bf16_gflops=round(r["bf16"], 2), ratio=round(ratio, 3),
                cpu=r.get("cpu", ""), units=r.get("units", []), cached=r["cached"])
-    says = (f"bf16 matmul runs at {r['bf16']:.3g} GFLOP/s against fp32's {r['fp32']:.3g} on this CPU "
-            f"({rec['cpu']}; {'bf16 units: ' + ', '.join(rec['units']) if rec['units'] else 'no AVX512-BF16 or AMX'})")
+    units = "bf16 units: " + ", ".join(rec["units"]) if rec["units"] else "no AVX512-BF16 or AMX"
+    cap = f", oneDNN capped at {r['onednn_max_isa']}" if r.get("onednn_max_isa") else ""
+    says = f"bf16 matmul runs at {r['bf16']:.3g} GFLOP/s against fp32's {r['fp32']:.3g} on this CPU ({rec['cpu']}; {units}{cap})"
     if cfg.bf16 == "auto":  # bf16 moves the numbers (part p): never a CPU default, however fast
         logger.debug(f"--bf16 auto: fp32 on a CPU; {says}")
         return dict(rec, why="auto keeps fp32 on a CPU" + ("" if ratio >= 1 else f"; bf16 is {1 / ratio:.1f}x slower here"))
