@@ -55,9 +55,22 @@ def cache_path(out: str | Path, ident: dict | None = None) -> Path:
     return Path(out) / "machines" / f"bf16-{(ident or identity())['key']}.json"
 
 
-def matmul_rates(n: int = N, budget_s: float = BUDGET_S, max_reps: int = MAX_REPS) -> dict:
-    """GFLOP/s of an n x n matmul in fp32 and in bf16 on torch's current threads: best of interleaved reps
-    (a load spike hits both), repeated until budget_s has gone or max_reps."""
+def matmul_rates(n: int = N, budget_s: float = BUDGET_S, max_reps: int = MAX_REPS, threads: int = 1) -> dict:
+    """GFLOP/s of an n x n matmul in fp32 and in bf16 on `threads` torch threads: best of interleaved reps
+    (a load spike hits both), repeated until budget_s has gone or max_reps. One thread by default: the ratio
+    is the kernels', and on a busy shared CPU a 2-thread fp32 matmul of this size waited on its second
+    thread and read 1-4 GFLOP/s against 200 alone, enough to pass an emulated bf16 as faster."""
+    import torch
+
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _timed(n, budget_s, max_reps)
+    finally:
+        torch.set_num_threads(was)
+
+
+def _timed(n: int, budget_s: float, max_reps: int) -> dict:
     import torch
 
     t0 = time.perf_counter()
