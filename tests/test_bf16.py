@@ -127,3 +127,20 @@ def test_a_cpu_without_bf16_units_refuses_bf16_eval_for_real(tmp_path, monkeypat
     cached = json.loads(bf16.cache_path(tmp_path).read_text())  # the same rates the line gives
     assert cached["bf16"] < cached["fp32"] and f"{cached['bf16']:.3g} GFLOP/s" in errors[0]
     assert not (tmp_path / "runs").exists() and "Traceback" not in p.stderr
+
+
+def test_resume_takes_the_force_flag_from_the_command_and_checks_again(tmp_path):
+    """--bf16-force is runtime, not experiment: a resume on a machine without bf16 units may add it (and is
+    refused without it), and it never changes the config hash."""
+    from test_errors import fake_run
+
+    from steer_heal.run import resume_config
+
+    fake_run(tmp_path, "r", bf16="eval")
+    bf16.save_rates(tmp_path, SLOW)
+    plain = resume_config(Config(out=str(tmp_path), resume="r"), {})
+    assert not plain.bf16_force and plain.bf16 == "eval"
+    with pytest.raises(ConfigError, match="--bf16 off"):
+        bf16.choose(plain, CPU)
+    forced = resume_config(Config(out=str(tmp_path), resume="r", bf16_force=True), {"bf16_force": True})
+    assert forced.bf16_force and bf16.choose(forced, CPU)["forced"] and forced.hash() == plain.hash()
