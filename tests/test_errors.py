@@ -115,7 +115,7 @@ def cases(tmp):
         ("run", FAST + o + ["--bf16", "eval"], 2, "0.97 GFLOP/s against fp32's 61.7 on this CPU"),
         ("run", FAST + o + ["--bf16", "heal"], 2, "63.6x slower. Pass --bf16 off (or --bf16-force"),
         ("run", FAST + o + ["--bf16", "fast"], 2, "invalid choice: 'fast'"),
-        ("run", FAST + o + ["--bf16-force=yes"], 2, "--bf16-force"),
+        ("run", FAST + o + ["--bf16-force=yes"], 2, "--bf16-force/--no-bf16-force: ignored explicit argument 'yes'"),
         *([("run", FAST + o + ["--device", "cuda"], 2, "sees no CUDA GPU")] if not torch.cuda.is_available() else []),
         # the run: model families (chat template, LoRA targets, frame)
         ("run", FAST + o + ["--model", str(base)], 2, "has no chat template (its tokenizer defines none), so its "
