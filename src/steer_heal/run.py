@@ -109,7 +109,7 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
 
 def preflight(cfg: Config) -> dict:
     """Read every input the run needs before anything expensive: bad ones fail here, named. Returns what
-    run_info records of the decisions made on them (family.check and the vignettes)."""
+    run_info records of the decisions made on them (family.check, the vignettes, the bf16 choice)."""
     from . import backends, bf16, data, family
     from .models import check_model, pick_device
 
