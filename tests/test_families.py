@@ -39,6 +39,7 @@ def test_fast_dev_round_runs_on_each_family(arch, tmp_path):
     assert res["attn_impl"]["used"] == ("eager" if arch == "gemma2" else "sdpa")
     assert ("does not support --attn-impl sdpa" in res["attn_impl"]["note"]) == (arch == "gemma2")
     assert res["chat_template"] == {"name": "auto", "sha256": res["chat_template"]["sha256"], "bos": "none"}
+    assert res["bf16"]["asked"] == "auto" and not res["bf16"]["eval"] and res["bf16"]["fp32_gflops"] > 0  # issue 31
     # the baked adapter holds an A and a B for exactly those linears of every layer
     keys = load_file(log.dir / "adapters" / "round_0.safetensors").keys()
     want = {f"{PREFIX[arch]}.{i}.{n}" for i in range(4) for n in ADAPTED[arch]}

@@ -27,7 +27,7 @@ CONTROLS = ("none", "c0", "random")
 
 # Fields that say where/how a run executes, not what the experiment is. They are
 # left out of the config hash and may change on resume (n_rounds may only grow).
-RUNTIME_FIELDS = ("out", "run_id", "device", "n_rounds", "resume", "log_level")
+RUNTIME_FIELDS = ("out", "run_id", "device", "n_rounds", "resume", "log_level", "bf16_force")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # Integers go to BIGINT columns; a seed or size past 2**63 would read back as NULL.
@@ -130,7 +130,13 @@ class Config:
     steerer: str = knob("builtin", "steering hooks: builtin, or steering-lite when that package is importable", ("builtin", "steering-lite"))
     eval_batch: int = knob(16, "eval batch size")
     reuse_prefix: bool = knob(True, "score a prompt's answers (both option orders, both replies) on one pass of the prompt, its KV cache reused; full-attention models only (off: one full forward per answer, the old path; the same numbers to ~1e-6)")
-    bf16: str = knob("auto", "bf16 autocast: auto (the heal on a GPU, nothing on a CPU), off, eval (the probes), heal, both; faster where the hardware has bf16 matmul, nats off by ~0.01-0.03 (docs/performance.md has the measured trade-off)", ("auto", "off", "eval", "heal", "both"))
+    bf16: str = knob("auto", "bf16 autocast: auto (the heal on a GPU, nothing on a CPU), off, eval (the probes), heal, both. "
+                     "Faster only with bf16 matrix units (AVX512-BF16 or AMX on x86, any recent GPU): eval 1.96x, heal "
+                     "1.53x on a 2-vCPU AVX512-BF16 box; many times slower without them, so a CPU run times a matmul "
+                     "first and refuses a slower bf16. Nats off by ~0.01-0.03 (docs/performance.md, part p)",
+                     ("auto", "off", "eval", "heal", "both"))
+    bf16_force: bool = knob(False, "run --bf16 eval|heal|both even where the start-up rate check finds bf16 matmul "
+                            "slower than fp32 on this CPU")
     n_demo: int = knob(16, "greedy generations per stage on held-out prompts, scored under the base model: adapter_ppl (0 = none)")
     demo_tokens: int = knob(0, "tokens per free-text generation (0 = --max-new-tokens)")
     coh_floor_rel: float = knob(0.85, "a stage whose seven-way coherence (or most items' option mass) falls under this fraction of base's is flagged broken and its retain, retain_trait, coh_cost, surgical are withheld (0 = off)")

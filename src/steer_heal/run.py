@@ -103,25 +103,27 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
         raise ConfigError(f"--n-rounds {n_rounds} is below the stored {stored.n_rounds}: it may only grow on resume")
     stored = student.allow_remote_code(stored, cfg.trust_remote_code, f"just resume {cfg.resume} --trust-remote-code")
     return stored.replace(n_rounds=n_rounds, run_id=cfg.resume, out=cfg.out,
-                          device=explicit.get("device", stored.device), log_level=cfg.log_level)
+                          device=explicit.get("device", stored.device), log_level=cfg.log_level,
+                          bf16_force=cfg.bf16_force)
 
 
 def preflight(cfg: Config) -> dict:
     """Read every input the run needs before anything expensive: bad ones fail here, named. Returns what
-    run_info records of the decisions made on them (family.check and the vignettes)."""
-    from . import backends, data, family
+    run_info records of the decisions made on them (family.check, the vignettes, the bf16 choice)."""
+    from . import backends, bf16, data, family
     from .models import check_model, pick_device
 
     check_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
-    pick_device(cfg.device)
+    device = pick_device(cfg.device)
     if cfg.eval != "contrast":
         backends.mfv_fn(cfg)
     backends.steer_fn(cfg)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
+    speed = bf16.choose(cfg, device)  # after the inputs (its matmuls only run on good ones), before any is logged
     resolved = family.check(cfg)
-    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame))
+    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame), bf16=speed)
 
 
 def resume_checks(cfg: Config, log: RunLog) -> bool:
