@@ -35,7 +35,7 @@ def run_tags(log: RunLog, resumed: bool) -> list[str]:
     info = (log.read("run_info") or [{}])[0]
     resolved = info.get("resolved") or {}
     family = resolved.get("model_type") or str(info.get("model") or "?").rsplit("/", 1)[-1]
-    out = ["steer-heal", f"run:{log.run_id}", f"reg:{info.get('reg')}", f"control:{info.get('control')}",
+    out = [f"run:{log.run_id}", f"reg:{info.get('reg')}", f"control:{info.get('control')}",
            f"preset:{info.get('preset') or 'none'}", f"seed:{info.get('seed')}", f"family:{family}"]
     out += _sweep_tags()
     if resumed:
@@ -96,7 +96,7 @@ def round_artifacts(log: RunLog, row: dict, got: dict, checks: list[tuple[bool |
 
     r, key = row["round"], slug(log.run_id)
     _write(f"round {r} table", lambda: create_table_artifact(
-        round_table_rows(row, got), key=f"{key}-r{r}", description=f"{log.run_id} round {r}: the round table's row"))
+        round_table_rows(row, got), key=f"{key}-r{r}-table", description=f"{log.run_id} round {r}: the round table's row"))
     _write(f"round {r} checks", lambda: create_markdown_artifact(
         round_markdown(log.run_id, row, checks, scored), key=f"{key}-r{r}-checks",
         description=f"{log.run_id} round {r}: SHOULD lines and filter drops"))
