@@ -165,3 +165,10 @@ def test_the_ui_renders_the_flow_run_page_with_its_artifacts(ui, tmp_path):
     shot = REPO / "docs" / "img" / "prefect-flow-run.png"
     subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, timeout=180)
     assert shot.stat().st_size > 10_000
+    art = ui.artifacts(fr)["ui-run-1-r1-checks"]  # the round's checks, as the artifact's own page renders them
+    url = f"http://127.0.0.1:{ui.port}/v2/artifacts/artifact/{art.id}"
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    assert "round 1" in dom and "SHOULD" in dom and "dropped" in dom, dom[-2000:]
+    shot = REPO / "docs" / "img" / "prefect-round-checks.png"
+    subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    assert shot.stat().st_size > 10_000
