@@ -128,6 +128,22 @@ def test_one_table_artifact_per_round_equals_the_stores_rounds_row(ui):
     assert str(log.dir / "report.md") in summary and "**status** done" in summary
 
 
+def test_a_sweep_cells_run_is_tagged_with_its_sweep(ui, tmp_path):
+    """A cell's run is a subflow of the cell's flow run (sweep/cell.py), which pool.submit tags sweep:<name>."""
+    from prefect import flow, tags
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    log = RunLog(ui.out, RUN)
+
+    @flow(name="cell-like")
+    def cell() -> list[str]:
+        return prefect_ui.run_tags(log, resumed=False)
+
+    with temporary_settings(updates={PREFECT_API_URL: ui.api}), tags("sweep", "sweep:lam", f"cell:{RUN}"):
+        got = cell()
+    assert {"sweep", "sweep:lam", "reg:kl_rev", "family:qwen3"} <= set(got) and f"cell:{RUN}" not in got
+
+
 def test_a_failed_artifact_write_is_a_warning_not_a_failure(monkeypatch, tmp_path):
     from loguru import logger
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
