@@ -43,7 +43,7 @@ def check(cfg: Config) -> dict:
     if note:
         logger.warning(note)
     logger.info(targets_table(per_layer, prefix, cfg.lora_targets))
-    return {"chat_template": template, "attn_impl": {"requested": cfg.attn_impl, "used": impl, "note": note},
+    return {"model_type": getattr(config, "model_type", None), "chat_template": template, "attn_impl": {"requested": cfg.attn_impl, "used": impl, "note": note},
             "lora_targets": {"targets": list(cfg.lora_targets), "n": len(names), "prefix": prefix,
                              "per_layer": {k: len(v) for k, v in per_layer.items()}}}
 

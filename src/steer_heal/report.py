@@ -51,12 +51,15 @@ def withheld(row: dict, value):
 def round_table(rounds: list[dict], ivs: list[dict] = (), md: bool = False) -> str:
     """The per-round table; d_trait is the healed student against base with its paired interval ('~': holds 0)."""
     got = intervals.lookup(ivs)
-    body = []
-    for r in sorted(rounds, key=lambda x: x["round"]):
-        cells = dict(r, d_trait=intervals.fmt(got.get((r["round"], "healed", "trait", "base"))),
-                     retain=withheld(r, r.get("retain")), retain_trait=withheld(r, r.get("retain_trait")))
-        body.append([cells.get(c) for c, _ in ROUND_COLS])
+    body = [[round_cells(r, got).get(c) for c, _ in ROUND_COLS] for r in sorted(rounds, key=lambda x: x["round"])]
     return table([h for _, h in ROUND_COLS], body, md)
+
+
+def round_cells(r: dict, got: dict) -> dict:
+    """A round row as the table shows it (also the round's Prefect artifact): d_trait with its interval, the
+    ratios or the flag that withheld them. got: intervals.lookup() of the run."""
+    return dict(r, d_trait=intervals.fmt(got.get((r["round"], "healed", "trait", "base"))),
+                retain=withheld(r, r.get("retain")), retain_trait=withheld(r, r.get("retain_trait")))
 
 
 def stage_rows(by: dict, ivs: list[dict], target: str, floor_rel: float) -> list[dict]:

@@ -226,6 +226,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(prefect_home(log.dir / "prefect"))
     from .flow import steer_heal  # imports Prefect, which configures its loggers: quieten them after
+    from .prefect_ui import tagged
 
     if cfg.log_level.upper() not in ("TRACE", "DEBUG"):  # a failure is reported below, once, in one line
         for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
@@ -234,7 +235,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
 
     ctrl_c = CtrlC()
     try:
-        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))):
+        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))), tagged(log, resumed):
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
