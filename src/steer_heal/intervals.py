@@ -151,10 +151,10 @@ def two_level(per_seed: list[np.ndarray], signs: tuple[float, ...], kind: str = 
     part every seed shares because they are scored on the same items. That part is the item bootstrap's:
     resample item ids once for all seeds (v_joint, the variance of the seed-mean) and within each seed
     (v_seed); under seed + item + interaction noise, (k v_joint - mean v_seed) / (k - 1) estimates the
-    shared item variance of the mean. The half-width adds the two levels' t half-widths in quadrature:
-    t(k-1) for the seeds' term s^2/k, t(n-1) for the shared item term. (A plain percentile bootstrap of
-    seeds-then-items undercovers with 3 seeds, and a Welch df over the summed variance undercovers when the
-    seed term dominates: the coverage per seed count is in docs/diagnostics.md and tests/test_intervals.py.)
+    shared item variance of the mean. The half-width is the mean of the Welch-Satterthwaite t half-width of
+    s^2/k + that term and the two levels' t half-widths (t(k-1) for seeds, t(n-1) for items) in quadrature.
+    (A plain percentile bootstrap of seeds-then-items undercovers with 3 seeds: the coverage of this one per
+    seed count is in docs/diagnostics.md "Two-level intervals" and tests/test_intervals.py.)
     Returns {delta, lo, hi, n_seeds, n, seed_hw, item_hw}; lo/hi None with fewer than two seeds or items."""
     from scipy.stats import t as student_t
 
@@ -178,7 +178,12 @@ def two_level(per_seed: list[np.ndarray], signs: tuple[float, ...], kind: str = 
     q = 1 - (1 - level) / 2
     s_hw = float(student_t.ppf(q, k - 1)) * math.sqrt(seed_var)
     i_hw = float(student_t.ppf(q, n - 1)) * math.sqrt(item_var)
-    hw = math.hypot(s_hw, i_hw)
+    var = seed_var + item_var
+    df = var ** 2 / (seed_var ** 2 / (k - 1) + item_var ** 2 / (n - 1)) if var > 0 else float(k - 1)
+    # Welch-Satterthwaite alone is liberal with few seeds (its df is estimated too high when the seed term
+    # is small by chance); the two t half-widths added in quadrature are conservative when the terms are
+    # alike. Their mean covered 94-97% in every simulated mix of seed, item and interaction noise for 3-10 seeds.
+    hw = (float(student_t.ppf(q, df)) * math.sqrt(var) + math.hypot(s_hw, i_hw)) / 2
     return dict(out, lo=delta - hw, hi=delta + hw, seed_hw=s_hw, item_hw=i_hw)
 
 
