@@ -413,3 +413,19 @@ def test_beyond_control_refuses_a_repeated_seed_in_one_arm(tmp_path):
     _hand_run(tmp_path, "c0", 0, {(0, "healed"): (-0.1, 0.88)}, control="c0")
     with pytest.raises(ConfigError, match="runs t0 and t0b are the same arm .* same seed 0"):
         script("stages").main(["t0", "t0b", "c0", "--out", str(tmp_path)])
+
+
+def test_plot_and_report_mark_a_broken_stage(tmp_path):
+    from steer_heal.report import write_report
+
+    _hand_run(tmp_path, "w", 0, {(0, "steered"): (-2.0, 0.01), (0, "healed"): (-0.3, 0.85)})
+    assert script("plot_run").main(["w", "--out", str(tmp_path)]) == 0
+    rows = {(r["round"], r["stage"]): r for r in rows_of(tmp_path, "plot")}
+    assert rows[(0, "steered")]["broken"].startswith("coherence 0.01 <") and rows[(0, "healed")]["broken"] == ""
+    table = (tmp_path / "diagnostics" / rows_of_id(tmp_path, "plot") / "report.md").read_text()
+    assert [ln.split()[-1] for ln in table.splitlines() if " steered " in ln] == ["BROKEN"]
+    assert "broken (under the coherence floor)" in (tmp_path / "runs" / "w" / "plots" / "rounds.svg").read_text()
+    report = write_report(RunLog(tmp_path, "w"))
+    prev = report[report.index("Against the previous student"):report.index("## Free-text")]
+    steered = [ln for ln in prev.splitlines() if "| steered |" in ln]
+    assert len(steered) == 1 and steered[0].rstrip(" |").endswith("BROKEN")

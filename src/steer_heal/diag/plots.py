@@ -115,12 +115,13 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
 
 def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], title: str) -> Figure:
     """By round: steered and healed lines, base and prompted as horizontal reference lines, and the
-    kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl}},
-    round -1 = references."""
+    kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl, broken}},
+    round -1 = references; a broken stage's points are crossed."""
     fig = Figure(figsize=(3.6 * (len(RUN_PANELS) + 1), 3.6), layout="constrained")
     axes = fig.subplots(1, len(RUN_PANELS) + 1)
     rounds = sorted({r for r, _ in stages if r >= 0})
     for ax, (key, name) in zip(axes, RUN_PANELS, strict=False):
+        broken_shown = ax is not axes[0]  # the legend (first panel) names the cross once
         for stage, style in (("base", dict(color="0.4", ls="--")), ("prompted", dict(color="C2", ls=":"))):
             v = stages.get((-1, stage), {}).get(key)
             if v is not None:
@@ -130,6 +131,11 @@ def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], titl
             pts = [(r, v) for r, v in pts if v is not None]
             if pts:
                 ax.plot([r for r, _ in pts], [v for _, v in pts], "o-", color=color, label=stage)
+            bad = [(r, v) for r, v in pts if stages[(r, stage)].get("broken")]
+            if bad:  # under the coherence floor: crossed, so no one reads it as a trade-off
+                ax.scatter([r for r, _ in bad], [v for _, v in bad], marker="x", s=90, color="k", lw=1.5, zorder=4,
+                           label=None if broken_shown else "broken (under the coherence floor)")
+                broken_shown = True
         ax.set(title=name, xlabel="round")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
