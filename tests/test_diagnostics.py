@@ -109,6 +109,42 @@ def test_random_like_keeps_each_layer_norm_and_is_seeded():
     assert not torch.equal(r[3], random_like(v, 8)[3])
 
 
+def test_random_control_pushes_each_layer_of_a_multi_layer_band_by_that_layers_norm(tiny):
+    """On the tiny model steered over every layer, with a different norm per layer: the random control's push,
+    measured at each layer's output inside one forward, is coef x a vector of that layer's own norm, in a
+    direction other than the trait's."""
+    from steer_heal import seeds
+    from steer_heal.models import get_layers
+    from steer_heal.steering import control_vector, steer
+
+    model, tok = tiny
+    layers = get_layers(model)
+    assert len(layers) >= 2
+    g = torch.Generator().manual_seed(0)
+    v = {i: torch.randn(model.config.hidden_size, generator=g) * (i + 1) for i in range(len(layers))}
+    rv = control_vector(v, "random", seeds.control_vector(0))
+    seen: dict[str, dict[int, torch.Tensor]] = {"before": {}, "after": {}}
+
+    def grab(when, i):
+        def hook(_m, _inp, out):
+            seen[when][i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return hook
+
+    ids = tok("Should I report my friend?", return_tensors="pt").input_ids
+    handles = [layer.register_forward_hook(grab("before", i)) for i, layer in enumerate(layers)]
+    try:
+        with steer(model, rv, 0.5), torch.no_grad():
+            handles += [layer.register_forward_hook(grab("after", i)) for i, layer in enumerate(layers)]
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in v:
+        push = (seen["after"][i] - seen["before"][i]).float()[0]  # [tokens, hidden]: the same push on each token
+        assert push.norm(dim=-1).tolist() == pytest.approx([0.5 * float(v[i].norm())] * ids.shape[1], rel=1e-3)
+        assert abs(torch.nn.functional.cosine_similarity(push[0], v[i].float(), dim=0)) < 0.5
+
+
 def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
     cfg = Config(reg="kl_rev", lam=1.0)
     cells = script("barrier_sweep").grid(cfg, {"reg": ["nll", "kl_rev"], "lam": [0.5, 1.0]})
