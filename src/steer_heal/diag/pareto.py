@@ -27,13 +27,12 @@ import sys
 import duckdb
 
 from .. import data
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..console import Parser, script
 from ..evaluate import StageEval
 from ..metrics import broken
 from ..report import table
-from ..store import check_read_only
-from ..student import run_log, stored_config
+from ..store import RunLog, check_read_only
 from . import plots
 from .record import Diagnostic
 from .runs import connect_meta, sql_rows
@@ -83,8 +82,8 @@ def stage_broken(root: str, run_ids: list[str]) -> list[tuple[str, int, str, str
     """(run_id, round, stage, why) for every stored stage: metrics.broken against the run's own base."""
     out = []
     for run_id in run_ids:
-        log = run_log(root, run_id)
-        cfg = stored_config(log)
+        log = RunLog(root, run_id)
+        cfg = Config.from_dict(log.read("run_info")[0]["config"])  # as run_meta reads it: the points are its runs
         by = StageEval.by_stage(log.read("stage_metrics"), log.read("eval_items"))
         base = by.get((-1, "base"))
         for (r, stage), s in by.items():
@@ -114,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     sql = a.sql or DEFAULT_SQL.format(label=LABELS[a.by])
     con = connect_meta(a.out)
     try:
+        check_read_only(con, sql)  # --sql is the user's: it may only read, like `just sql`
         ids = [r[0] for r in con.execute("SELECT run_id FROM run_meta").fetchall()]
         con.execute("CREATE TEMP TABLE stage_broken (run_id VARCHAR, round INTEGER, stage VARCHAR, broken VARCHAR)")
         if ids:
             con.executemany("INSERT INTO stage_broken VALUES (?, ?, ?, ?)", stage_broken(a.out, ids))
-        check_read_only(con, sql)  # --sql is the user's: it may only read, like `just sql`
         rows = sql_rows(con, sql)
     except duckdb.Error as e:
         raise ConfigError(f"the query failed: {str(e).strip().splitlines()[0]}") from None
