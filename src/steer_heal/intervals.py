@@ -171,7 +171,8 @@ def two_level(per_seed: list[np.ndarray], signs: tuple[float, ...], kind: str = 
     if boot > 1:
         idx = np.random.default_rng(seed).integers(0, n, size=(boot, n))
         b = np.stack([np.einsum("m,mb->b", sg, _stat(kind, x[:, idx])) for x in per_seed])  # [k, boot]
-        if np.all(np.isfinite(b)):
+        b = b[:, np.all(np.isfinite(b), axis=0)]  # a resample of only zero-probability items has no log mean
+        if b.shape[1] > 1:
             v_seed = float(b.var(axis=1, ddof=1).mean())
             v_joint = float(b.mean(axis=0).var(ddof=1))
             item_var = max(0.0, (k * v_joint - v_seed) / (k - 1))
