@@ -14,7 +14,7 @@ from .store import RunLog
 
 ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("walk", "walk"),
               ("heal_nll", "heal_nll"),
-              ("target_nats", "target"), ("trait_nats", "trait"), ("d_trait", "d_trait vs base (95% CI)"),
+              ("target_nats", "target"), ("trait_nats", "trait"), ("d_trait", "d_trait vs base (95% CI over items)"),
               ("coherence", "coh"), ("adapter_ppl", "ppl"), ("kl_steer", "kl"), ("cos_v0", "cos_v0"),
               ("retain", "retain"), ("retain_trait", "retain_trait")]
 SHOW_DEMOS = 2
