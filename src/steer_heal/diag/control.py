@@ -60,7 +60,8 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
                        controls=[c["run_id"] for _, c in pairs],
                        broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")])
             for m in DIFFS:
-                ci, over = mean_ci([None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]), "seeds"
+                diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
+                ci, over = mean_ci(diffs), "seeds"
                 two = _two_level(items, pairs, key, m, boot)
                 if two is not None:
                     ci, over = dict(mean=two["delta"], lo=two["lo"], hi=two["hi"]), "seeds+items"
@@ -79,7 +80,8 @@ def _two_level(items: dict | None, pairs: list[tuple[dict, dict]], key: tuple[in
     if not items or not boot or len(pairs) < 2 or any(x["run_id"] not in items for p in pairs for x in p):
         return None
     lists = [[items[x["run_id"]].get(k, []) for x in (t, c) for k in (key, (-1, "base"))] for t, c in pairs]
-    ci = intervals.over_seeds(lists, (1, -1, -1, 1), METRIC[m], boot, seeds.bootstrap(0, key[0], f"beyond-{key[1]}.{m}"))
+    seed = seeds.bootstrap(0, key[0], f"beyond-{key[1]}.{m}")
+    ci = intervals.over_seeds(lists, (1, -1, -1, 1), METRIC[m], boot, seed)
     return ci if ci is not None and ci["lo"] is not None else None
 
 
