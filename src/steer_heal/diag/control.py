@@ -108,7 +108,7 @@ def summary(out: list[dict]) -> str:
     if not out:
         return ""
     return ("\n\nbeyond control: treatment minus control, paired by seed; mean [95% interval, two-level: resampling "
-            "seed pairs, then the items they share (t over seed pairs alone where items are missing, marked *); one "
+            "seed pairs, then the items they share (t over seed pairs alone, marked *, without items or with --boot 0); one "
             "seed pair: resampling its items (paired bootstrap)]; ~ = the interval holds 0; broken: runs whose stage "
             "is under the coherence floor\n"
             + table(["family", "control", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
