@@ -108,9 +108,9 @@ def summary(out: list[dict]) -> str:
     if not out:
         return ""
     return ("\n\nbeyond control: treatment minus control, paired by seed; mean [95% interval, two-level: resampling "
-            "seed pairs, then the items they share (t over seed pairs alone, marked *, without items or with --boot 0); one "
-            "seed pair: resampling its items (paired bootstrap)]; ~ = the interval holds 0; broken: runs whose stage "
-            "is under the coherence floor\n"
+            "seed pairs, then the items they share (t over seed pairs alone, marked *, without items or with --boot "
+            "0); one seed pair: resampling its items (paired bootstrap)]; ~ = the interval holds 0; broken: runs whose "
+            "stage is under the coherence floor\n"
             + table(["family", "control", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
                     [[r["family"], r["control"], r["round"], r["stage"], r["n_pairs"], *(_ci(r, m) for m in DIFFS),
                       "BROKEN " + ",".join(r["broken"]) if r.get("broken") else ""] for r in out]))

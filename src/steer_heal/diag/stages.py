@@ -179,8 +179,8 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
                           for r in rows if r["stage"] != "base" and (suffix == "" or r["round"] >= 0)]))
     if agg:
         text += ("\n\nover seeds: mean ± half-width of the 95% interval; deltas (d_*): two-level, resampling seeds "
-                 "and then the items they share (t over seeds alone, marked *, without items or with --boot 0); ratios: t over "
-                 "seeds; broken: seeds whose stage is under the coherence floor\n") + table(
+                 "and then the items they share (t over seeds alone, marked *, without items or with --boot 0); "
+                 "ratios: t over seeds; broken: seeds whose stage is under the coherence floor\n") + table(
             ["config", "r", "stage", "seeds", *AGG, "surgical", "broken"],
             [[a["config"], a["round"], a["stage"], a["n_seeds"], *[_pm(a, m) for m in AGG],
               f"{a['surgical']}/{a['n_seeds']}", _broken(a)] for a in agg])
