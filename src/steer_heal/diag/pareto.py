@@ -48,7 +48,7 @@ WITH m AS (
 ), b AS (SELECT run_id, signed AS base FROM m WHERE stage = 'base')
 SELECT {label} AS label, m.round, m.stage, avg(m.signed - b.base) AS trait_moved,
        avg(m.coherence) AS coherence, count(*) AS n_runs, any_value(m.control) AS control,
-       bool_or(coalesce(sb.broken, '') <> '') AS broken, count(*) FILTER (coalesce(sb.broken, '') <> '') AS n_broken
+       bool_or(coalesce(sb.broken, '') <> '') AS broken, count(*) FILTER (WHERE coalesce(sb.broken, '') <> '') AS n_broken
 FROM m JOIN b USING (run_id) LEFT JOIN stage_broken sb USING (run_id, round, stage)
 GROUP BY ALL ORDER BY ALL
 """
