@@ -483,7 +483,7 @@ def test_report_tables_carry_the_stored_numbers(fixed_run):
     # round stage n target d_target trait d_trait coh d_coh adapter_ppl d_ppl kl broken: point deltas (no items)
     assert [c.strip() for c in healed[0].strip("|").split("|")] == \
         ["0", "healed", "7", "-2.200", "-0.200", "0.300", "+0.200", "0.860", "-0.040", "-", "-", "-", ""]
-    assert [c.strip() for c in healed[1].strip("|").split("|")] == ["0", "healed", "-0.200", "+0.200", "-0.040", "-"]
+    assert [c.strip() for c in healed[1].strip("|").split("|")] == ["0", "healed", "-0.200", "+0.200", "-0.040", "-", ""]
     assert "- r0 healed | 'Help?'\n  -> 'I would help.'" in text
 
 
