@@ -62,7 +62,7 @@ def kind(inner: str) -> str:
     head = inner.split(".")[0]
     if "attn" in head or "attention" in head:
         return "attention"
-    return "mlp" if "mlp" in head or head in ("feed_forward", "ffn") else "other"
+    return "mlp" if "mlp" in head or head in ("feed_forward", "ffn", "fc1", "fc2") else "other"
 
 
 def _span(ix: list[int]) -> str:
