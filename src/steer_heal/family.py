@@ -12,7 +12,7 @@ from loguru import logger
 from .bake import lora_config
 from .config import Config, ConfigError
 from .models import attn_for, get_layers, meta_copy, read_part, resolve
-from .tokens import use_template
+from .tokens import longest_prompt, use_template
 
 
 def check(cfg: Config) -> dict:
@@ -46,6 +46,26 @@ def check(cfg: Config) -> dict:
     return {"chat_template": template, "attn_impl": {"requested": cfg.attn_impl, "used": impl, "note": note},
             "lora_targets": {"targets": list(cfg.lora_targets), "n": len(names), "prefix": prefix,
                              "per_layer": {k: len(v) for k, v in per_layer.items()}}}
+
+
+def fit_max_len(cfg: Config) -> Config:
+    """A preset's max_len sized to this model's tokenizer (fast-dev's 96 fits only the tiny BPE): at least the
+    longest chat prompt plus max_new_tokens, said in one line. Only for a max_len the user did not set."""
+    from . import data
+
+    where, gguf = resolve(cfg.model, cfg.gguf_file, f"{cfg.out}/models")
+    tok = read_part("tokenizer", where, gguf, cfg.trust_remote_code)
+    use_template(tok, cfg.chat_template, cfg.model)
+    system = cfg.gen_system or data.persona(cfg)["neutral"]  # the system prompt the flow generates under
+    longest = longest_prompt(tok, data.prompts(cfg.n_prompts), system)
+    need = longest + cfg.max_new_tokens
+    if need <= cfg.max_len:
+        logger.info(f"max_len {cfg.max_len} (the preset's) holds the longest chat prompt ({longest} tokens) + "
+                    f"max_new_tokens {cfg.max_new_tokens}")
+        return cfg
+    logger.info(f"max_len {need} = the longest chat prompt ({longest} tokens with this tokenizer) + max_new_tokens "
+                f"{cfg.max_new_tokens} (the preset's {cfg.max_len} is too small; --max-len sets it)")
+    return cfg.replace(max_len=need)
 
 
 def targets_by_name(names: list[str], prefix: str) -> dict[str, list[int]]:

@@ -181,6 +181,10 @@ def run(cfg: Config, explicit: dict, preset: str = "") -> int:
         log = student.run_log(cfg.out, cfg.run_id)
     else:
         resolved = preflight(cfg)
+        if preset == "fast-dev" and "max_len" not in explicit:  # the preset sizes what it can size itself
+            from .family import fit_max_len
+
+            cfg = fit_max_len(cfg)
         cfg = cfg.replace(run_id=cfg.run_id or new_run_id(cfg))
         try:
             log = RunLog(cfg.out, cfg.run_id)
