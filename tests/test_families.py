@@ -14,7 +14,7 @@ from test_flow import ARGS, steer_heal
 
 from steer_heal import family
 from steer_heal.bake import Stack, lora_config, lora_targets
-from steer_heal.config import Config, ConfigError
+from steer_heal.config import Config, ConfigError, preset
 from steer_heal.models import ModelError, get_layers, load_model
 from steer_heal.store import RunLog
 from steer_heal.tiny import TINY_ARCHS
@@ -165,3 +165,34 @@ def test_layers_are_found_by_structure_and_a_model_without_them_is_refused(model
     with pytest.raises(ModelError, match=r"no decoder layers found in GPT2LMHeadModel: no nn.ModuleList of 4 blocks"
                                          r" holding attention and an MLP \(module lists: transformer.h \(4 x Linear\)\)"):
         get_layers(bare)
+
+
+# a system prompt long enough that fast-dev's preset max_len (96) cannot hold the tiny tokenizer's chat prompt,
+# as the fixed 96 could not hold OLMo2's, StableLM's or Granite's own tokenizers (issue 27)
+LONG_SYSTEM = ("You are a careful, thoughtful and honest assistant who answers every question about everyday moral "
+               "choices in plain words, weighing the interests of everyone involved, and who never pretends to know "
+               "what it does not know about the situation described by the user.")
+
+
+def test_fast_dev_sizes_max_len_to_the_tokenizer_unless_it_is_given(tmp_path, tiny):
+    """No --max-len: fast-dev derives it (longest chat prompt + max_new_tokens), says so in one line and runs;
+    its 96 stays when it holds the prompts (the golden run's numbers). An explicit --max-len too small is
+    refused in preflight in one line, before the run exists."""
+    from steer_heal.data import persona, prompts
+    from steer_heal.tokens import longest_prompt
+
+    _, tok = tiny
+    longest = longest_prompt(tok, prompts(6), LONG_SYSTEM)
+    assert longest + 8 > 96
+    rc, _, se = steer_heal(tmp_path, *ARGS, "--n-rounds", "1", "--gen-system", LONG_SYSTEM, "--run-id", "sized")
+    assert rc == 0, se[-3000:]
+    assert RunLog(tmp_path, "sized").read("run_info")[0]["config"]["max_len"] == longest + 8
+    line = f"max_len {longest + 8} = the longest chat prompt ({longest} tokens with this tokenizer) + max_new_tokens 8"
+    assert sum(line in x for x in se.splitlines()) == 1, se[-3000:]
+    rc, _, se = steer_heal(tmp_path, *ARGS, "--gen-system", LONG_SYSTEM, "--max-len", "96", "--run-id", "given")
+    errors = [x for x in se.splitlines() if " ERROR " in x]
+    assert rc == 2 and len(errors) == 1 and f"pass --max-len {longest + 8}" in errors[0], se[-3000:]
+    assert not (tmp_path / "runs" / "given").exists()
+    cfg = Config(**preset("fast-dev"), out=str(tmp_path)).replace(n_prompts=6)
+    assert longest_prompt(tok, prompts(6), persona(cfg)["neutral"]) + 16 <= 96
+    assert family.fit_max_len(cfg, derive=True).max_len == 96

@@ -12,7 +12,7 @@ from loguru import logger
 from .bake import lora_config
 from .config import Config, ConfigError
 from .models import attn_for, get_layers, meta_copy, read_part, resolve
-from .tokens import longest_prompt, use_template
+from .tokens import check_room, longest_prompt, use_template
 
 
 def check(cfg: Config) -> dict:
@@ -48,16 +48,21 @@ def check(cfg: Config) -> dict:
                              "per_layer": {k: len(v) for k, v in per_layer.items()}}}
 
 
-def fit_max_len(cfg: Config) -> Config:
-    """A preset's max_len sized to this model's tokenizer (fast-dev's 96 fits only the tiny BPE): at least the
-    longest chat prompt plus max_new_tokens, said in one line. Only for a max_len the user did not set."""
+def fit_max_len(cfg: Config, derive: bool) -> Config:
+    """max_len against this model's tokenizer, in preflight. `derive` (fast-dev, no --max-len: its 96 fits only
+    the tiny BPE): at least the longest chat prompt plus max_new_tokens, said in one line. Else a max_len too
+    small for the longest prompt is refused here, in seconds (tokens.check_room; the flow warns of cuts)."""
     from . import data
 
     where, gguf = resolve(cfg.model, cfg.gguf_file, f"{cfg.out}/models")
     tok = read_part("tokenizer", where, gguf, cfg.trust_remote_code)
     use_template(tok, cfg.chat_template, cfg.model)
     system = cfg.gen_system or data.persona(cfg)["neutral"]  # the system prompt the flow generates under
-    longest = longest_prompt(tok, data.prompts(cfg.n_prompts), system)
+    prompts = data.prompts(cfg.n_prompts)
+    if not derive:
+        check_room(tok, prompts, system, cfg.max_len, cfg.max_new_tokens, warn=False)
+        return cfg
+    longest = longest_prompt(tok, prompts, system)
     need = longest + cfg.max_new_tokens
     if need <= cfg.max_len:
         logger.info(f"max_len {cfg.max_len} (the preset's) holds the longest chat prompt ({longest} tokens) + "
