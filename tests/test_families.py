@@ -1,8 +1,9 @@
 """Every supported family runs the whole loop (a fast-dev round on its tiny random model, tiny.py), with a
 LoRA on every attention and MLP linear of its decoder layers, fused ones included, and what preflight
 decided for it in run_info. Phi3 (fused qkv_proj / gate_up_proj) and GPT-NeoX (its own names, layers at
-gpt_neox.layers) run by default: the two the fixed PROJ list adapted partly or not at all. The rest
-run with --slow (docs/usage.md has the table)."""
+gpt_neox.layers) run by default: the two the fixed PROJ list adapted partly or not at all; so do GPT-2 (Conv1D,
+blocks at transformer.h, which the name-based finder refused) and OLMo2 (whose own tokenizer outgrew fast-dev's
+fixed max_len). The rest run with --slow (docs/usage.md has the table)."""
 
 import copy
 import importlib.util

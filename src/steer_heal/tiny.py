@@ -2,7 +2,8 @@
 
 `tiny-random-<arch>`: random init, ~0.2-0.3 M parameters (4 layers, hidden 64), a byte-level BPE
 trained here on the bundled data, a ChatML template; cached under <out>/models/. They exercise each
-family's module names (fused projections, GPT-NeoX's own names, a nested multimodal text config),
+family's module names (fused projections, GPT-NeoX's own names, a nested multimodal text config, GPT-2's
+Conv1D, blocks at transformer.h or model.decoder.layers),
 attention support and LoRA targets; their numbers are garbage by design.
 """
 
