@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import json
 import os
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,10 +64,25 @@ def _is_block(block: nn.Module) -> bool:
                               for n, m in block.named_modules())
 
 
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the path found (hooks ask per batch)
+
+
 def get_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of the language model, found by structure: the nn.ModuleList as long as the
     config's layer count whose every element holds an attention and an MLP (never a vision tower's).
     A known path wins when several lists fit; none fitting is refused, naming the lists there are."""
+    try:
+        got = model.get_submodule(_FOUND[model])
+        if isinstance(got, nn.ModuleList):
+            return got
+    except (KeyError, AttributeError):
+        pass
+    found = _find_layers(model)
+    _FOUND[model] = next(name for name, m in model.named_modules() if m is found)
+    return found
+
+
+def _find_layers(model: nn.Module) -> nn.ModuleList:
     n = getattr(text_config(model), "num_hidden_layers", None)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     fit = [(name, m) for name, m in lists if (n is None or len(m) == n) and "vision" not in name
