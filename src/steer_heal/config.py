@@ -85,7 +85,7 @@ class Config:
     n_keep: int = knob(32, "survivors to bank per round")
     min_train: int = knob(8, "fewest survivors a round may train on; fewer ends the run as starved")
     max_new_tokens: int = knob(48, "tokens sampled per completion")
-    max_len: int = knob(256, "longest prompt+completion in tokens for heal")
+    max_len: int = knob(256, "longest prompt+completion in tokens for heal (fast-dev sizes it to the tokenizer unless set)")
     gen_batch: int = knob(16, "generation batch size (how many slots share a forward; each slot samples from its own seed, so the text does not depend on it)")
     temperature: float = knob(0.0, "sampling temperature (0 = the model's generation_config default)")
     top_p: float = knob(0.0, "nucleus top_p (0 = the model's default)")

@@ -183,6 +183,9 @@ def run(cfg: Config, explicit: dict, preset: str = "") -> int:
         log = student.run_log(cfg.out, cfg.run_id)
     else:
         resolved = preflight(cfg)
+        from .family import fit_max_len  # fast-dev sizes what it can size itself; a set --max-len is checked
+
+        cfg = fit_max_len(cfg, derive=preset == "fast-dev" and "max_len" not in explicit)
         cfg = cfg.replace(run_id=cfg.run_id or new_run_id(cfg))
         try:
             log = RunLog(cfg.out, cfg.run_id)
