@@ -208,3 +208,40 @@ def test_steer_kl_is_zero_unsteered_and_matches_a_full_computation(tiny):
             p = torch.log_softmax(model(x).logits[0].float(), -1)[len(ids) - 1:-1]
     want = float((p.exp() * (p - q)).sum(-1).mean())
     assert got[0] == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------- a stage's rows read back
+
+def _full_eval(coef: float):
+    from steer_heal.evaluate import StageEval
+
+    nats = {f: -1.0 - i / 10 for i, f in enumerate(FOUNDATIONS)}
+    prob = {f: 0.1 + i / 100 for i, f in enumerate(FOUNDATIONS)}
+    ev = StageEval(nats=nats, prob=prob, coherence=0.61, top1_agree=0.42, n=7, trait_nats=0.33, n_trait=5, coef=coef)
+    ev.items = [dict(evaluator="mfv", item="v1", frame="x", option_order="both", p_target=0.2, pmass=0.7),
+                dict(evaluator="contrast", item="0", trait_lp=-3.0, opposite_lp=-4.0, diff=1.0)]
+    ev.add_text([12.0, 18.0, float("nan")])
+    ev.add_kl([0.25, 0.75])
+    return ev
+
+
+def test_a_stage_eval_reads_back_equal_from_its_own_rows():
+    """rows() and item_rows() as the store holds them (run_id added) read back by by_stage to the same StageEval:
+    every evaluator's mean, n and coef; items of a stage that has no rows are ignored; NULL columns dropped."""
+    from steer_heal.evaluate import StageEval
+
+    ev, base = _full_eval(2.5), _full_eval(0.0)
+    rows = [dict(x, run_id="a") for x in ev.rows(1, "steered") + base.rows(-1, "base")]
+    items = [dict(x, run_id="a") for x in ev.item_rows(1, "steered") + base.item_rows(-1, "base")]
+    items.append(dict(run_id="a", round=3, stage="healed", coef=0.0, evaluator="kl", item="0", kl=9.0))  # no rows
+    items.append(dict(run_id="a", round=1, stage="steered", coef=2.5, evaluator="kl", item="9", kl=1.0, ppl=None))
+    by = StageEval.by_stage(rows, items)
+    assert set(by) == {(1, "steered"), (-1, "base")}
+    got = by[(1, "steered")]
+    assert got.items[-1] == dict(evaluator="kl", item="9", kl=1.0)  # the NULL ppl is not carried
+    got.items = got.items[:-1]
+    assert got == ev and by[(-1, "base")] == base
+    assert (got.adapter_ppl, got.n_text, got.kl, got.n_kl) == (15.0, 2, 0.5, 2)
+    # a later row without coef keeps the stage's coef
+    later = StageEval.by_stage(rows + [dict(round=1, stage="steered", evaluator="kl", foundation="kl", kl=0.5, n=2)])
+    assert later[(1, "steered")].coef == 2.5

@@ -616,3 +616,13 @@ def test_sql_copy_to_a_run_file_is_refused_and_changes_nothing(tmp_path):
                        capture_output=True, text=True)
     assert target.read_bytes() == before
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_withheld_names_the_flag_that_withheld_a_ratio():
+    from steer_heal.report import withheld
+
+    assert withheld(dict(broken="coherence 0.004 < 0.85 x base"), 0.25) == "BROKEN"
+    assert withheld(dict(broken="x", steered_broken="y"), None) == "BROKEN"  # the healed flag comes first
+    assert withheld(dict(steered_broken="y"), None) == "broken:steered"
+    assert withheld(dict(steered_broken="y"), 0.25) == 0.25  # a ratio that was computed is shown
+    assert withheld(dict(broken="", steered_broken=""), 0.25) == 0.25 and withheld({}, None) is None

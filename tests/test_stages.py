@@ -269,3 +269,32 @@ def test_stack_rebuilt_from_files_and_merged_export(fresh, model_cache, tmp_path
     m3, _ = load_model("tiny-random", cache=model_cache)
     with pytest.raises(CorruptArtifact, match="sha256"):
         Stack(m3).load("r1", tmp_path / "r1.safetensors", shas[1], lora)
+
+
+def test_student_vector_is_what_the_baked_history_moved(tiny):
+    """h_student(neutral + x) - h_base(neutral + x), averaged over contexts, per layer; zero with no history."""
+    import copy
+
+    from steer_heal.extract import last_token_states, student_vector
+    from steer_heal.tokens import chat
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    st = Stack(model)
+    st.add("r0", lora_config(model, 4, 8.0, (0.0, 1.0)), seed=0)
+    layers, ctx = [0, len(get_layers(model)) - 1], ["Hello there.", "What should I do now?", "Tell me more."]
+    zero = student_vector(st.model, tok, "Be brief.", ctx, layers, st.base, batch=2)  # B = 0: nothing moved yet
+    assert all(torch.count_nonzero(v) == 0 for v in zero.values())
+    g = torch.Generator().manual_seed(3)
+    for name, p in st.model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    sv = student_vector(st.model, tok, "Be brief.", ctx, layers, st.base, batch=2)
+    texts = [chat(tok, x, "Be brief.") for x in ctx]
+    hs = last_token_states(st.model, tok, texts, layers)
+    with st.base():
+        hb = last_token_states(st.model, tok, texts, layers)
+    assert sorted(sv) == layers
+    for i in layers:
+        assert sv[i].shape == (model.config.hidden_size,) and sv[i].norm() > 1e-4
+        assert torch.allclose(sv[i], (hs[i] - hb[i]).mean(0), atol=1e-6)
+        assert not torch.allclose(sv[i], (hs[i] - hb[i])[0], atol=1e-6)  # a mean over contexts, not the first
