@@ -245,3 +245,24 @@ def test_a_stage_eval_reads_back_equal_from_its_own_rows():
     # a later row without coef keeps the stage's coef
     later = StageEval.by_stage(rows + [dict(round=1, stage="steered", evaluator="kl", foundation="kl", kl=0.5, n=2)])
     assert later[(1, "steered")].coef == 2.5
+
+
+def test_contrast_refuses_what_it_cannot_score_and_scores_its_own_system_and_long_prompts(tiny):
+    """Empty input and an empty reply are refused by name; both paths score exactly the chat with the given system
+    prompt, whole, for a prompt over 100 tokens (the un-branched path packs without truncation)."""
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="contrast needs at least one dilemma"):
+        C.contrast(model, tok, [])
+    long = " ".join(["which way now"] * 40)
+    with pytest.raises(ConfigError, match=r"dilemma 'which way now which way now which way no': empty trait or"):
+        C.contrast(model, tok, [dict(ITEMS[0], prompt=long, trait=" ")])  # the opposite alone is not enough
+    it = dict(ITEMS[0], prompt=long)
+    prompt = E.chat_ids(tok, "Be brief.", long)
+    cont = tok(it["trait"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + cont])).logits[0].float(), -1)
+    want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(cont)) / len(cont)
+    assert len(prompt) > 100
+    for reuse in (False, True):
+        got = C.contrast(model, tok, [it], system="Be brief.", reuse_prefix=reuse)["rows"][0]
+        assert got["prompt"] == long and abs(got["trait_lp"] - want) < 1e-4, reuse

@@ -298,3 +298,14 @@ def test_student_vector_is_what_the_baked_history_moved(tiny):
         assert sv[i].shape == (model.config.hidden_size,) and sv[i].norm() > 1e-4
         assert torch.allclose(sv[i], (hs[i] - hb[i]).mean(0), atol=1e-6)
         assert not torch.allclose(sv[i], (hs[i] - hb[i])[0], atol=1e-6)  # a mean over contexts, not the first
+
+
+def test_random_like_keeps_each_layers_norm_and_dtype():
+    from steer_heal.steering import random_like
+
+    vec = {2: torch.randn(16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16), 5: torch.ones(16) * 3}
+    got = random_like(vec, seed=1)
+    assert sorted(got) == [2, 5] and got[2].dtype == torch.bfloat16 and got[5].dtype == torch.float32
+    for i in vec:
+        assert got[i].float().norm() == pytest.approx(vec[i].float().norm().item(), rel=1e-2)
+    assert not torch.allclose(got[5], vec[5]) and torch.equal(random_like(vec, seed=1)[5], got[5])
