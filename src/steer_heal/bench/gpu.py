@@ -94,7 +94,8 @@ def build(shape: str, dev: torch.device):
     return model, shapes.byte_tokenizer(cfg.vocab_size), cfg
 
 
-def stages(model, tok, dev, *, gen_batch: int, eval_batch: int, new: int, heal_tokens: int, rows: int) -> list[dict]:
+def stages(model, tok, dev, *, gen_batch: int, eval_batch: int, new: int, heal_tokens: int, rows: int,
+           with_heal: bool = True) -> list[dict]:
     """generate, eval (completion log-probs) and a heal (kl_rev, 1 epoch, batch 3, LoRA r 32 on 0.2-0.8)."""
     from .. import data
     from ..bake import Stack, lora_config
@@ -123,13 +124,15 @@ def stages(model, tok, dev, *, gen_batch: int, eval_batch: int, new: int, heal_t
 
     n_comp = sum(len(tok(c, add_special_tokens=False)["input_ids"]) for c in comps)
     out.append(measure("eval", dev, ev, n_comp))
+    if not with_heal:
+        return out
     st = Stack(model)
     st.add("r0", lora_config(model, 32, 64.0, (0.2, 0.8)), seed=0)
     cfg = Config(**preset("journal")).replace(epochs=1, batch_size=3, grad_accum=1, val_frac=0.0, max_len=4096,
                                                gnorm_every=0, spectral_lam=0.0)
     kept = [dict(prompt=p, completion=c, ended=True) for p, c in zip(prompts, comps)]
     out.append(measure("heal", dev, lambda: heal(st, tok, kept, cfg, 0, seed=0, system=""), n_comp))
-    st.model.unload() if hasattr(st.model, "unload") else None  # the plain model back for the next shape
+    st.model.unload()  # the plain model back (peft's layers out) for the batch-1 pass
     return out
 
 
@@ -149,8 +152,7 @@ def run(shape: str, dev: torch.device, args) -> dict:
                                                                       **kw).items()})
     common = dict(new=args.new_tokens, heal_tokens=args.heal_tokens, rows=args.rows)
     res["batched"] = stages(model, tok, dev, gen_batch=auto["gen"], eval_batch=auto["eval"], **common)
-    res["batch1"] = [r for r in stages(model, tok, dev, gen_batch=1, eval_batch=1, **dict(common, rows=args.rows1))
-                     if r["stage"] != "heal"]
+    res["batch1"] = stages(model, tok, dev, gen_batch=1, eval_batch=1, with_heal=False, **dict(common, rows=args.rows1))
     res["gen_sweep"] = [dict(measure_gen(model, tok, dev, b, args.new_tokens), batch=b) for b in args.gen_batches]
     del model
     return res
