@@ -143,7 +143,11 @@ def run(shape: str, dev: torch.device, args) -> dict:
     elt = next(model.parameters()).element_size()
     s = memory.Shape.of(cfg, sum(p.numel() for p in model.parameters()))
     free = memory.free_bytes(dev)
-    kw = dict(s=s, elt=elt, heal_batch=3, prompt=64, new=args.new_tokens, max_len=64 + args.heal_tokens,
+    from .. import data
+    from ..tokens import longest_prompt
+
+    prompt = longest_prompt(tok, data.prompts(64), "")
+    kw = dict(s=s, elt=elt, heal_batch=3, prompt=prompt, new=args.new_tokens, max_len=prompt + args.heal_tokens,
               band_layers=len(range(int(0.2 * s.layers), int(0.8 * s.layers) + 1)), rank=32)
     auto = {k: memory.auto_batch(free, st, cap=args.rows, **kw) if free else 16
             for k, st in (("gen", "generate"), ("eval", "eval"))}
