@@ -87,7 +87,8 @@ def estimate(s: Shape, *, elt: int, gen_batch: int, eval_batch: int, heal_batch:
     gen = (kv_bytes(s, gen_batch, prompt + new, elt) + act(gen_batch, prompt)
            + 4 * gen_batch * s.vocab * 4)  # scores, warped, probs, one-hot: [batch, vocab] fp32 each
     comp = max_len - prompt
-    ev = kv_bytes(s, eval_batch, max_len, elt) + act(eval_batch, max_len) + 2 * eval_batch * answer * s.vocab * 4
+    ev = (kv_bytes(s, eval_batch, max_len, elt) + act(eval_batch, max_len)
+          + eval_batch * answer * s.vocab * (elt + 8))  # the logits, their fp32 copy, the log-probs
     lora = band_layers * s.lora(rank) * 4 * 4  # fp32 parameter, gradient, two Adam moments
     saved = heal_batch * max_len * s.layers * 34 * s.hidden * elt // 2
     heal = lora + saved + 5 * heal_batch * comp * s.vocab * 4  # logits, lp, exp(lp), lq, their gradient

@@ -148,7 +148,8 @@ def run(shape: str, dev: torch.device, args) -> dict:
 
     prompt = longest_prompt(tok, data.prompts(64), "")
     kw = dict(s=s, elt=elt, heal_batch=3, prompt=prompt, new=args.new_tokens, max_len=prompt + args.heal_tokens,
-              band_layers=len(range(int(0.2 * s.layers), int(0.8 * s.layers) + 1)), rank=32)
+              band_layers=len(range(int(0.2 * s.layers), int(0.8 * s.layers) + 1)), rank=32,
+              answer=args.heal_tokens)  # eval here scores the heal's completions: that many log-prob columns
     auto = {k: memory.auto_batch(free, st, cap=args.rows, **kw) if free else 16
             for k, st in (("gen", "generate"), ("eval", "eval"))}
     res = dict(shape=shape, params=s.params, dtype=str(next(model.parameters()).dtype), auto=auto,
