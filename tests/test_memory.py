@@ -80,3 +80,15 @@ def test_byte_tokenizer_has_the_real_vocab_and_a_chat_turn():
     text = chat(tok, "Héllo", "Be brief.")
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert isinstance(tok.decode([4000, 300]), str)  # fillers a random model samples decode
+
+
+def test_a_stored_auto_batch_opens_as_a_real_batch(model_cache, tmp_path):
+    """A run stored with --gen-batch 0 --eval-batch 0 keeps 0 in its config; whoever opens its student (the
+    diagnostics) gets this device's batch, never 0 (a range step of 0 would crash every probe)."""
+    from steer_heal.store import RunLog
+    from steer_heal.student import open_student
+
+    cfg = Config(**preset("fast-dev")).replace(gen_batch=0, eval_batch=0, out=str(tmp_path))
+    RunLog(str(tmp_path), "r").append("run_info", [dict(run_id="r", config=cfg.to_dict())])
+    st = open_student(str(tmp_path), "r", upto=0)
+    assert (st.cfg.gen_batch, st.cfg.eval_batch) == (memory.FALLBACK_BATCH,) * 2

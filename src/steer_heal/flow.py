@@ -38,7 +38,7 @@ from .models import band, get_layers
 from .report import dose_table, round_table, write_report
 from .steering import control_vector, save_vector
 from .store import STAGE_ROWS, RunLog
-from .tokens import check_room, longest_prompt
+from .tokens import check_room
 
 
 @dataclass
@@ -60,9 +60,7 @@ class Run:
         self.persona = data.persona(cfg)
         self.prompts = data.prompts(cfg.n_prompts)
         # --gen-batch / --eval-batch 0: from the device's free memory now; the stored config keeps 0
-        system = cfg.gen_system or self.persona["neutral"]  # what Probe.of takes as the system prompt
-        self.cfg, note = memory.resolve_batches(cfg, model, len(band(cfg.lora_layers, len(get_layers(model)))),
-                                                longest_prompt(self.tok, self.prompts, system))
+        self.cfg, note = memory.resolve_for(cfg, model, self.tok)
         if note:
             logger.info(note)
         self.probe = Probe.of(self.cfg)

@@ -139,6 +139,20 @@ def resolve_batches(cfg, model, band_layers: int, prompt: int):
     return cfg.replace(**got), f"auto batch: {', '.join(f'{k} {v}' for k, v in got.items())} ({where})"
 
 
+def resolve_for(cfg, model, tok):
+    """resolve_batches with what the run's shape needs read from cfg: the LoRA band, the longest
+    generation prompt. Used wherever a run's model is opened (the flow, student.open_student)."""
+    from . import data
+    from .models import band, get_layers
+    from .tokens import longest_prompt
+
+    if cfg.gen_batch and cfg.eval_batch:
+        return cfg, ""
+    system = cfg.gen_system or data.persona(cfg)["neutral"]  # as Probe.of has it
+    return resolve_batches(cfg, model, len(band(cfg.lora_layers, len(get_layers(model)))),
+                           longest_prompt(tok, data.prompts(cfg.n_prompts), system))
+
+
 def free_bytes(device) -> int | None:
     """Free memory of a CUDA device now; None elsewhere (a CPU shares its memory with everything else)."""
     import torch
