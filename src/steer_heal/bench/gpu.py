@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(res: dict, out: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,6 +246,12 @@ def plot(res: dict, out: Path) -> None:
         ax[0].plot([x["batch"] for x in r["gen_sweep"]], [x["tok_s"] for x in r["gen_sweep"]], "o-", label=r["shape"])
         ax[1].bar([f"{r['shape']}\n{x['stage']}" for x in r["batched"]], [x["seconds"] for x in r["batched"]])
     ax[0].set(xscale="log", yscale="log", xlabel="generation batch", ylabel="tokens / s", title=res["device"][:40])
+    for axis in (ax[0].xaxis, ax[0].yaxis):  # plain numbers, not 10^x, on the log axes
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax[0].yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))  # a range within one decade
+    if res["shapes"]:
+        ax[0].set_xticks([x["batch"] for x in res["shapes"][0]["gen_sweep"]])
     ax[0].legend()
     ax[1].set(ylabel="seconds", title="stage seconds at the auto batch")
     ax[1].tick_params(axis="x", labelsize=7)
