@@ -164,7 +164,7 @@ def completion_rows(model, batch: dict) -> torch.Tensor:
 
     The LM head and everything after it (log-softmax, the KL, the reference cache) then cost completion
     tokens x vocabulary, not rows x longest completion x vocabulary: with mixed lengths and a 262k vocabulary
-    that padding was most of a heal step's memory. A pre-hook on the output embedding gathers the hidden
+    the padding's [positions, vocab] float32 tensors are a large share of a heal step's memory. A pre-hook on the output embedding gathers the hidden
     states it is fed; the head is a per-position map, so each row equals the [B, C, V] path's."""
     head = model.get_output_embeddings()
     cmask = batch["cmask"]
