@@ -48,8 +48,8 @@ def test_heal_adds_the_turn_end_only_after_completions_that_ended(model_cache, m
     st = Stack(model)
     st.add("r0", lora_config(model, 4, 8, (0.0, 1.0)), seed=1)
     seen = []
-    real = heal_mod.completion_logits
-    monkeypatch.setattr(heal_mod, "completion_logits", lambda m, b: seen.append(b) or real(m, b))
+    real = heal_mod.completion_rows
+    monkeypatch.setattr(heal_mod, "completion_rows", lambda m, b: seen.append(b) or real(m, b))
     text = "I would help them right away"
     kept = [dict(prompt=PROMPTS[0], completion=text, ended=True), dict(prompt=PROMPTS[1], completion=text, ended=False)]
     cfg = Config(**preset("fast-dev")).replace(reg="nll", epochs=1, batch_size=2, val_frac=0.0)

@@ -156,3 +156,45 @@ def test_a_folded_run_keeps_the_gated_runs_numbers(tmp_path):
                 assert row[k] == pytest.approx(v, rel=rel, abs=tol), (row["round"], k, row[k], v)  # ppl ~ 915
             else:
                 assert row[k] == v, (row["round"], k)
+
+
+MIXED = [dict(prompt="Should I help?", completion="Yes.", ended=True),
+         dict(prompt="A long question about what a good neighbour does when the fence falls?",
+              completion="I would call them first, then offer to share the cost of a new fence and help build it "
+                         "over the weekend, because that keeps the peace.", ended=False),
+         dict(prompt="Lie for me?", completion="No, I will not.", ended=True),
+         dict(prompt="And now?", completion="Still no, but I can help you say it kindly to them.", ended=True)]
+
+
+def test_completion_rows_are_the_padded_logits_without_the_padding(tiny):
+    from steer_heal.tokens import chat, completion_logits, completion_rows, pack
+
+    model, tok = tiny
+    b = pack(tok, [chat(tok, k["prompt"]) for k in MIXED], [k["completion"] for k in MIXED], 96, "cpu", eos=True)
+    n = int(b["cmask"].sum())
+    assert n < b["cmask"].numel()  # mixed lengths: there is padding to leave out
+    with torch.no_grad():
+        rows, full = completion_rows(model, b), completion_logits(model, b)
+    assert rows.shape == (n, full.shape[-1])
+    torch.testing.assert_close(rows, full[b["cmask"]], rtol=1e-5, atol=1e-5)
+
+
+def test_heal_runs_the_head_on_completion_tokens_only(model_cache):
+    """Student and reference forwards of a kl_rev heal put exactly the real completion tokens through the LM head
+    and its log-softmax, not rows x longest completion: memory is completion tokens x vocabulary."""
+    from steer_heal.config import Config, preset
+    from steer_heal.heal import heal
+
+    model, tok = load_model("tiny-random", cache=model_cache)
+    st = Stack(model)
+    st.add("r0", lora_config(model, 4, 8, (0.0, 1.0)), seed=1)
+    seen = []
+    h = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[:-1].numel()))
+    cfg = Config(**preset("fast-dev")).replace(reg="kl_rev", lam=1.0, epochs=1, batch_size=4, val_frac=0.0,
+                                                ref_cache_mb=0, max_len=96)
+    try:
+        heal(st, tok, MIXED, cfg, 0, seed=0, system="")
+    finally:
+        h.remove()
+    tokens = sum(len(tok(k["completion"], add_special_tokens=False)["input_ids"]) + k["ended"] for k in MIXED)
+    assert seen == [tokens, tokens]  # one student, one reference forward over the single batch of 4

@@ -212,8 +212,8 @@ def test_gnorm_split_and_ref_cache_change_nothing_but_the_log_and_the_work(model
     import steer_heal.heal as heal_mod
 
     calls = []
-    real = heal_mod.completion_logits
-    monkeypatch.setattr(heal_mod, "completion_logits", lambda m, b: calls.append(1) or real(m, b))
+    real = heal_mod.completion_rows
+    monkeypatch.setattr(heal_mod, "completion_rows", lambda m, b: calls.append(1) or real(m, b))
     cfg = Config(**preset("fast-dev")).replace(epochs=2, lr=5e-3, lam=5.0, batch_size=2, val_frac=0.0, reg="kl_rev")
     kept = [dict(prompt=p, completion="I would help them right away and explain later.") for p in PROMPTS]
     weights, logs, forwards = {}, {}, {}

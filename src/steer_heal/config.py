@@ -86,7 +86,7 @@ class Config:
     min_train: int = knob(8, "fewest survivors a round may train on; fewer ends the run as starved")
     max_new_tokens: int = knob(48, "tokens sampled per completion")
     max_len: int = knob(256, "longest prompt+completion in tokens for heal (fast-dev sizes it to the tokenizer unless set)")
-    gen_batch: int = knob(16, "generation batch size (how many slots share a forward; each slot samples from its own seed, so the text does not depend on it)")
+    gen_batch: int = knob(16, "generation batch size (how many slots share a forward; each slot samples from its own seed, so the text does not depend on it); 0 = auto: the largest that fits the GPU's free memory at run time (memory.py; 16 on a CPU)")
     temperature: float = knob(0.0, "sampling temperature (0 = the model's generation_config default)")
     top_p: float = knob(0.0, "nucleus top_p (0 = the model's default)")
     # filter
@@ -128,7 +128,7 @@ class Config:
     eval: str = knob("both", "evaluators: mfv (seven-way choice), contrast (trait_nats), both", EVALS)
     evaluator: str = knob("builtin", "seven-way probe implementation: builtin, or tinymfv when that package is importable", ("builtin", "tinymfv"))
     steerer: str = knob("builtin", "steering hooks: builtin, or steering-lite when that package is importable", ("builtin", "steering-lite"))
-    eval_batch: int = knob(16, "eval batch size")
+    eval_batch: int = knob(16, "eval batch size; 0 = auto, as --gen-batch (the numbers move by float rounding only)")
     reuse_prefix: bool = knob(True, "score a prompt's answers (both option orders, both replies) on one pass of the prompt, its KV cache reused; full-attention models only (off: one full forward per answer, the old path; the same numbers to ~1e-6)")
     bf16: str = knob("auto", "bf16 autocast: auto (the heal on a GPU, nothing on a CPU), off, eval (the probes), heal, both. "
                      "Faster only with bf16 matrix units (AVX512-BF16 or AMX on x86, any recent GPU): eval 1.96x, heal "
@@ -226,8 +226,8 @@ class Config:
             bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
         if not 0.0 < self.kappa_min <= 1.0:
             bad("kappa_min", "in (0, 1]")
-        for name in ("probe_size", "collect_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "gen_batch", "lora_r",
-                     "epochs", "batch_size", "grad_accum", "eval_batch", "n_rounds"):
+        for name in ("probe_size", "collect_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "lora_r",
+                     "epochs", "batch_size", "grad_accum", "n_rounds"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         if self.max_len < MIN_MAX_LEN:
@@ -287,12 +287,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "journal": dict(
         model="google/gemma-3-4b-it", steer_layers=(0.45, 0.5), alphas=(0.5, 0.75, 1.0), control="none",
         dose_target=0.75, probe_size=8, kappa_min=0.2, bisect_steps=6, max_batches=8,
-        n_prompts=16, n_keep=64, min_train=30, max_new_tokens=512, max_len=1024, collect_size=16, gen_batch=16,
+        n_prompts=16, n_keep=64, min_train=30, max_new_tokens=512, max_len=1024, collect_size=16, gen_batch=0,
         temperature=1.0, top_p=0.95, ppl_tau=50.0, rep_tau=0.3, ppl_window=128, rel_tau=0.0,
         reg="kl_rev", kl_agg="rmse", barrier_ref="prev", lam=0.3, tau=2.0, lam_round_pow=-0.5,
         spectral_lam=0.01, weight_decay=0.0, lora_r=32, lora_alpha=64.0, lora_layers=(0.2, 0.8),
         epochs=6, batch_size=3, grad_accum=2, lr=1e-4, warmup=0.1, betas=(0.9, 0.95), grad_clip=1.0,
-        think_tokens=128, n_vignettes=0, eval_batch=8, n_rounds=8, coh_floor=0.95, fold_history=True,
+        think_tokens=128, n_vignettes=0, eval_batch=0, n_rounds=8, coh_floor=0.95, fold_history=True,
     ),
 }
 

@@ -24,7 +24,7 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, intervals, metrics, prefect_ui, seeds, student
+from . import backends, data, intervals, memory, metrics, prefect_ui, seeds, student
 from .bake import Stack, bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, collect_at, dose_walk
@@ -58,10 +58,14 @@ class Run:
         self.layers = band(cfg.steer_layers, len(get_layers(model)))
         self.lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers, cfg.lora_targets)
         self.persona = data.persona(cfg)
-        self.probe = Probe.of(cfg)
+        self.prompts = data.prompts(cfg.n_prompts)
+        # --gen-batch / --eval-batch 0: from the device's free memory now; the stored config keeps 0
+        self.cfg, note = memory.resolve_for(cfg, model, self.tok)
+        if note:
+            logger.info(note)
+        self.probe = Probe.of(self.cfg)
         self.system = self.probe.system
         self.contexts = data.contexts()
-        self.prompts = data.prompts(cfg.n_prompts)
         check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)
         self.foils = foils(self.prompts)
         self.steer = backends.steer_fn(cfg)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .bake import Stack
 from .config import Config
-from .tokens import chat, completion_logits, pack, turn_end_id
+from .tokens import chat, completion_rows, pack, turn_end_id
 
 
 class HealError(RuntimeError):
@@ -49,14 +49,15 @@ class HealResult:
 
 
 def divergence(lp: torch.Tensor, lq: torch.Tensor, reg: str) -> torch.Tensor:
-    """Per-position KL [B, C] between student log-probs lp and reference log-probs lq."""
+    """Per-position KL ([N] or [B, C]) between student log-probs lp and reference log-probs lq ([..., V])."""
     if reg == "kl_rev":  # KL(theta || ref): mode-seeking, penalises mass where ref has none
         return (lp.exp() * (lp - lq)).sum(-1)
     return (lq.exp() * (lq - lp)).sum(-1)  # kl_fwd: KL(ref || theta)
 
 
-def aggregate(d: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    x = d[mask]
+def aggregate(d: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """d's positions under mask (all of d without one) reduced by `how`."""
+    x = d if mask is None else d[mask]
     if how == "mean":
         return x.mean()
     if how == "rmse":  # eps keeps the gradient finite when every position is exactly 0
@@ -117,9 +118,10 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
                     eos=[ended[i] for _, _, i in rows], eos_id=end_id)
 
     def nll_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        lp = torch.log_softmax(completion_logits(model, batch), -1)
-        nll = -lp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
-        return nll[batch["cmask"]].mean(), lp
+        # [N, V]: only the real completion positions reach the head and the log-softmax (tokens.completion_rows)
+        lp = torch.log_softmax(completion_rows(model, batch), -1)
+        nll = -lp.gather(-1, batch["targets"][batch["cmask"]].unsqueeze(-1)).squeeze(-1)
+        return nll.mean(), lp
 
     def val_nll() -> float | None:
         if not val:
@@ -135,20 +137,16 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
 
     @torch.no_grad()
     def ref_logprobs(b: dict, ids: list[int]) -> torch.Tensor:
+        """[N, V], rows in completion_rows' order: example after example, each its n real positions."""
         nonlocal room
-        n = b["cmask"].sum(-1).tolist()
         if all(i in ref_cache for i in ids):
-            V = ref_cache[ids[0]].shape[-1]
-            lq = torch.zeros(*b["cmask"].shape, V, device=dev)
-            for row, i in enumerate(ids):
-                lq[row, :n[row]] = ref_cache[i]
-            return lq
+            return torch.cat([ref_cache[i] for i in ids])
         with stack.ref(cfg.barrier_ref):  # called inside the step's autocast
-            lq = torch.log_softmax(completion_logits(model, b), -1)
-        for row, i in enumerate(ids):
-            size = n[row] * lq.shape[-1] * lq.element_size()
+            lq = torch.log_softmax(completion_rows(model, b), -1)
+        for i, rows in zip(ids, lq.split(b["cmask"].sum(-1).tolist())):
+            size = rows.numel() * rows.element_size()
             if i not in ref_cache and size <= room:
-                ref_cache[i], room = lq[row, :n[row]].clone(), room - size
+                ref_cache[i], room = rows.clone(), room - size
         return lq
 
     model.train()
@@ -165,7 +163,7 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
                     div = torch.zeros((), device=dev)
                     if cfg.reg != "nll":
                         lq = ref_logprobs(b, [i for _, _, i in chunk])
-                        div = aggregate(divergence(lp, lq, cfg.reg), b["cmask"], cfg.kl_agg)
+                        div = aggregate(divergence(lp, lq, cfg.reg), None, cfg.kl_agg)
                     barrier = lam * torch.relu(div - cfg.tau) if use_barrier else torch.zeros((), device=dev)
                     spec = cfg.spectral_lam * spectral_norm(model) if cfg.spectral_lam > 0 else torch.zeros((), device=dev)
                 loss = sft + barrier + spec

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import memory
 from .config import Config, ConfigError
 from .files import safe_name
 from .store import RunLog
@@ -95,6 +96,7 @@ def open_student(root: str | Path, run_id: str, upto: int | None = None, device:
     log = run_log(root, run_id)
     cfg = allow_remote_code(stored_config(log), trust_remote_code, fix)
     model, tok = base_model(cfg, root, device)
+    cfg = memory.resolve_for(cfg, model, tok)[0]  # a stored auto batch (0) becomes this device's
     stack, lora = Stack(model), lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers,
                                                       cfg.lora_targets)
     replay(stack, log, lora, upto)

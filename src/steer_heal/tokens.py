@@ -159,6 +159,29 @@ def completion_logits(model, batch: dict) -> torch.Tensor:
     return out.logits.float()
 
 
+def completion_rows(model, batch: dict) -> torch.Tensor:
+    """float32 logits [N, V] at the N real completion positions (batch["cmask"], row by row), padding left out.
+
+    The LM head and everything after it (log-softmax, the KL, the reference cache) then cost completion
+    tokens x vocabulary, not rows x longest completion x vocabulary: with mixed lengths and a 262k vocabulary
+    the padding's [positions, vocab] float32 tensors are a large share of a heal step's memory. A pre-hook on the output embedding gathers the hidden
+    states it is fed; the head is a per-position map, so each row equals the [B, C, V] path's."""
+    head = model.get_output_embeddings()
+    cmask = batch["cmask"]
+
+    def gather(_mod, args):
+        h = args[0]
+        if h.shape[:2] != cmask.shape:  # not the head call of this forward: leave it alone
+            return None
+        return (h[cmask].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        return completion_logits(model, batch).squeeze(0)
+    finally:
+        handle.remove()
+
+
 def completion_logprobs(model, batch: dict) -> torch.Tensor:
     """Log-prob [B, C] of each completion token (0 where padded)."""
     lp = torch.log_softmax(completion_logits(model, batch), -1)

@@ -20,6 +20,9 @@ Parts (each prints one compact table; ratios side by side, same model and inputs
      --growth-rounds N also a real N-round fast-dev run each way
   s  cost against the inputs: eval on 33/66/132 vignettes, heal on 8/16/24 kept, tiny vs SmolLM2
   p  bf16 autocast vs fp32: eval (nats and stage-delta differences) and heal (val nll), seconds each
+  gpu  (`--only gpu`, alone) the stages on gemma-3-4b-it / Qwen3-4B shapes with random weights, batched vs batch 1,
+     FLOP/s against the device's matmul rate, peak memory vs memory.py: bench/gpu.py (its own flags follow
+     `--`; on a CPU the scaled copy). scripts/device_gpu.sh runs it on a GPU box
 
 Every figure carries the 1-minute load average read right after it (other processes may share the
 CPU). On a shared 2-core box pass --threads 1 when other torch jobs run: 2-thread torch beside them
@@ -88,6 +91,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "gpu" in ",".join(argv).replace("=", ",").split(","):  # --only gpu: its own, store- and Prefect-free runner
+        from .gpu import main as gpu_main
+
+        rest = argv[argv.index("--") + 1:] if "--" in argv else []
+        return gpu_main(rest)
     args = parse(argv)
     if args.worker:  # a fresh process per variant: part c's heal, part r's round
         out = round_worker(args) if args.worker.startswith("round:") else heal_worker(args)

@@ -61,7 +61,7 @@ def heal_worker(args) -> dict:
 
     # timers around heal()'s pieces, set from outside (no package code edited)
     ev: list[tuple[str, float]] = []
-    orig_cl, orig_bw = heal_mod.completion_logits, torch.Tensor.backward
+    orig_cl, orig_bw = heal_mod.completion_rows, torch.Tensor.backward
 
     def timed_cl(model_, batch):
         with Clock() as c:
@@ -85,7 +85,7 @@ def heal_worker(args) -> dict:
         return dict(total=c.s / steps, fwd=fwd, ref_fwd=ref, bwd=bwd, n_bwd=len([k for k, _ in ev if k == "bwd"]),
                     n_ref=len([k for k, _ in ev if k == "ref_fwd"]), other=c.s / steps - fwd - ref - bwd)
 
-    heal_mod.completion_logits, torch.Tensor.backward = timed_cl, timed_bw
+    heal_mod.completion_rows, torch.Tensor.backward = timed_cl, timed_bw
     try:
         rss0, maxrss0 = rss_mb(), maxrss_mb()
         did_reset = reset_peak()
@@ -93,7 +93,7 @@ def heal_worker(args) -> dict:
         peak = maxrss_mb()
         warm = [step()]
     finally:
-        heal_mod.completion_logits, torch.Tensor.backward = orig_cl, orig_bw
+        heal_mod.completion_rows, torch.Tensor.backward = orig_cl, orig_bw
     best = min(warm, key=lambda x: x["total"])
     out = dict(variant=variant, load_s=load_s, shape=shape, cold=cold, warm=warm, best=best,
                rss_before_mb=rss0, peak_mb=peak, peak_extra_mb=peak - rss0, peak_reset=did_reset,
@@ -143,7 +143,7 @@ def part_c(args, res: dict) -> None:
          f"kl_rev / nll = {res['c']['ratio_kl_rev']:.2f}x; with the flow's gnorm split on 1 step in 10: {flow:.2f} s = "
          f"{flow / nll:.2f}x (target <= 1.5x; reference 10.3 / 7.3 s = 1.41x). Variants: " + "; ".join(f"{v}: {kw or 'defaults'}" for v, kw in HEAL_VARIANTS.items()) + ".\n"
          "seconds per step; warm_s: the warm call (each process: one cold call, then one warm); fwd/ref_fwd/bwd: timers "
-         "wrapped around heal's completion_logits and Tensor.backward; other: packing, optimizer, KL arithmetic.\n"
+         "wrapped around heal's completion_rows and Tensor.backward; other: packing, optimizer, KL arithmetic.\n"
          "memory: fresh process per variant, "
          + ("peak RSS mark reset via /proc/self/clear_refs right before the first heal call; peak_extra = "
             "ru_maxrss after - RSS before" if reset else
