@@ -175,7 +175,14 @@ mutants *NAMES:
     [ ${#names[@]} -gt 0 ] || names=("steer_heal.metrics.*" "steer_heal.heal.x_divergence*" "steer_heal.heal.x_aggregate*"
         "steer_heal.heal.x_spectral_norm*" "steer_heal.dose.*" "steer_heal.filter.*" "steer_heal.store.log.xǁRunLogǁappend*"
         "steer_heal.store.log.xǁRunLogǁread*" "steer_heal.store.log.xǁRunLogǁdrop*" "steer_heal.store.log.x__ends_torn*"
-        "steer_heal.diag.stats.*")
+        "steer_heal.diag.stats.*"
+        "steer_heal.intervals.*" "steer_heal.diag.control.x_beyond*" "steer_heal.diag.control.x__two_level*"
+        "steer_heal.diag.control.x__over_items*" "steer_heal.diag.stages.x_run_rows*" "steer_heal.diag.stages.x_seed_rows*"
+        "steer_heal.diag.stages.x__two_level*" "steer_heal.diag.pareto.x_facets*" "steer_heal.diag.pareto.x_stage_broken*"
+        "steer_heal.steering.x_steer*" "steer_heal.steering.x_random_like*" "steer_heal.extract.*"
+        "steer_heal.mfv.x__answer*" "steer_heal.mfv.x_mfv*" "steer_heal.contrast.*"
+        "steer_heal.evaluate.xǁStageEvalǁby_stage*" "steer_heal.evaluate.xǁStageEvalǁadd_text*"
+        "steer_heal.report.x_withheld*" "steer_heal.bake.xǁStackǁ_fold*" "steer_heal.bake.xǁStackǁmerged*")
     # mutmut puts mutants/src first on sys.path: no PYTHONPATH may shadow it; 2 workers, niced (shared CPU)
     PYTHONPATH= OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${names[@]}"
     PYTHONPATH= mutmut results
