@@ -13,7 +13,7 @@ import torch
 
 from steer_heal import export
 from steer_heal.cli import main
-from steer_heal.config import Config, preset
+from steer_heal.config import FOUNDATIONS, Config, preset
 from steer_heal.console import script
 from steer_heal.diag import barrier, csweep, pareto, stages
 from steer_heal.steering import save_vector
@@ -68,6 +68,10 @@ def cases(tmp):
     (tmp / "bad.jsonl").write_text('{"id": "a", "text": "You see x.", "foundation_coarse": "Care"}\n{"id": "b", "text": "y"}\n')
     (tmp / "notjson.jsonl").write_text("{oops\n")
     (tmp / "latin1.jsonl").write_bytes('{"text": "Caf\u00e9 owner", "foundation_coarse": "Care"}\n'.encode("latin-1"))
+    v = '{"id": "%s", "text": "You see %s.", "foundation_coarse": "Care"%s}\n'
+    (tmp / "twice.jsonl").write_text(v % ("a", "x", "") + v % ("b", "y", "") + v % ("a", "z", ""))
+    labels = "".join(f', "human_{f}": {x}' for f, x in zip(FOUNDATIONS, ["NaN", 1, 1, 1, 1, 1, 1]))
+    (tmp / "nanlabel.jsonl").write_text(v % ("a", "x", labels))
     (tmp / "afile").write_text("")
     (tmp / "emptymodel").mkdir()
     (tmp / "notok").mkdir()
@@ -105,6 +109,8 @@ def cases(tmp):
         ("run", FAST + o + ["--vignettes", str(tmp / "bad.jsonl")], 2, "line 2"),
         ("run", FAST + o + ["--vignettes", str(tmp / "notjson.jsonl")], 2, "line 1"),
         ("run", FAST + o + ["--vignettes", str(tmp / "latin1.jsonl")], 2, "is not UTF-8 (byte 0xe9 on line 1)"),
+        ("run", FAST + o + ["--vignettes", str(tmp / "twice.jsonl")], 2, "repeated vignette id 'a' on lines 1 and 3"),
+        ("run", FAST + o + ["--vignettes", str(tmp / "nanlabel.jsonl")], 2, "column 'human_Care' is NaN"),
         ("run", FAST + o + ["--target", "Purity"], 2, "invalid choice: 'Purity'"),
         ("run", FAST + o + ["--persona", "nope"], 2, "not a bundled pair"),
         ("run", FAST + o + ["--persona-pos", "kind person", "--persona-neg", " "], 2, "persona_neg"),

@@ -90,3 +90,14 @@ def test_fmt_marks_an_interval_that_holds_zero():
     assert I.fmt(dict(delta=0.003, lo=-0.01, hi=0.016, ns=True)) == "~+0.003 [-0.010, +0.016]"
     assert I.fmt(dict(delta=0.5, lo=None, hi=None)) == "+0.500"
     assert I.fmt(None) == "-"
+
+
+def test_pairs_refuses_a_repeated_item_id():
+    """A repeated id would pair one item's value with another's (issue 23 item 6, issue 30)."""
+    a = [dict(item="x", nats=1.0), dict(item="x", nats=2.0), dict(item="y", nats=3.0)]
+    b = [dict(item="x", nats=0.0), dict(item="y", nats=0.0)]
+    with pytest.raises(ValueError, match="repeated item id 'x'"):
+        I.pairs(a, b, "nats")
+    with pytest.raises(ValueError, match="repeated item id 'x'"):
+        I.pairs(b, a, "nats")
+    assert I.pairs(b, b, "nats") == ([0.0, 0.0], [0.0, 0.0])
