@@ -151,7 +151,42 @@ def test_resume_refuses_changed_experiment_and_accepts_more_rounds(ref, tmp_path
     got = rounds(tmp_path, "ref")
     assert [r["round"] for r in got] == [0, 1, 2]
     assert_same_rounds(rounds(ref, "ref"), got[:2])
-    assert json.loads((tmp_path / "runs" / "ref" / "run_info.jsonl").read_text().splitlines()[0])["n_rounds"] == 2
+    # the extended target is stored: the resume wrote its own run_info row, and `runs` shows it
+    info = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "run_info.jsonl").read_text().splitlines()]
+    assert [x["n_rounds"] for x in info] == [2, 3] and info[0].get("resumed_from") is None
+    assert info[1]["resumed_from"] == "round 2 (done)" and info[1]["config"]["n_rounds"] == 3
+    assert info[1]["config_hash"] == info[0]["config_hash"]  # the same experiment, a longer target
+    assert query(tmp_path, "SELECT n_rounds, resumed_from, rounds_done, status FROM runs")[1] == [
+        (3, "round 2 (done)", 3, "done")]
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref")  # a plain resume of a finished extension: nothing to do
+    assert rc == 0 and "already done (3 rounds)" in se, se[-2000:]
+
+
+ROUND_TABLES = ("stages", "vectors", "adapters", "completions", "dose_steps", "heal_steps", "stage_metrics",
+                "eval_items", "intervals", "rounds")
+
+
+@pytest.mark.slow
+def test_a_killed_extension_resumed_plainly_finishes_the_extended_target(ref, tmp_path):
+    """Issue 23 item 5: `resume --n-rounds 3` killed in round 2's heal, then a plain `resume`: it continues to the
+    stored target 3 (not the start's 2), ends done with rounds 0..2, and holds no rows of an unfinished round."""
+    import shutil
+
+    shutil.copytree(ref / "runs" / "ref", tmp_path / "runs" / "ref")
+    rc, _, _ = steer_heal(tmp_path, "--resume", "ref", "--n-rounds", "3", kill_at="heal:r2:step2")
+    assert rc == -signal.SIGKILL
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref")
+    assert rc == 0, se[-3000:]
+    assert "resuming ref at round 2 of 3" in se
+    log = RunLog(tmp_path, "ref")
+    assert [r["round"] for r in log.read("rounds")] == [0, 1, 2]
+    assert log.read("status")[-1]["status"] == "done"
+    assert [x["n_rounds"] for x in log.read("run_info")] == [2, 3, 3]
+    for table in ROUND_TABLES:
+        assert {x["round"] for x in log.read(table)} <= {-1, 0, 1, 2}, table
+    _, n = query(tmp_path, "SELECT round, count(*) FROM heal_steps GROUP BY ALL ORDER BY ALL")
+    _, m = query(ref, "SELECT round, count(*) FROM heal_steps GROUP BY ALL ORDER BY ALL")
+    assert n[:2] == m and n[2][1] == m[1][1]  # round 2 healed once, its killed attempt's steps dropped
 
 
 def test_prefect_home_starts_from_a_migrated_template(tmp_path):

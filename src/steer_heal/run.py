@@ -133,12 +133,23 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
         logger.info(f"run {cfg.run_id} is already done ({len(done)} rounds): nothing to do")
         return False
     student.check_artifacts(log)  # before preflight logs what it resolved: a refusal is one line
-    preflight(cfg)
+    resolved = preflight(cfg)
     for d in (log.dir, log.dir / "adapters", log.dir / "vectors"):
         remove_stray_tmp(d)
     _same_threads(log)
     logger.info(f"resuming {cfg.run_id} at round {len(done)} of {cfg.n_rounds}")
+    _resumed_info(cfg, log, resolved, f"round {len(done)} ({last.get('status') or 'no status'})")
     return True
+
+
+def _resumed_info(cfg: Config, log: RunLog, resolved: dict, where: str) -> None:
+    """Each resume writes its own run_info row (docs/store.md): the target it runs to (an extension's
+    --n-rounds is stored, so a later plain resume finishes it), where it resumed and this process's env.
+    The experiment (config_hash) is the start's."""
+    first = log.read("run_info")[0]
+    log.append("run_info", dict(model=cfg.model, preset=first.get("preset"), control=cfg.control, reg=cfg.reg,
+                                seed=cfg.seed, n_rounds=cfg.n_rounds, config_hash=cfg.hash(),
+                                config=cfg.to_dict(), env=environment(cfg), resolved=resolved, resumed_from=where))
 
 
 def start(cfg: Config, log: RunLog, resolved: dict, preset: str = "") -> None:
