@@ -82,6 +82,10 @@ sql QUERY *ARGS:
 runs *ARGS:
     @{{python}} -m steer_heal.store runs "$@"
 
+# list a run's damaged table lines (a torn last line is not damage); --fix moves them to <table>.jsonl.aside and takes the run back to its last intact round: just fsck RUN_ID [--fix] [--out DIR]
+fsck RUN_ID *ARGS:
+    @{{python}} -m steer_heal.store fsck "$@"
+
 # merge a run's baked adapters into a new or empty HF model dir: just export RUN_ID DIR [--out STORE]
 export RUN_ID DIR *ARGS:
     @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} -m steer_heal.export "$@"

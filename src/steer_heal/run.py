@@ -129,6 +129,9 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
     are checked and a killed write's temp files are gone."""
     last = (log.read("status") or [{}])[-1]
     done = {r["round"] for r in log.read("rounds")}
+    if sorted(done) != list(range(len(done))):  # a resume from the first gap would redo the rounds after it twice
+        raise ConfigError(f"run {cfg.run_id}: its rounds table holds rounds {sorted(done)}, not 0..{len(done) - 1}: "
+                          f"rows were removed by hand; `just fsck {cfg.run_id}` checks the run")
     if last.get("status") == "done" and len(done) >= cfg.n_rounds:
         logger.info(f"run {cfg.run_id} is already done ({len(done)} rounds): nothing to do")
         return False

@@ -15,6 +15,7 @@ import duckdb
 
 from ..config import ConfigError
 from .lock import LOCK_FILE, STALE_S
+from .log import StoreDamaged, first_damage
 from .schema import DEFAULT_ROOT, KINDS, MAX_LINE_BYTES, TABLES
 
 READS = "one SELECT (also WITH ... SELECT, FROM ..., VALUES, PIVOT, DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one"
@@ -57,9 +58,16 @@ def _ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
 
-def _view_sql(con: duckdb.DuckDBPyConnection, root: Path, table: str, only: tuple[str, ...] = ()) -> str:
+# A line that is not a row reads as all-NULL (ignore_errors); the view raises this, naming the file, unless
+# the file is one whose torn tail connect() has checked (a torn tail is the only damage a crash leaves)
+DAMAGED = "steer-heal store damaged in "
+
+
+def _view_sql(con: duckdb.DuckDBPyConnection, root: Path, table: str, only: tuple[str, ...] = (),
+              torn: tuple[str, ...] = ()) -> str:
     """The table over every run's file; `only` declares just those columns (read_json parses every
-    declared column of every line, so a narrow read of a wide table is several times faster)."""
+    declared column of every line, so a narrow read of a wide table is several times faster). A damaged
+    line fails the query (DAMAGED); `torn` are the files whose only damage is their torn last line."""
     cols = {c: t for c, t in TABLES[table].items() if not only or c in only}
     id_col = next(iter(cols))
     kind = next(k for k, c in KINDS.items() if c == id_col)
@@ -70,10 +78,11 @@ def _view_sql(con: duckdb.DuckDBPyConnection, root: Path, table: str, only: tupl
         return "SELECT " + ", ".join(
             f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in cols.items()) + " WHERE false"
     struct = "{" + ", ".join(f"{_lit(c)}: {_lit(t)}" for c, t in cols.items()) + "}"
-    # ignore_errors turns a torn line into an all-NULL row; the id filter drops it.
-    return (f"SELECT * FROM read_json({_lit(pattern)}, format='newline_delimited', "
-            f"columns={struct}, ignore_errors=true, maximum_object_size={4 * MAX_LINE_BYTES}) "
-            f"WHERE {_ident(id_col)} IS NOT NULL")
+    skip = f"WHEN filename IN ({', '.join(map(_lit, torn))}) THEN false " if torn else ""
+    return (f"SELECT * EXCLUDE (filename) FROM read_json({_lit(pattern)}, format='newline_delimited', "
+            f"columns={struct}, ignore_errors=true, filename=true, maximum_object_size={4 * MAX_LINE_BYTES}) "
+            f"WHERE CASE WHEN {_ident(id_col)} IS NOT NULL THEN true {skip}"
+            f"ELSE error({_lit(DAMAGED)} || filename) END")
 
 
 def _heartbeats(con: duckdb.DuckDBPyConnection, root: Path) -> str:
@@ -85,11 +94,39 @@ def _heartbeats(con: duckdb.DuckDBPyConnection, root: Path) -> str:
             f"timezone('UTC', last_modified) AS heartbeat FROM read_blob({_lit(pattern)})")
 
 
-def _runs_view(con: duckdb.DuckDBPyConnection, root: Path) -> str:
+def torn_tails(root: Path) -> tuple[str, ...]:
+    """The table files that end in a torn line (a writer in flight, or killed), checked for damage above it."""
+    out = []
+    for kind, id_col in KINDS.items():
+        for path in sorted((root / kind).glob("*/*.jsonl")):
+            with open(path, "rb") as f:
+                if f.seek(0, os.SEEK_END) == 0:
+                    continue
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) == b"\n":
+                    continue
+            if (bad := first_damage(path, id_col)) is not None:
+                raise bad
+            out.append(str(path))
+    return tuple(out)
+
+
+def located(e: duckdb.Error) -> Exception:
+    """A query's DAMAGED error as StoreDamaged naming file:line; any other error as it is."""
+    msg = str(e)
+    if DAMAGED not in msg:
+        return e
+    path = Path(msg.split(DAMAGED, 1)[1].splitlines()[0].strip())
+    id_col = KINDS.get(path.parent.parent.name, "run_id")
+    return (path.is_file() and first_damage(path, id_col)) or StoreDamaged(
+        f"{path}: a line is not a row (it changed while read?); `just fsck {path.parent.name}` checks it")
+
+
+def _runs_view(con: duckdb.DuckDBPyConnection, root: Path, torn: tuple[str, ...] = ()) -> str:
     """One row per run from narrow reads of run_info, status, rounds and stages. A `running` run whose
     writer's heartbeat is older than STALE_S (or missing) shows as `stale`: its process is gone."""
     def t(table: str, *cols: str) -> str:
-        return f"({_view_sql(con, root, table, cols)})"
+        return f"({_view_sql(con, root, table, cols, torn)})"
     return f"""
 SELECT i.run_id, i.created, i.model, i.preset, i.reg, i.seed, i.n_rounds,
        i.config_hash, i.resumed_from,
@@ -115,9 +152,10 @@ LEFT JOIN ({_heartbeats(con, root)}) h USING (run_id)
 
 def _create_views(con: duckdb.DuckDBPyConnection, root: str | os.PathLike) -> None:
     root = Path(root).resolve()
+    torn = torn_tails(root)
     for table in TABLES:
-        con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(con, root, table)}")
-    con.execute(f"CREATE OR REPLACE VIEW runs AS {_runs_view(con, root)}")
+        con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(con, root, table, torn=torn)}")
+    con.execute(f"CREATE OR REPLACE VIEW runs AS {_runs_view(con, root, torn)}")
 
 
 def connect(root: str | os.PathLike = DEFAULT_ROOT) -> duckdb.DuckDBPyConnection:
@@ -141,10 +179,13 @@ def query(root: str | os.PathLike, sql: str, params: Any = None) -> tuple[list[s
     con = connect(root)
     try:
         check_read_only(con, sql)
-        cur = con.execute(sql, params) if params is not None else con.execute(sql)
-        if cur.description is None:
-            return [], []
-        return [d[0] for d in cur.description], cur.fetchall()
+        try:
+            cur = con.execute(sql, params) if params is not None else con.execute(sql)
+            if cur.description is None:
+                return [], []
+            return [d[0] for d in cur.description], cur.fetchall()
+        except duckdb.Error as e:
+            raise located(e) from None
     finally:
         con.close()
 
