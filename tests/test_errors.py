@@ -94,8 +94,16 @@ def cases(tmp):
     shutil.copytree(build_tiny("qwen3", 0, tmp / "models"), base)
     (base / "chat_template.jinja").unlink()
     (tmp / "vignettes_x_other_violate.jsonl").write_text('{"text": "You see x.", "foundation_coarse": "Care"}\n')
+    dam = tmp / "damaged"  # a store of its own: its damage refuses every query over it
+    cut = fake_run(dam, "cut").path("stage_metrics")
+    cut.write_bytes(b'{"run_id": "cut", "rou\n{"run_id": "cut", "round": 0, "stage": "healed"}\n')
+    d = ["--out", str(dam)]
     o = ["--out", str(tmp)]
     return busy, [
+        # a damaged line in the middle of a table (issue 23 item 4): every reader names file:line
+        ("sql", ["SELECT count(*) FROM stage_metrics"] + d, 2, "stage_metrics.jsonl:1: not a whole JSON line"),
+        ("stages", ["cut"] + d, 2, "stage_metrics.jsonl:1: not a whole JSON line"),
+        ("run", ["--resume", "cut"] + d, 2, "stage_metrics.jsonl:1: not a whole JSON line"),
         # the run: models and data
         ("run", FAST + o + ["--model", str(tmp / "no-such-model")], 2, "unknown model"),
         ("run", FAST + o + ["--model", "some-org/not-a-real-model"], 2, "not in the Hugging Face cache"),

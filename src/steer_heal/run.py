@@ -22,6 +22,7 @@ from .console import one_line, quiet_env
 from .files import remove_stray_tmp
 from .server import serve
 from .store import RunLog, WriterLock
+from .store.log import first_damage
 
 
 def prefect_home(home: Path) -> Path:
@@ -127,6 +128,9 @@ def preflight(cfg: Config) -> dict:
 def resume_checks(cfg: Config, log: RunLog) -> bool:
     """Under the writer lock: False when the run is already done; else its inputs and every stored artifact
     are checked and a killed write's temp files are gone."""
+    for table in log.tables:  # every table whole, before any work: a damaged line is refused naming file:line
+        if log.path(table).exists() and (bad := first_damage(log.path(table), log.id_col)) is not None:
+            raise bad
     last = (log.read("status") or [{}])[-1]
     done = {r["round"] for r in log.read("rounds")}
     if sorted(done) != list(range(len(done))):  # a resume from the first gap would redo the rounds after it twice

@@ -13,6 +13,7 @@ import duckdb
 from .. import data
 from ..config import Config, ConfigError
 from ..store import RunLog, connect
+from ..store.views import located
 
 
 def trait_sign(cfg: Config) -> int:
@@ -53,8 +54,8 @@ def run_meta(root: str | Path) -> list[dict]:
     family (the config without seed and control: a treatment and its controls share it)."""
     con = connect(root)
     try:
-        got = con.execute("SELECT run_id, config FROM run_info QUALIFY row_number() "
-                          "OVER (PARTITION BY run_id ORDER BY created) = 1 ORDER BY run_id").fetchall()
+        got = [tuple(r.values()) for r in sql_rows(con, "SELECT run_id, config FROM run_info QUALIFY row_number() "
+                                                   "OVER (PARTITION BY run_id ORDER BY created) = 1 ORDER BY run_id")]
     finally:
         con.close()
     cfgs = {run_id: Config.from_dict(json.loads(c)) for run_id, c in got}
@@ -83,10 +84,13 @@ def connect_meta(root: str | Path) -> duckdb.DuckDBPyConnection:
 
 def sql_rows(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> list[dict]:
     """Rows as dicts; DECIMAL (what SQL makes of a literal like 0.5) as float, so rows store as JSON."""
-    cur = con.execute(sql, params) if params is not None else con.execute(sql)
-    cols = [c[0] for c in cur.description]
-    return [{c: float(v) if isinstance(v, Decimal) else v for c, v in zip(cols, r, strict=True)}
-            for r in cur.fetchall()]
+    try:
+        cur = con.execute(sql, params) if params is not None else con.execute(sql)
+        cols = [c[0] for c in cur.description]
+        got = cur.fetchall()
+    except duckdb.Error as e:  # a damaged table line: one line naming file:line (StoreDamaged)
+        raise located(e) from None
+    return [{c: float(v) if isinstance(v, Decimal) else v for c, v in zip(cols, r, strict=True)} for r in got]
 
 
 
