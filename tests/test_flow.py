@@ -207,3 +207,38 @@ def test_prefect_home_starts_from_a_migrated_template(tmp_path):
     before = db.stat().st_mtime_ns
     prefect_home(tmp_path / "prefect")
     assert db.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_a_cut_line_is_refused_everywhere_then_fsck_fix_and_resume_redo_exactly_what_is_missing(ref, tmp_path):
+    """Issue 23 item 4, as a user found it: the first line of a finished run's rounds.jsonl cut in half. Every
+    reader refuses naming file:line (it used to show `done` and a resume rebuilt round 0, then ran round 1 twice);
+    `fsck --fix` moves it aside and takes the run back; the resume then matches the undisturbed run."""
+    import shutil
+
+    shutil.copytree(ref / "runs" / "ref", tmp_path / "runs" / "ref")
+    path = tmp_path / "runs" / "ref" / "rounds.jsonl"
+    first, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(first[: len(first) // 2] + b"\n" + rest)
+    where = f"{path}:1: not a whole JSON line"
+    store = [sys.executable, "-m", "steer_heal.store"]
+    for argv in (["runs"], ["sql", "SELECT count(*) FROM rounds"]):
+        p = subprocess.run(store + argv + ["--out", str(tmp_path)], capture_output=True, text=True)
+        assert p.returncode == 2 and where in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = subprocess.run([sys.executable, "scripts/stages.py", "ref", "--out", str(tmp_path)], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 2 and where in p.stderr, p.stderr[-2000:]
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref", "--n-rounds", "3")
+    assert rc == 2 and where in se, se[-2000:]
+    p = subprocess.run(store + ["fsck", "ref", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 1 and f"{path}:1: not a whole JSON line (cut or overwritten) (round 0)" in p.stdout
+    p = subprocess.run(store + ["fsck", "ref", "--fix", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0 and "taken back to its base eval" in p.stdout, p.stdout + p.stderr
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref")
+    assert rc == 0 and "resuming ref at round 0 of 2" in se, se[-3000:]
+    assert_same_rounds(rounds(ref, "ref"), rounds(tmp_path, "ref"))
+    assert all(r["sec_dose"] > 0 and r["sec_heal"] > 0 for r in RunLog(tmp_path, "ref").read("rounds"))  # redone
+    for table in ("heal_steps", "eval_items", "stage_metrics", "intervals", "completions", "stages"):
+        _, n = query(tmp_path, f"SELECT round, count(*) FROM {table} GROUP BY ALL ORDER BY ALL")
+        _, m = query(ref, f"SELECT round, count(*) FROM {table} GROUP BY ALL ORDER BY ALL")
+        assert n == m, table
