@@ -11,9 +11,9 @@ from pathlib import Path
 
 import duckdb
 
+from ..config import ConfigError
 from ..console import Parser
 from ..report import format_table
-from ..config import ConfigError
 from .log import RunLog
 from .schema import DEFAULT_ROOT, KINDS
 from .views import query, write_catalog

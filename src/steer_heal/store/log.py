@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-
 from ..config import ConfigError
 from ..files import atomic_write_bytes, safe_name
 from .schema import AUTO_NOW, KINDS, MAX_LINE_BYTES, TABLES, tables_of, utcnow

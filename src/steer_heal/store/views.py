@@ -175,7 +175,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str | os.PathLike, stric
         con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(con, root, table, torn=torn)}")
     con.execute(f"CREATE OR REPLACE VIEW runs AS {_runs_view(con, root, torn)}")
     # a diagnostic's status: done once finish() wrote it (records written before statuses existed count as done)
-    con.execute(f"""CREATE OR REPLACE VIEW diags AS SELECT diag_id, any_value(kind) AS kind,
+    con.execute("""CREATE OR REPLACE VIEW diags AS SELECT diag_id, any_value(kind) AS kind,
         any_value(source_run) AS source_run, any_value(round) AS round, min(created) AS created,
         CASE WHEN bool_or(status = 'done') OR bool_and(status IS NULL) THEN 'done'
              WHEN bool_or(status = 'interrupted') THEN 'interrupted' ELSE 'running' END AS status
