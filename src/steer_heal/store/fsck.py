@@ -71,7 +71,7 @@ def describe(log: RunLog, rep: Report) -> list[str]:
             "sets it aside" for t, n in rep.torn.items()]
     if not out:
         out.append(f"run {log.run_id}: every line of every table is a row")
-    elif rep.damage and (k := rep.back_to()) is not None:
+    elif rep.damage and log.kind == "runs" and (k := rep.back_to()) is not None:
         out.append(f"--fix moves the damaged lines aside and takes the run back to {_kept(k)} (rows of rounds >= {k} "
                    f"go aside, then `just resume {log.run_id}` redoes them)")
     return out
@@ -102,7 +102,7 @@ def fix(log: RunLog, rep: Report) -> list[str]:
     done = []
     with WriterLock(log.dir, "run"):  # a live writer would race the rewrite: refused at once
         bad = {(d.table, d.line) for d in rep.damage}
-        k = rep.back_to()
+        k = rep.back_to() if log.kind == "runs" else None  # a diagnostic has no rounds to redo: its damage only
         for table in log.tables:
             if not log.path(table).exists():
                 continue
