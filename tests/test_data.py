@@ -158,7 +158,7 @@ def test_frame_from_the_file_name_the_texts_or_the_flag(tmp_path):
     assert data.vignette_info(write(tmp_path, [row(1)]))["frame"] == "other_violate"  # "You see ..."
     assert data.vignette_info(write(tmp_path, selfish, "s.jsonl"))["frame"] == "self_violate"
     assert data.vignette_info(write(tmp_path, [row(1)], "vignettes_x_self_violate.jsonl"))["frame"] == "self_violate"
-    mixed = write(tmp_path, [row(1), *selfish], "mixed.jsonl")
+    mixed = write(tmp_path, [row(9), *selfish], "mixed.jsonl")
     assert data.vignette_info(mixed)["frame"] is None and data.load_vignettes(mixed)[0]["frame"] is None
     assert {v["frame"] for v in data.load_vignettes(mixed, frame="self")} == {"self_violate"}
     with pytest.raises(ConfigError, match="--frame self contradicts"):
@@ -191,3 +191,23 @@ def test_missing_labels_are_said_once(tmp_path):
 def test_clifford_file_is_other_violate_by_its_name():
     info = data.vignette_info(CLIFFORD)
     assert (info["frame"], info["frame_from"], info["labelled"]) == ("other_violate", "the file name", 132)
+
+
+def test_a_repeated_vignette_id_is_refused_naming_the_id_and_both_lines(tmp_path):
+    """One id standing for two texts would pair the wrong items in every interval (issue 23 item 6)."""
+    p = write(tmp_path, [row(1), row(2), "", row(1, text="You see another text.")])
+    with pytest.raises(ConfigError, match=r"repeated vignette id 'v1'.*lines? 1 and 4"):
+        data.load_vignettes(p)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, 100.5, True, False, "NaN", "-3%"])
+def test_labels_outside_0_to_100_nan_or_boolean_are_refused(tmp_path, bad):
+    p = tmp_path / "v.jsonl"
+    p.write_text(json.dumps(row(1, human_Care=bad)) + "\n")  # json.dumps writes NaN for nan
+    with pytest.raises(ConfigError, match=r"line 1: column 'human_Care' is .*(0 to 100|boolean|NaN)"):
+        data.load_vignettes(p)
+
+
+def test_labels_at_the_bounds_are_kept(tmp_path):
+    vs = data.load_vignettes(write(tmp_path, [row(1, human_Care=0), row(2, human_Care="100%")]))
+    assert [v["human"]["Care"] for v in vs] == [0.0, 100.0]

@@ -471,3 +471,65 @@ def test_plot_and_report_mark_a_broken_stage(tmp_path):
     prev = report[report.index("Against the previous student"):report.index("## Free-text")]
     steered = [ln for ln in prev.splitlines() if "| steered |" in ln]
     assert len(steered) == 1 and steered[0].rstrip(" |").endswith("BROKEN")
+
+
+# ---------------------------------------------------------------- a diagnostic's status (issue 23 item 7)
+
+RECORD = """
+import sys, time
+from steer_heal.console import script
+from steer_heal.diag.record import Diagnostic
+
+def body(argv):
+    d = Diagnostic(sys.argv[1], "csweep", "r1", 0, dict(coefs=[1, 2, 3]))
+    d.add([dict(coef=1.0)])
+    print(d.id, flush=True)
+    if sys.argv[2] == "finish":
+        d.add([dict(coef=2.0), dict(coef=3.0)])
+        d.finish("table")
+        return 0
+    time.sleep(60)  # killed here, part-way
+
+sys.exit(script("test", body, None))
+"""
+
+
+def _record(out: Path, how: str) -> str:
+    """A diagnostic process, through `sh -c 'exec python ...'` as a just recipe runs it: `finish`, or killed
+    part-way by SIGTERM or SIGKILL sent to the shell's pid (exec: the shell became python)."""
+    p = subprocess.Popen(["sh", "-c", 'exec "$0" -c "$1" "$2" "$3"', sys.executable, RECORD, str(out), how],
+                         stdout=subprocess.PIPE, text=True)
+    diag_id = p.stdout.readline().strip()
+    if how != "finish":
+        p.send_signal({"term": signal.SIGTERM, "kill": signal.SIGKILL}[how])
+    p.communicate(timeout=60)
+    assert p.returncode == {"finish": 0, "term": 128 + signal.SIGTERM, "kill": -signal.SIGKILL}[how]
+    return diag_id
+
+
+def test_a_killed_diagnostic_says_so_and_readers_count_only_finished_records(tmp_path):
+    """A csweep killed part-way left a record that looked finished: a re-run counted each point twice and
+    report.md linked a missing file. Now its status says interrupted (SIGTERM) or running (SIGKILL), diag_rows
+    holds only done records, all_diag_rows still holds the partial rows, and nothing is deleted."""
+    from steer_heal.report import _extras
+    from steer_heal.store import RunLog as Log
+
+    termed, killed = _record(tmp_path, "term"), _record(tmp_path, "kill")
+    done = _record(tmp_path, "finish")
+    got = dict(query(tmp_path, "SELECT diag_id, status FROM diags")[1])
+    assert got == {termed: "interrupted", killed: "running", done: "done"}
+    assert query(tmp_path, "SELECT diag_id, count(*) FROM diag_rows GROUP BY ALL")[1] == [(done, 3)]
+    assert sorted(query(tmp_path, "SELECT diag_id, count(*) FROM all_diag_rows GROUP BY ALL")[1]) == sorted(
+        [(termed, 1), (killed, 1), (done, 3)])
+    assert all((tmp_path / "diagnostics" / d / "diag_rows.jsonl").is_file() for d in (termed, killed))
+    links = _extras(Log(tmp_path, "r1"))
+    assert len(links) == 1 and done in links[0]  # report.md links only the finished record
+
+
+def test_every_recipe_execs_its_python():
+    """`just` runs a recipe line as `sh -c LINE`: without exec, killing that sh leaves the python running
+    (and writing). Every one-line recipe that starts python execs it."""
+    text = (Path(__file__).resolve().parents[1] / "justfile").read_text()
+    lines = [x.strip() for x in text.splitlines() if x.startswith("    @") and "{{python}}" in x]
+    lax = [x for x in lines if "exec {{python}}" not in x and "||" not in x]  # smollm2's check-then-install
+    assert lines and not lax, lax

@@ -13,7 +13,7 @@ import torch
 
 from steer_heal import bf16, export
 from steer_heal.cli import main
-from steer_heal.config import Config, preset
+from steer_heal.config import FOUNDATIONS, Config, preset
 from steer_heal.console import script
 from steer_heal.diag import barrier, csweep, pareto, stages
 from steer_heal.steering import save_vector
@@ -68,6 +68,10 @@ def cases(tmp):
     (tmp / "bad.jsonl").write_text('{"id": "a", "text": "You see x.", "foundation_coarse": "Care"}\n{"id": "b", "text": "y"}\n')
     (tmp / "notjson.jsonl").write_text("{oops\n")
     (tmp / "latin1.jsonl").write_bytes('{"text": "Caf\u00e9 owner", "foundation_coarse": "Care"}\n'.encode("latin-1"))
+    v = '{"id": "%s", "text": "You see %s.", "foundation_coarse": "Care"%s}\n'
+    (tmp / "twice.jsonl").write_text(v % ("a", "x", "") + v % ("b", "y", "") + v % ("a", "z", ""))
+    labels = "".join(f', "human_{f}": {x}' for f, x in zip(FOUNDATIONS, ["NaN", 1, 1, 1, 1, 1, 1]))
+    (tmp / "nanlabel.jsonl").write_text(v % ("a", "x", labels))
     (tmp / "afile").write_text("")
     (tmp / "emptymodel").mkdir()
     (tmp / "notok").mkdir()
@@ -91,8 +95,16 @@ def cases(tmp):
     (base / "chat_template.jinja").unlink()
     (tmp / "vignettes_x_other_violate.jsonl").write_text('{"text": "You see x.", "foundation_coarse": "Care"}\n')
     bf16.save_rates(tmp, dict(fp32=61.7, bf16=0.97))  # this machine, as if it had no bf16 units (issue 31)
+    dam = tmp / "damaged"  # a store of its own: its damage refuses every query over it
+    cut = fake_run(dam, "cut").path("stage_metrics")
+    cut.write_bytes(b'{"run_id": "cut", "rou\n{"run_id": "cut", "round": 0, "stage": "healed"}\n')
+    d = ["--out", str(dam)]
     o = ["--out", str(tmp)]
     return busy, [
+        # a damaged line in the middle of a table (issue 23 item 4): every reader names file:line
+        ("sql", ["SELECT count(*) FROM stage_metrics"] + d, 2, "stage_metrics.jsonl:1: not a whole JSON line"),
+        ("stages", ["cut"] + d, 2, "stage_metrics.jsonl:1: not a whole JSON line"),
+        ("run", ["--resume", "cut"] + d, 2, "stage_metrics.jsonl:1: not a whole JSON line"),
         # the run: models and data
         ("run", FAST + o + ["--model", str(tmp / "no-such-model")], 2, "unknown model"),
         ("run", FAST + o + ["--model", "some-org/not-a-real-model"], 2, "not in the Hugging Face cache"),
@@ -106,6 +118,8 @@ def cases(tmp):
         ("run", FAST + o + ["--vignettes", str(tmp / "bad.jsonl")], 2, "line 2"),
         ("run", FAST + o + ["--vignettes", str(tmp / "notjson.jsonl")], 2, "line 1"),
         ("run", FAST + o + ["--vignettes", str(tmp / "latin1.jsonl")], 2, "is not UTF-8 (byte 0xe9 on line 1)"),
+        ("run", FAST + o + ["--vignettes", str(tmp / "twice.jsonl")], 2, "repeated vignette id 'a' on lines 1 and 3"),
+        ("run", FAST + o + ["--vignettes", str(tmp / "nanlabel.jsonl")], 2, "column 'human_Care' is NaN"),
         ("run", FAST + o + ["--target", "Purity"], 2, "invalid choice: 'Purity'"),
         ("run", FAST + o + ["--persona", "nope"], 2, "not a bundled pair"),
         ("run", FAST + o + ["--persona-pos", "kind person", "--persona-neg", " "], 2, "persona_neg"),

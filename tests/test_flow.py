@@ -151,7 +151,42 @@ def test_resume_refuses_changed_experiment_and_accepts_more_rounds(ref, tmp_path
     got = rounds(tmp_path, "ref")
     assert [r["round"] for r in got] == [0, 1, 2]
     assert_same_rounds(rounds(ref, "ref"), got[:2])
-    assert json.loads((tmp_path / "runs" / "ref" / "run_info.jsonl").read_text().splitlines()[0])["n_rounds"] == 2
+    # the extended target is stored: the resume wrote its own run_info row, and `runs` shows it
+    info = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "run_info.jsonl").read_text().splitlines()]
+    assert [x["n_rounds"] for x in info] == [2, 3] and info[0].get("resumed_from") is None
+    assert info[1]["resumed_from"] == "round 2 (done)" and info[1]["config"]["n_rounds"] == 3
+    assert info[1]["config_hash"] == info[0]["config_hash"]  # the same experiment, a longer target
+    assert query(tmp_path, "SELECT n_rounds, resumed_from, rounds_done, status FROM runs")[1] == [
+        (3, "round 2 (done)", 3, "done")]
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref")  # a plain resume of a finished extension: nothing to do
+    assert rc == 0 and "already done (3 rounds)" in se, se[-2000:]
+
+
+ROUND_TABLES = ("stages", "vectors", "adapters", "completions", "dose_steps", "heal_steps", "stage_metrics",
+                "eval_items", "intervals", "rounds")
+
+
+@pytest.mark.slow
+def test_a_killed_extension_resumed_plainly_finishes_the_extended_target(ref, tmp_path):
+    """Issue 23 item 5: `resume --n-rounds 3` killed in round 2's heal, then a plain `resume`: it continues to the
+    stored target 3 (not the start's 2), ends done with rounds 0..2, and holds no rows of an unfinished round."""
+    import shutil
+
+    shutil.copytree(ref / "runs" / "ref", tmp_path / "runs" / "ref")
+    rc, _, _ = steer_heal(tmp_path, "--resume", "ref", "--n-rounds", "3", kill_at="heal:r2:step2")
+    assert rc == -signal.SIGKILL
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref")
+    assert rc == 0, se[-3000:]
+    assert "resuming ref at round 2 of 3" in se
+    log = RunLog(tmp_path, "ref")
+    assert [r["round"] for r in log.read("rounds")] == [0, 1, 2]
+    assert log.read("status")[-1]["status"] == "done"
+    assert [x["n_rounds"] for x in log.read("run_info")] == [2, 3, 3]
+    for table in ROUND_TABLES:
+        assert {x["round"] for x in log.read(table)} <= {-1, 0, 1, 2}, table
+    _, n = query(tmp_path, "SELECT round, count(*) FROM heal_steps GROUP BY ALL ORDER BY ALL")
+    _, m = query(ref, "SELECT round, count(*) FROM heal_steps GROUP BY ALL ORDER BY ALL")
+    assert n[:2] == m and n[2][1] == m[1][1]  # round 2 healed once, its killed attempt's steps dropped
 
 
 def test_prefect_home_starts_from_a_migrated_template(tmp_path):
@@ -172,3 +207,38 @@ def test_prefect_home_starts_from_a_migrated_template(tmp_path):
     before = db.stat().st_mtime_ns
     prefect_home(tmp_path / "prefect")
     assert db.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_a_cut_line_is_refused_everywhere_then_fsck_fix_and_resume_redo_exactly_what_is_missing(ref, tmp_path):
+    """Issue 23 item 4, as a user found it: the first line of a finished run's rounds.jsonl cut in half. Every
+    reader refuses naming file:line (it used to show `done` and a resume rebuilt round 0, then ran round 1 twice);
+    `fsck --fix` moves it aside and takes the run back; the resume then matches the undisturbed run."""
+    import shutil
+
+    shutil.copytree(ref / "runs" / "ref", tmp_path / "runs" / "ref")
+    path = tmp_path / "runs" / "ref" / "rounds.jsonl"
+    first, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(first[: len(first) // 2] + b"\n" + rest)
+    where = f"{path}:1: not a whole JSON line"
+    store = [sys.executable, "-m", "steer_heal.store"]
+    for argv in (["runs"], ["sql", "SELECT count(*) FROM rounds"]):
+        p = subprocess.run(store + argv + ["--out", str(tmp_path)], capture_output=True, text=True)
+        assert p.returncode == 2 and where in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = subprocess.run([sys.executable, "scripts/stages.py", "ref", "--out", str(tmp_path)], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 2 and where in p.stderr, p.stderr[-2000:]
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref", "--n-rounds", "3")
+    assert rc == 2 and where in se, se[-2000:]
+    p = subprocess.run(store + ["fsck", "ref", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 1 and f"{path}:1: not a whole JSON line (cut or overwritten) (round 0)" in p.stdout
+    p = subprocess.run(store + ["fsck", "ref", "--fix", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0 and "taken back to its base eval" in p.stdout, p.stdout + p.stderr
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref")
+    assert rc == 0 and "resuming ref at round 0 of 2" in se, se[-3000:]
+    assert_same_rounds(rounds(ref, "ref"), rounds(tmp_path, "ref"))
+    assert all(r["sec_dose"] > 0 and r["sec_heal"] > 0 for r in RunLog(tmp_path, "ref").read("rounds"))  # redone
+    for table in ("heal_steps", "eval_items", "stage_metrics", "intervals", "completions", "stages"):
+        _, n = query(tmp_path, f"SELECT round, count(*) FROM {table} GROUP BY ALL ORDER BY ALL")
+        _, m = query(ref, f"SELECT round, count(*) FROM {table} GROUP BY ALL ORDER BY ALL")
+        assert n == m, table

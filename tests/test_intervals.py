@@ -159,3 +159,14 @@ def test_over_seeds_aligns_items_by_id_and_drops_what_a_seed_lacks():
     assert [p.tolist() for p in per] == [[[1.0, 2.0], [0.0, 0.0]], [[1.0, 3.0], [0.0, 1.0]]]  # c: not in seed 1
     got = I.over_seeds([seed0, seed1], (1, -1), "trait", boot=50, seed=0)
     assert got["delta"] == pytest.approx((1.5 + 1.5) / 2) and got["n"] == 2 and got["n_seeds"] == 2
+
+
+def test_pairs_refuses_a_repeated_item_id():
+    """A repeated id would pair one item's value with another's (issue 23 item 6, issue 30)."""
+    a = [dict(item="x", nats=1.0), dict(item="x", nats=2.0), dict(item="y", nats=3.0)]
+    b = [dict(item="x", nats=0.0), dict(item="y", nats=0.0)]
+    with pytest.raises(ValueError, match="repeated item id 'x'"):
+        I.pairs(a, b, "nats")
+    with pytest.raises(ValueError, match="repeated item id 'x'"):
+        I.pairs(b, a, "nats")
+    assert I.pairs(b, b, "nats") == ([0.0, 0.0], [0.0, 0.0])

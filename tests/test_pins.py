@@ -525,7 +525,7 @@ def test_t_quantile_refuses_what_has_no_quantile(df, level):
 
 # ---------------------------------------------------------------- the store's lines, byte for byte
 
-def test_appends_write_exactly_their_lines_and_one_newline_after_a_torn_tail(tmp_path):
+def test_appends_write_exactly_their_lines_and_set_a_torn_tail_aside(tmp_path):
     log = RunLog(tmp_path, "b")
     assert log.append("dose_steps", []) == 0 and not log.path("dose_steps").exists()
     log.append("dose_steps", dict(round=0, step=0))
@@ -540,7 +540,9 @@ def test_appends_write_exactly_their_lines_and_one_newline_after_a_torn_tail(tmp
     with open(log.path("dose_steps"), "ab") as f:
         f.write(line[:9])  # a killed writer's half line
     RunLog(tmp_path, "b").append("dose_steps", dict(round=0, step=0))
-    assert log.path("dose_steps").read_bytes() == line * 2 + line[:9] + b"\n" + line
+    # the half line goes to the side file (left in place it would be damage in the middle)
+    assert log.path("dose_steps").read_bytes() == line * 3
+    assert (tmp_path / "runs/b/dose_steps.jsonl.aside").read_bytes() == line[:9] + b"\n"
 
 
 def _umask() -> int:
@@ -567,30 +569,27 @@ def test_a_short_write_raises_and_the_next_append_starts_a_fresh_line(tmp_path, 
     assert [x["round"] for x in log.read("dose_steps")] == [0, 2]
 
 
-def test_read_and_drop_go_past_blank_and_torn_lines_and_warn_only_for_finished_ones(tmp_path):
-    from loguru import logger
+def test_read_and_drop_go_past_blank_lines_and_a_torn_tail_and_refuse_a_torn_line_above_it(tmp_path):
+    """Issue 23 item 4: a torn last line is a crash's (or in flight) and skipped; a torn line with rows after it
+    means the file was changed: read and drop refuse it naming file:line, and drop rewrites nothing."""
+    from steer_heal.store.log import StoreDamaged
 
     log = RunLog(tmp_path, "d")
     assert log.drop("dose_steps", lambda x: True) == 0  # no file yet
     a, b, c = (log._line("dose_steps", dict(round=r, step=0)) for r in (0, 1, 2))
-    log.path("dose_steps").write_bytes(a + b"\n" + b'{"run_id": "d", "ro' + b"\n" + b + c + b'{"run_id"')
-    seen = []
-    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
-    try:
-        assert [x["round"] for x in log.read("dose_steps")] == [0, 1, 2]
-    finally:
-        logger.remove(sink)
-    assert seen == [f"skipping torn line 3 of {log.path('dose_steps')}"]  # not the last one: it may be in flight
+    log.path("dose_steps").write_bytes(a + b"\n" + b + c + b'{"run_id"')
+    assert [x["round"] for x in log.read("dose_steps")] == [0, 1, 2]
     other = RunLog(tmp_path, "e")
-    other.path("dose_steps").write_bytes(a + b'{"run_id": "e", "ro' + b"\n")  # torn, then finished by a resume
-    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
-    try:
-        assert [x["round"] for x in other.read("dose_steps")] == [0]
-    finally:
-        logger.remove(sink)
-    assert seen[1:] == [f"skipping torn line 2 of {other.path('dose_steps')}"]
+    damaged = a + b'{"run_id": "e", "ro' + b"\n" + b  # torn, then a row after it
+    other.path("dose_steps").write_bytes(damaged)
+    with pytest.raises(StoreDamaged, match=r"runs/e/dose_steps.jsonl:2: not a whole JSON line.*just fsck e"):
+        other.read("dose_steps")
+    with pytest.raises(StoreDamaged, match=r"dose_steps.jsonl:2: "):
+        other.drop("dose_steps", lambda x: x["round"] == 0)
+    assert other.path("dose_steps").read_bytes() == damaged
     assert log.drop("dose_steps", lambda x: x["round"] == 0) == 1
     assert [x["round"] for x in log.read("dose_steps")] == [1, 2]
+    assert (tmp_path / "runs/d/dose_steps.jsonl.aside").read_bytes() == b'{"run_id"\n'  # the torn tail, kept
 
 
 # ---------------------------------------------------------------- the store's safety (issue 12 fixes these)

@@ -164,6 +164,94 @@ def test_torn_last_line_is_skipped_and_healed(tmp_path):
     assert query(tmp_path, "SELECT count(*), max(kappa) FROM rounds")[1] == [(4, 2.0)]
 
 
+# ---------------------------------------------------------------- damage in the middle (issue 23 item 4)
+
+DAMAGE = {  # what a person's editor, a bad copy or a disk error leaves in the middle of a table
+    "half": (lambda line: line[: len(line) // 2], "not a whole JSON line"),
+    "nul": (lambda line: b"\x00" * len(line), "NUL bytes"),
+    "utf8": (lambda line: line.replace(b'"r1"', b'"r\xff1"'), "invalid UTF-8"),
+    "array": (lambda line: b"[1, 2]", "a JSON list, not an object"),
+    "number": (lambda line: b"5", "a JSON int, not an object"),
+    "null": (lambda line: b"null", "a JSON NoneType, not an object"),
+    "no id": (lambda line: b'{"round": 0}', "an object without run_id"),
+}
+
+
+def _damaged(root: Path, how: str, torn_tail: bool = False) -> Path:
+    """Run r1's rounds 0..2 with its first line damaged (and, when asked, a torn tail too)."""
+    log = RunLog(root, "r1")
+    log.append("run_info", {"n_rounds": 3})
+    log.append("rounds", [{"round": r, "kappa": 1.0} for r in range(3)])
+    path = log.path("rounds")
+    first, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(DAMAGE[how][0](first) + b"\n" + rest + (b'{"run_id": "r1", "ro' if torn_tail else b""))
+    return path
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_line_in_the_middle_is_refused_by_every_reader_naming_file_and_line(tmp_path, how):
+    from steer_heal.store.log import StoreDamaged
+
+    path = _damaged(tmp_path, how)
+    before = path.read_bytes()
+    want = rf"{path}:1: {DAMAGE[how][1]}.*just fsck r1"
+    with pytest.raises(StoreDamaged, match=want):
+        RunLog(tmp_path, "r1").read("rounds")
+    with pytest.raises(StoreDamaged, match=want):
+        query(tmp_path, "SELECT count(*) FROM rounds")
+    with pytest.raises(StoreDamaged, match=want):
+        query(tmp_path, "SELECT run_id, rounds_done FROM runs")
+    with pytest.raises(StoreDamaged, match=want):
+        RunLog(tmp_path, "r1").drop("rounds", lambda x: x["round"] == 2)
+    assert path.read_bytes() == before
+    torn = _damaged(tmp_path / "torn", how, torn_tail=True)  # a torn tail below the damage hides nothing
+    with pytest.raises(StoreDamaged, match=rf"{torn}:1: {DAMAGE[how][1]}"):
+        query(tmp_path / "torn", "SELECT count(*) FROM rounds")
+
+
+def test_only_a_torn_tail_is_tolerated_and_an_append_sets_it_aside(tmp_path):
+    log = RunLog(tmp_path, "r1")
+    log.append("rounds", [{"round": r} for r in range(2)])
+    with open(log.path("rounds"), "ab") as f:
+        f.write(b'{"run_id": "r1", "round": 2, "ka')
+    assert query(tmp_path, "SELECT count(*) FROM rounds")[1] == [(2,)] and len(log.read("rounds")) == 2
+    RunLog(tmp_path, "r1").append("rounds", {"round": 2})
+    assert [r["round"] for r in log.read("rounds")] == [0, 1, 2]
+    assert query(tmp_path, "SELECT count(*) FROM rounds")[1] == [(3,)]
+    assert (tmp_path / "runs/r1/rounds.jsonl.aside").read_bytes() == b'{"run_id": "r1", "round": 2, "ka\n'
+
+
+def test_fsck_reports_then_fix_moves_damage_aside_and_takes_the_run_back(tmp_path, capsys):
+    """--fix moves the damaged line and every row of its round and later rounds to side files (nothing
+    deleted), and a status row sends a resume back to the damaged round."""
+    from steer_heal.store.__main__ import main as store_main
+
+    log = RunLog(tmp_path, "r1")
+    log.append("run_info", {"n_rounds": 3})
+    log.append("status", {"status": "done"})
+    for table in ("stages", "rounds", "heal_steps"):
+        log.append(table, [{"round": r} for r in (-1, 0, 1, 2) if table == "stages" or r >= 0])
+    path = log.path("heal_steps")
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = lines[1][:22]  # round 1's step, cut: '{"run_id": "r1", "roun'  (no round number left)
+    path.write_bytes(b"\n".join(lines))
+    before = {t: log.path(t).read_bytes() for t in log.tables if log.path(t).exists()}
+    assert store_main(["fsck", "r1", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:2: not a whole JSON line (cut or overwritten) (round 0)" in out  # the row above's round
+    assert {t: log.path(t).read_bytes() for t in before} == before  # a report changes nothing
+    assert store_main(["fsck", "r1", "--out", str(tmp_path), "--fix"]) == 0
+    assert [r["round"] for r in log.read("rounds")] == [] and [r["round"] for r in log.read("stages")] == [-1]
+    assert log.read("status")[-1]["status"] == "interrupted" and log.read("status")[-1]["round"] == 0
+    for t, raw in before.items():  # every line is still somewhere: in its table or its side file
+        aside = Path(str(log.path(t)) + ".aside")
+        kept = log.path(t).read_bytes() + (aside.read_bytes() if aside.exists() else b"")
+        assert sorted(x for x in kept.split(b"\n") if x) == sorted(x for x in raw.split(b"\n") if x) or t == "status"
+    assert b'{"run_id": "r1", "roun\n' in Path(str(path) + ".aside").read_bytes()
+    assert store_main(["fsck", "r1", "--out", str(tmp_path)]) == 0
+    assert "every line of every table is a row" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- runs view, catalog
 
 def _seed_two_runs(root: Path) -> None:

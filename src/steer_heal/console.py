@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -54,6 +55,10 @@ def script(prog: str, body: Callable[[list[str] | None], int], argv: list[str] |
     quiet_env()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
     setup_logging(os.environ.get("STEER_HEAL_LOG_LEVEL", "INFO"))
+    try:  # SIGTERM (a queue's stop, a killed `just`) ends the process as an exit: cleanup and atexit run
+        before = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread
+        before = None
     try:
         return body(argv)
     except ConfigError as e:
@@ -65,3 +70,10 @@ def script(prog: str, body: Callable[[list[str] | None], int], argv: list[str] |
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _terminated(*_) -> None:
+    raise SystemExit(128 + signal.SIGTERM)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from functools import cache, lru_cache
 from itertools import cycle, islice
@@ -115,13 +116,21 @@ FRAMES = {"other": "other_violate", "self": "self_violate"}
 
 
 def _share(x, where: str, col: str) -> float | None:
-    """83.0, "83 %" or "83%" -> 83.0; absent or blank -> None."""
+    """83.0, "83 %" or "83%" -> 83.0; absent or blank -> None. A share is a percentage: NaN, below 0,
+    over 100 or a boolean (json true is not 1%) is refused."""
     if x is None or str(x).strip() == "":
         return None
+    if isinstance(x, bool):
+        raise ConfigError(f"{where}: column {col!r} is boolean {x!r}, not a percentage from 0 to 100")
     try:
-        return float(str(x).strip().removesuffix("%")) if isinstance(x, str) else float(x)
+        v = float(str(x).strip().removesuffix("%")) if isinstance(x, str) else float(x)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: column {col!r} is {x!r}, not a number or a percentage") from None
+    if math.isnan(v):
+        raise ConfigError(f"{where}: column {col!r} is NaN, not a percentage from 0 to 100")
+    if not 0.0 <= v <= 100.0:
+        raise ConfigError(f"{where}: column {col!r} is {x!r}, outside the percentages 0 to 100")
+    return v
 
 
 def _labels(row: dict, where: str) -> dict[str, float]:
@@ -194,6 +203,12 @@ def _read_vignettes(path: str, _mtime_ns: int, frame: str) -> tuple[tuple, str]:
         raise ConfigError(f"vignette file {path} is empty: it needs one JSON object per line with text and foundation_coarse")
     column = FRAMES.get(frame) or _named(p) or "other_violate"
     rows = [_parse_line(line, f"{path} line {i}", f"{p.stem}-{i}", column) for i, line in lines]
+    first: dict[str, int] = {}
+    for (i, _), r in zip(lines, rows):  # one id standing for two texts would pair the wrong items
+        if r["id"] in first:
+            raise ConfigError(f"vignette file {path}: repeated vignette id {r['id']!r} on lines {first[r['id']]} and "
+                              f"{i}: give each vignette its own id")
+        first[r["id"]] = i
     packed = [r.pop("packed") for r in rows]
     cond, how = _frame(p, [r["text"] for r in rows], all(packed), frame)
     return tuple(dict(r, frame=cond) for r in rows), how

@@ -326,5 +326,14 @@ def rounds(run: Run) -> str:
         if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor:
             write_report(run.log, target)
             return f"stopped:healed coherence {healed.coherence:.3f} < coh_floor {cfg.coh_floor}"
+    drop_unfinished(run.log)
     write_report(run.log, target)
     return "done"
+
+
+def drop_unfinished(log: RunLog) -> None:
+    """A done run holds no rows of a round without its `rounds` row (say, a killed attempt past the target)."""
+    finished = {x["round"] for x in log.read("rounds")} | {-1}
+    for table in log.tables:
+        if table not in ("run_info", "status", "rounds"):
+            log.drop(table, lambda x: x["round"] not in finished)

@@ -58,7 +58,15 @@ def paired(x: list[float], y: list[float], kind: str = "mean", boot: int = 2000,
 
 
 def pairs(a: list[dict], b: list[dict], col: str) -> tuple[list[float], list[float]]:
-    """The column of items present, and finite, in both stages, matched by item id."""
+    """The column of items present, and finite, in both stages, matched by item id. A repeated id in
+    either stage is refused: it would pair one item's value with another's."""
+    for rows in (a, b):
+        seen: set = set()
+        for r in rows:
+            if r["item"] in seen:
+                raise ValueError(f"repeated item id {r['item']!r} in one stage's items: each item must appear once "
+                                 "per stage to be paired")
+            seen.add(r["item"])
     ref = {r["item"]: r.get(col) for r in b}
     xs, ys = [], []
     for r in a:

@@ -139,9 +139,11 @@ def _extras(log: RunLog) -> list[str]:
     out = [f"- [{p.name}](plots/{p.name})" for p in sorted((log.dir / "plots").glob("*.png"))]
     for f in sorted((log.root / "diagnostics").glob("*/diagnostics.jsonl")):
         try:
-            d = json.loads(f.read_text().splitlines()[0])
+            d = json.loads(f.read_text().splitlines()[-1])
         except (OSError, IndexError, ValueError):
             continue  # a diagnostic being created right now
+        if d.get("status", "done") != "done":  # running, or interrupted: no report.md to link (yet)
+            continue
         if log.run_id in str(d.get("source_run") or "").split(","):
             r = "" if d.get("round") is None else f" round {d['round']}"
             out.append(f"- {d['kind']}{r}: [{f.parent.name}](../../diagnostics/{f.parent.name}/report.md)")

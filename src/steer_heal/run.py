@@ -22,6 +22,7 @@ from .console import one_line, quiet_env
 from .files import remove_stray_tmp
 from .server import serve
 from .store import RunLog, WriterLock
+from .store.log import first_damage
 
 
 def prefect_home(home: Path) -> Path:
@@ -129,18 +130,35 @@ def preflight(cfg: Config) -> dict:
 def resume_checks(cfg: Config, log: RunLog) -> bool:
     """Under the writer lock: False when the run is already done; else its inputs and every stored artifact
     are checked and a killed write's temp files are gone."""
+    for table in log.tables:  # every table whole, before any work: a damaged line is refused naming file:line
+        if log.path(table).exists() and (bad := first_damage(log.path(table), log.id_col)) is not None:
+            raise bad
     last = (log.read("status") or [{}])[-1]
     done = {r["round"] for r in log.read("rounds")}
+    if sorted(done) != list(range(len(done))):  # a resume from the first gap would redo the rounds after it twice
+        raise ConfigError(f"run {cfg.run_id}: its rounds table holds rounds {sorted(done)}, not 0..{len(done) - 1}: "
+                          f"rows were removed by hand; `just fsck {cfg.run_id}` checks the run")
     if last.get("status") == "done" and len(done) >= cfg.n_rounds:
         logger.info(f"run {cfg.run_id} is already done ({len(done)} rounds): nothing to do")
         return False
     student.check_artifacts(log)  # before preflight logs what it resolved: a refusal is one line
-    preflight(cfg)
+    resolved = preflight(cfg)
     for d in (log.dir, log.dir / "adapters", log.dir / "vectors"):
         remove_stray_tmp(d)
     _same_threads(log)
     logger.info(f"resuming {cfg.run_id} at round {len(done)} of {cfg.n_rounds}")
+    _resumed_info(cfg, log, resolved, f"round {len(done)} ({last.get('status') or 'no status'})")
     return True
+
+
+def _resumed_info(cfg: Config, log: RunLog, resolved: dict, where: str) -> None:
+    """Each resume writes its own run_info row (docs/store.md): the target it runs to (an extension's
+    --n-rounds is stored, so a later plain resume finishes it), where it resumed and this process's env.
+    The experiment (config_hash) is the start's."""
+    first = log.read("run_info")[0]
+    log.append("run_info", dict(model=cfg.model, preset=first.get("preset"), control=cfg.control, reg=cfg.reg,
+                                seed=cfg.seed, n_rounds=cfg.n_rounds, config_hash=cfg.hash(),
+                                config=cfg.to_dict(), env=environment(cfg), resolved=resolved, resumed_from=where))
 
 
 def start(cfg: Config, log: RunLog, resolved: dict, preset: str = "") -> None:

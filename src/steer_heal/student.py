@@ -24,12 +24,15 @@ def run_log(root: str | Path, run_id: str) -> RunLog:
 
 
 def stored_config(log: RunLog) -> Config:
-    """The config the run started with (the one resume reloads), validated like a command line's."""
+    """The config the run started with (the one resume reloads), validated like a command line's, with the
+    round target of its newest run_info row (a resume with more --n-rounds stores the extended target)."""
     info = log.read("run_info")
     if not info:
         raise ConfigError(f"no run {log.run_id!r} under {log.root}/runs: see `just runs` for run ids")
     try:
-        return Config.from_dict(info[0]["config"]).validate()
+        cfg = Config.from_dict(info[0]["config"])
+        target = info[-1]["n_rounds"]
+        return (cfg if target is None else cfg.replace(n_rounds=target)).validate()
     except ConfigError as e:
         raise ConfigError(f"run {log.run_id}: its stored {e}; the store was edited or is damaged") from None
 

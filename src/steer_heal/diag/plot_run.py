@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     log = run_log(a.out, a.run_id)
     target = data.persona(stored_config(log))["target"]
-    con = connect(a.out)
+    con = connect(a.out, strict=True)
     try:
         stages = series(sql_rows(con, METRICS_SQL, [a.run_id]), target)
         kept = {r["round"]: r["kept_frac"] for r in sql_rows(con, KEPT_SQL, [a.run_id])}

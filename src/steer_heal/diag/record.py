@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import secrets
 import time
@@ -18,14 +19,28 @@ def new_diag_id(kind: str) -> str:
 
 
 class Diagnostic:
-    """One diagnostic record: the `diagnostics` row is written at the start (so a long sweep shows up
-    at once), rows are appended as they are measured, plots and report.md land in its folder."""
+    """One diagnostic record: the `diagnostics` row is written at the start with status running (so a long
+    sweep shows up at once), rows are appended as they are measured, plots and report.md land in its folder,
+    and a last `diagnostics` row says done. A process that ends before finish() (an error, Ctrl-C, SIGTERM)
+    says interrupted; one killed outright stays running. Readers use only done records (the `diag_rows`
+    view, report.md's links): a re-run supersedes a partial record, which stays on disk."""
 
     def __init__(self, root: str | Path, kind: str, source_run: str, round_: int | None, config: dict):
-        self.kind, self.source_run, self.round = kind, source_run, round_
+        self.kind, self.source_run, self.round, self.config = kind, source_run, round_, config
         self.log = RunLog(root, new_diag_id(kind), kind="diagnostics")
         self.id, self.dir = self.log.run_id, self.log.dir
-        self.log.append("diagnostics", dict(kind=kind, source_run=source_run, round=round_, config=config))
+        self._status("running")
+        atexit.register(self._ended)
+
+    def _status(self, status: str) -> None:
+        self.log.append("diagnostics", dict(kind=self.kind, source_run=self.source_run, round=self.round,
+                                            config=self.config, status=status))
+
+    def _ended(self) -> None:
+        try:
+            self._status("interrupted")
+        except OSError:  # a store gone or full at exit: the record stays `running`, which readers skip too
+            pass
 
     def add(self, rows: list[dict]) -> int:
         """Append rows; a row's own run_id and round, when it has them, go to the columns."""
@@ -41,6 +56,8 @@ class Diagnostic:
             lines += ["## Plots", ""] + [f"- [{p.name}]({_rel(p, self.dir)})" for p in plots] + [""]
         path = self.dir / "report.md"
         atomic_write_bytes(path, "\n".join(lines).encode())
+        atexit.unregister(self._ended)
+        self._status("done")
         self._relink()
         print(table)
         if plots:

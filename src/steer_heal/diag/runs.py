@@ -13,6 +13,7 @@ import duckdb
 from .. import data
 from ..config import Config, ConfigError
 from ..store import RunLog, connect
+from ..store.views import fetch
 
 
 def trait_sign(cfg: Config) -> int:
@@ -51,10 +52,10 @@ def _short(v: Any) -> str:
 def run_meta(root: str | Path) -> list[dict]:
     """Per run: target foundation, trait direction and sign, seedless config key and label, its control and
     family (the config without seed and control: a treatment and its controls share it)."""
-    con = connect(root)
+    con = connect(root, strict=True)
     try:
-        got = con.execute("SELECT run_id, config FROM run_info QUALIFY row_number() "
-                          "OVER (PARTITION BY run_id ORDER BY created) = 1 ORDER BY run_id").fetchall()
+        got = [tuple(r.values()) for r in sql_rows(con, "SELECT run_id, config FROM run_info QUALIFY row_number() "
+                                                   "OVER (PARTITION BY run_id ORDER BY created) = 1 ORDER BY run_id")]
     finally:
         con.close()
     cfgs = {run_id: Config.from_dict(json.loads(c)) for run_id, c in got}
@@ -72,7 +73,7 @@ def run_meta(root: str | Path) -> list[dict]:
 def connect_meta(root: str | Path) -> duckdb.DuckDBPyConnection:
     """store.connect plus a `run_meta` table (run_meta() as rows), so SQL can pick each run's target
     foundation and trait direction, which live in the bundled persona table, not in the store."""
-    con = connect(root)
+    con = connect(root, strict=True)
     con.execute("CREATE TEMP TABLE run_meta (run_id VARCHAR, target VARCHAR, direction VARCHAR, sign INTEGER, "
                 "seed BIGINT, reg VARCHAR, config_key VARCHAR, config_label VARCHAR, control VARCHAR, family VARCHAR)")
     rows = run_meta(root)
@@ -83,7 +84,7 @@ def connect_meta(root: str | Path) -> duckdb.DuckDBPyConnection:
 
 def sql_rows(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> list[dict]:
     """Rows as dicts; DECIMAL (what SQL makes of a literal like 0.5) as float, so rows store as JSON."""
-    cur = con.execute(sql, params) if params is not None else con.execute(sql)
+    cur = fetch(con, sql, params)  # on a strict connection: a damaged line is refused naming file:line
     cols = [c[0] for c in cur.description]
     return [{c: float(v) if isinstance(v, Decimal) else v for c, v in zip(cols, r, strict=True)}
             for r in cur.fetchall()]

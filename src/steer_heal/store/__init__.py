@@ -8,7 +8,8 @@ Layout::
 
 schema.py is the schema (tables, columns, which stage owns which rows), log.py the writer and
 reader of one run's files, lock.py the one-writer-per-run lock and heartbeat, views.py the DuckDB views
-over all of them (read-only), __main__.py the shell commands behind `just sql` and `just runs`.
+over all of them (read-only), fsck.py `just fsck` (damaged lines), __main__.py the shell commands behind
+`just sql`, `just runs` and `just fsck`.
 docs/store.md describes it for users.
 """
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import csv
 import sys
+from pathlib import Path
 
 import duckdb
 
+from ..config import ConfigError
 from ..console import Parser
 from ..report import format_table
-from .schema import DEFAULT_ROOT
-from .views import SqlRefused, query, write_catalog
+from .log import RunLog
+from .schema import DEFAULT_ROOT, KINDS
+from .views import query, write_catalog
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,19 +27,25 @@ def main(argv: list[str] | None = None) -> int:
     p_sql.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p_runs = sub.add_parser("runs", help="one line per run")
     p_cat = sub.add_parser("catalog", help="(re)write <root>/catalog.duckdb")
-    for p in (p_sql, p_runs, p_cat):
+    p_fsck = sub.add_parser("fsck", help="list a run's damaged lines; --fix moves them aside and rolls the run back")
+    p_fsck.add_argument("run_id")
+    p_fsck.add_argument("--fix", action="store_true", help="move damaged lines to <table>.jsonl.aside and take the "
+                        "run back to its last intact round (a resume redoes the rest)")
+    for p in (p_sql, p_runs, p_cat, p_fsck):
         p.add_argument("--root", "--out", dest="root", default=DEFAULT_ROOT, help="store root (default: out)")
     args = ap.parse_args(argv)
 
     if args.cmd == "catalog":
         print(write_catalog(args.root))
         return 0
+    if args.cmd == "fsck":
+        return _fsck(args.root, args.run_id, args.fix)
     sql = args.sql if args.cmd == "sql" else (
         "SELECT run_id, created, model, reg, rounds_done, status FROM runs "
         "ORDER BY created, run_id")
     try:
         cols, rows = query(args.root, sql)
-    except SqlRefused as e:
+    except ConfigError as e:  # a refused statement, a damaged store (file:line)
         print(f"steer-heal sql: {e}", file=sys.stderr)
         return 2
     except duckdb.PermissionException as e:
@@ -52,6 +61,28 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows(rows)
     elif cols:
         print(format_table(cols, rows))
+    return 0
+
+
+def _fsck(root: str, run_id: str, fix: bool) -> int:
+    """0: no damage (a torn last line is none) or fixed; 1: damage found and left; 2: no such run, or it is live."""
+    from ..files import safe_name
+    from . import fsck
+
+    kind = next((k for k in KINDS if safe_name(run_id) and (Path(root) / k / run_id).is_dir()), None)
+    if kind is None:
+        print(f"steer-heal fsck: no run {run_id!r} under {root}: see `just runs`", file=sys.stderr)
+        return 2
+    log = RunLog(root, run_id, kind)
+    rep = fsck.scan(log)
+    print("\n".join(fsck.describe(log, rep)))
+    if not (fix and rep.damage):
+        return 1 if rep.damage else 0
+    try:
+        print("\n".join(fsck.fix(log, rep)))
+    except ConfigError as e:
+        print(f"steer-heal fsck: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,8 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
+from ..config import ConfigError
 from ..files import atomic_write_bytes, safe_name
 from .schema import AUTO_NOW, KINDS, MAX_LINE_BYTES, TABLES, tables_of, utcnow
 
@@ -95,6 +94,58 @@ def _convert(table: str, col: str, typ: str, v: Any) -> Any:
     return ok
 
 
+# ---------------------------------------------------------------- damage
+
+# <table>.jsonl.aside: lines taken out of a table (a torn tail before an append, what `just fsck --fix` moves),
+# kept byte for byte; the views' globs (<table>.jsonl) never match it
+ASIDE = ".aside"
+
+
+class StoreDamaged(ConfigError):
+    """A line other than the last is not a row: the file was changed after it was written."""
+
+
+def parse(line: bytes, id_col: str) -> tuple[dict | None, str]:
+    """(row, "") for a line of the store, else (None, why it is not one)."""
+    if b"\x00" in line:
+        return None, "NUL bytes"
+    try:
+        obj = json.loads(line)
+    except UnicodeDecodeError:
+        return None, "invalid UTF-8"
+    except ValueError:
+        return None, "not a whole JSON line (cut or overwritten)"
+    if not isinstance(obj, dict):
+        return None, f"a JSON {type(obj).__name__}, not an object"
+    if obj.get(id_col) is None:
+        return None, f"an object without {id_col}"
+    return obj, ""
+
+
+def damaged(path: Path, line: int, why: str) -> StoreDamaged:
+    run = path.parent.name
+    return StoreDamaged(f"{path}:{line}: {why}: the store was changed after it was written (a crash tears only "
+                        f"the last line); `just fsck {run}` reports the damage, `just fsck {run} --fix` moves it aside")
+
+
+def first_damage(path: Path, id_col: str) -> StoreDamaged | None:
+    """The first damaged line of a table file (its torn tail, if any, is not damage), or None."""
+    lines = path.read_bytes().split(b"\n")
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() and (why := parse(line, id_col)[1]):
+            return damaged(path, i + 1, why)
+    return None
+
+
+def set_aside(path: Path, lines: list[bytes]) -> None:
+    """Append lines to the table's side file (<table>.jsonl.aside): nothing taken out of a table is deleted."""
+    if lines:
+        with open(str(path) + ASIDE, "ab") as f:
+            f.write(b"".join(x + b"\n" for x in lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def _ends_torn(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -105,6 +156,13 @@ def _ends_torn(path: Path) -> bool:
             return f.read(1) != b"\n"
     except FileNotFoundError:
         return False
+
+
+def _tail_aside(path: Path) -> None:
+    raw = path.read_bytes()
+    cut = raw.rfind(b"\n") + 1
+    set_aside(path, [raw[cut:]])
+    os.truncate(path, cut)
 
 
 class RunLog:
@@ -169,13 +227,12 @@ class RunLog:
             return 0
         data = b"".join(self._line(table, r) for r in rows)
         if table not in self._tail_checked:
-            # A writer killed mid-line (say, before a resume) leaves a torn tail;
-            # start on a fresh line so our rows are not glued onto it and lost
-            # with it. Once per table: after that the file ends in our own "\n".
-            # Racing another writer's in-flight line costs at most a blank line,
-            # which both readers skip.
+            # A writer killed mid-line (say, before a resume) leaves a torn tail. It goes to the side file and
+            # our rows start where it started: left in place it would be damage in the middle of the table,
+            # which every reader refuses. Once per table: after that the file ends in our own "\n". (One writer
+            # per run holds its lock, so the tail is never another live writer's line.)
             if _ends_torn(path):
-                data = b"\n" + data
+                _tail_aside(path)
             self._tail_checked.add(table)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -194,7 +251,8 @@ class RunLog:
     def read(self, table: str) -> list[dict[str, Any]]:
         """This run's rows of one table, parsed in pure Python (no DuckDB), with
         every column present (None when absent) and timestamps as datetime.
-        Unparseable lines (a torn tail from a killed writer) are skipped."""
+        A torn last line (in flight, or a killed writer's) is skipped; any other line that is not a row is
+        damage and refused (StoreDamaged, naming file:line)."""
         path = self.path(table)
         if not path.exists():
             return []
@@ -204,11 +262,10 @@ class RunLog:
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
+            obj, why = parse(line, self.id_col)
+            if obj is None:
                 if i < len(lines) - 1:  # the last line may just be in flight
-                    logger.warning("skipping torn line {} of {}", i + 1, path)
+                    raise damaged(path, i + 1, why)
                 continue
             row = {c: obj.get(c) for c in cols}
             for c, typ in cols.items():
@@ -227,26 +284,28 @@ class RunLog:
 
         Resume uses it to clear a crashed stage's partial rows before redoing the
         stage. Only the run's writer (the holder of its lock) writes its files, so
-        no append is lost. A torn tail is rewritten away too, even when no row
+        no append is lost. A torn tail goes to the side file too, even when no row
         matched: the file then ends in a newline, so the next append starts its own line.
+        Damage in the middle is refused, like read does, before anything is rewritten.
         """
         path = self.path(table)
         if not path.exists():
             return 0
         raw = path.read_bytes()
+        lines = raw.split(b"\n")
         keep, n = [], 0
-        for line in raw.split(b"\n"):
+        for i, line in enumerate(lines[:-1]):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn line from the crash
+            row, why = parse(line, self.id_col)
+            if row is None:
+                raise damaged(path, i + 1, why)
             if where({c: row.get(c) for c in TABLES[table]}):
                 n += 1
             else:
                 keep.append(line + b"\n")
-        if n or (raw and not raw.endswith(b"\n")):
+        if n or lines[-1]:
+            set_aside(path, [lines[-1]] if lines[-1].strip() else [])  # a torn tail from the crash
             atomic_write_bytes(path, b"".join(keep))
         self._tail_checked.add(table)
         return n

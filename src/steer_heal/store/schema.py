@@ -73,7 +73,7 @@ TABLES: dict[str, dict[str, str]] = {
     "vectors": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
     "diagnostics": _cols(
         "diag_id VARCHAR, kind VARCHAR, source_run VARCHAR, round BIGINT,"
-        "created TIMESTAMP, config JSON"),
+        "created TIMESTAMP, config JSON, status VARCHAR"),
     "diag_rows": _cols(
         "diag_id VARCHAR, kind VARCHAR, source_run VARCHAR, round BIGINT, row JSON"),
 }

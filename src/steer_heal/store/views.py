@@ -15,6 +15,7 @@ import duckdb
 
 from ..config import ConfigError
 from .lock import LOCK_FILE, STALE_S
+from .log import StoreDamaged, first_damage
 from .schema import DEFAULT_ROOT, KINDS, MAX_LINE_BYTES, TABLES
 
 READS = "one SELECT (also WITH ... SELECT, FROM ..., VALUES, PIVOT, DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one"
@@ -57,9 +58,16 @@ def _ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
 
-def _view_sql(con: duckdb.DuckDBPyConnection, root: Path, table: str, only: tuple[str, ...] = ()) -> str:
+# A strict view (steer-heal's own readers) raises this, naming the file, at a line that is not a row, unless
+# the file is one whose torn tail connect() checked: a torn last line is the only damage a crash leaves
+DAMAGED = "steer-heal store damaged in "
+
+
+def _view_sql(con: duckdb.DuckDBPyConnection, root: Path, table: str, only: tuple[str, ...] = (),
+              torn: tuple[str, ...] | None = None) -> str:
     """The table over every run's file; `only` declares just those columns (read_json parses every
-    declared column of every line, so a narrow read of a wide table is several times faster)."""
+    declared column of every line, so a narrow read of a wide table is several times faster). `torn` not
+    None makes the view strict: a line that is not a row fails the query (DAMAGED), but in those files."""
     cols = {c: t for c, t in TABLES[table].items() if not only or c in only}
     id_col = next(iter(cols))
     kind = next(k for k, c in KINDS.items() if c == id_col)
@@ -70,10 +78,15 @@ def _view_sql(con: duckdb.DuckDBPyConnection, root: Path, table: str, only: tupl
         return "SELECT " + ", ".join(
             f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in cols.items()) + " WHERE false"
     struct = "{" + ", ".join(f"{_lit(c)}: {_lit(t)}" for c, t in cols.items()) + "}"
-    # ignore_errors turns a torn line into an all-NULL row; the id filter drops it.
-    return (f"SELECT * FROM read_json({_lit(pattern)}, format='newline_delimited', "
-            f"columns={struct}, ignore_errors=true, maximum_object_size={4 * MAX_LINE_BYTES}) "
-            f"WHERE {_ident(id_col)} IS NOT NULL")
+    # ignore_errors turns a line that is not a row (a torn tail in flight, or damage) into an all-NULL row: a
+    # session of one's own skips it (the id filter); a strict view fails there, at no cost while there is none
+    src = (f"read_json({_lit(pattern)}, format='newline_delimited', records=true, columns={struct}, "
+           f"ignore_errors=true, maximum_object_size={4 * MAX_LINE_BYTES}")
+    if torn is None:
+        return f"SELECT * FROM {src}) WHERE {_ident(id_col)} IS NOT NULL"
+    skip = f"WHEN filename IN ({', '.join(map(_lit, torn))}) THEN false " if torn else ""
+    return (f"SELECT * EXCLUDE (filename) FROM {src}, filename=true) WHERE CASE WHEN {_ident(id_col)} IS NOT NULL "
+            f"THEN true {skip}ELSE error({_lit(DAMAGED)} || filename) END")
 
 
 def _heartbeats(con: duckdb.DuckDBPyConnection, root: Path) -> str:
@@ -85,11 +98,53 @@ def _heartbeats(con: duckdb.DuckDBPyConnection, root: Path) -> str:
             f"timezone('UTC', last_modified) AS heartbeat FROM read_blob({_lit(pattern)})")
 
 
-def _runs_view(con: duckdb.DuckDBPyConnection, root: Path) -> str:
+def torn_tails(root: Path) -> tuple[str, ...]:
+    """The table files ending in a torn line (a writer in flight, or killed), each checked whole for damage
+    above that line (StoreDamaged, file:line). ~0.1 s per 2,400 files."""
+    out = []
+    for kind, id_col in KINDS.items():
+        for path in sorted((root / kind).glob("*/*.jsonl")):
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size == 0 or os.pread(f.fileno(), 1, size - 1) == b"\n":
+                    continue
+            if (bad := first_damage(path, id_col)) is not None:
+                raise bad
+            out.append(str(path))
+    return tuple(out)
+
+
+def located(e: duckdb.Error) -> StoreDamaged | None:
+    """A strict view's DAMAGED error as StoreDamaged naming file:line; None when the file holds no damage
+    now (its tail was in flight when read: the query may run again)."""
+    msg = str(e)
+    if DAMAGED not in msg:
+        raise e
+    path = Path(msg.split(DAMAGED, 1)[1].splitlines()[0].strip())
+    return first_damage(path, KINDS.get(path.parent.parent.name, "run_id")) if path.is_file() else None
+
+
+def fetch(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None, root: str | os.PathLike | None = None):
+    """con.execute(sql, params) on a strict connection: a damaged line raises StoreDamaged (file:line). A tail
+    that was in flight (it is whole now) runs the statement again, on a fresh connection when `root` is given."""
+    for attempt in range(3):
+        try:
+            return con.execute(sql, params) if params is not None else con.execute(sql)
+        except duckdb.Error as e:
+            if (bad := located(e)) is not None:
+                raise bad from None
+            if attempt == 2:
+                raise
+            if root is not None:
+                con = connect(root, strict=True)
+    raise AssertionError("unreachable")
+
+
+def _runs_view(con: duckdb.DuckDBPyConnection, root: Path, torn: tuple[str, ...] | None = None) -> str:
     """One row per run from narrow reads of run_info, status, rounds and stages. A `running` run whose
     writer's heartbeat is older than STALE_S (or missing) shows as `stale`: its process is gone."""
     def t(table: str, *cols: str) -> str:
-        return f"({_view_sql(con, root, table, cols)})"
+        return f"({_view_sql(con, root, table, cols, torn)})"
     return f"""
 SELECT i.run_id, i.created, i.model, i.preset, i.reg, i.seed, i.n_rounds,
        i.config_hash, i.resumed_from,
@@ -113,14 +168,25 @@ LEFT JOIN ({_heartbeats(con, root)}) h USING (run_id)
 """
 
 
-def _create_views(con: duckdb.DuckDBPyConnection, root: str | os.PathLike) -> None:
+def _create_views(con: duckdb.DuckDBPyConnection, root: str | os.PathLike, strict: bool = False) -> None:
     root = Path(root).resolve()
+    torn = torn_tails(root) if strict else None
     for table in TABLES:
-        con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(con, root, table)}")
-    con.execute(f"CREATE OR REPLACE VIEW runs AS {_runs_view(con, root)}")
+        con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS {_view_sql(con, root, table, torn=torn)}")
+    con.execute(f"CREATE OR REPLACE VIEW runs AS {_runs_view(con, root, torn)}")
+    # a diagnostic's status: done once finish() wrote it (records written before statuses existed count as done)
+    con.execute("""CREATE OR REPLACE VIEW diags AS SELECT diag_id, any_value(kind) AS kind,
+        any_value(source_run) AS source_run, any_value(round) AS round, min(created) AS created,
+        CASE WHEN bool_or(status = 'done') OR bool_and(status IS NULL) THEN 'done'
+             WHEN bool_or(status = 'interrupted') THEN 'interrupted' ELSE 'running' END AS status
+        FROM diagnostics GROUP BY diag_id""")
+    # readers see the rows of finished records only; all_diag_rows also holds a killed record's partial rows
+    con.execute(f"CREATE OR REPLACE VIEW all_diag_rows AS {_view_sql(con, root, 'diag_rows', torn=torn)}")
+    con.execute("CREATE OR REPLACE VIEW diag_rows AS SELECT * FROM all_diag_rows "
+                "WHERE diag_id IN (SELECT diag_id FROM diags WHERE status = 'done')")
 
 
-def connect(root: str | os.PathLike = DEFAULT_ROOT) -> duckdb.DuckDBPyConnection:
+def connect(root: str | os.PathLike = DEFAULT_ROOT, strict: bool = False) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB connection with one view per table plus `runs`.
     Globs are bound per query, so new runs show up without reconnecting; a
     table with no file at all stays empty until the next connect().
@@ -128,7 +194,7 @@ def connect(root: str | os.PathLike = DEFAULT_ROOT) -> duckdb.DuckDBPyConnection
     Once the views exist the connection is confined: files only under the store root (no reads or
     COPY elsewhere, no extensions, no ATTACH), and its settings locked so a query cannot lift that."""
     con = duckdb.connect(":memory:")
-    _create_views(con, root)
+    _create_views(con, root, strict)
     for stmt, arg in (("SET allowed_directories = ?", [[str(Path(root).resolve())]]),
                       ("SET enable_external_access = false", None), ("SET autoinstall_known_extensions = false", None),
                       ("SET autoload_known_extensions = false", None), ("SET lock_configuration = true", None)):
@@ -138,10 +204,10 @@ def connect(root: str | os.PathLike = DEFAULT_ROOT) -> duckdb.DuckDBPyConnection
 
 def query(root: str | os.PathLike, sql: str, params: Any = None) -> tuple[list[str], list[tuple]]:
     """(columns, rows) of one reading statement over the store; anything else is refused (SqlRefused)."""
-    con = connect(root)
+    con = connect(root, strict=True)
     try:
         check_read_only(con, sql)
-        cur = con.execute(sql, params) if params is not None else con.execute(sql)
+        cur = fetch(con, sql, params, root)
         if cur.description is None:
             return [], []
         return [d[0] for d in cur.description], cur.fetchall()
