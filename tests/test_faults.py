@@ -237,3 +237,22 @@ def test_a_read_only_store_is_read_but_never_written(ref, tmp_path):
         assert "Read-only file system" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "ref" in r.stdout.split("runs=")[0]
 
+
+
+def test_ctrl_c_stops_a_runaway_query_in_one_line(tmp_path):
+    """DuckDB checks no Python signal while it executes: a Ctrl-C once waited for the query's end (a cross
+    join of two ranges: hours) and then printed a traceback. Now the query stops at once, one line, exit 130."""
+    p = subprocess.Popen([sys.executable, "-m", "steer_heal.store", "sql", "--out", str(tmp_path), "--timeout", "0",
+                          "SELECT count(*) FROM range(1000000000) a, range(1000000000) b"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # past startup: the query is running
+        assert p.poll() is None
+        t = time.time()
+        p.send_signal(signal.SIGINT)
+        _, se = p.communicate(timeout=30)
+        took = time.time() - t
+    finally:
+        p.kill()
+    assert p.returncode == 130 and took < 10, (p.returncode, took, se)
+    assert se.strip().splitlines() == ["steer-heal sql: interrupted (Ctrl-C); the query was stopped"], se
