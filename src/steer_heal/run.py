@@ -111,7 +111,9 @@ def preflight(cfg: Config) -> dict:
     run_info records of the decisions made on them (family.check and the vignettes)."""
     from . import backends, data, family
     from .models import check_model, pick_device
+    from .server import check_api
 
+    check_api()
     check_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     pick_device(cfg.device)
     if cfg.eval != "contrast":

@@ -22,6 +22,29 @@ from pathlib import Path
 
 from .config import ConfigError
 
+API_HINT = ("start that server (`just server` serves http://127.0.0.1:4200/api) or unset PREFECT_API_URL, "
+            "and the run starts a server of its own")
+
+
+def check_api(timeout: float = 5.0) -> None:
+    """A user's PREFECT_API_URL must answer before the run starts: Prefect's client retried a dead one and
+    the run ended in three chained tracebacks. Any HTTP answer counts as alive (a Cloud URL may want a key
+    for /health); only no answer at all is refused."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        why = getattr(e, "reason", e)
+        why = getattr(why, "strerror", None) or str(why) or type(why).__name__
+        raise ConfigError(f"PREFECT_API_URL={url} does not answer ({why}): {API_HINT}") from None
+
 # Run in the server process: SIGTERM itself (uvicorn then shuts down cleanly) once stdin reaches EOF,
 # that is once the run that started it is gone; exit hard if the clean shutdown hangs.
 _WATCH = """
