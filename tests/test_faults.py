@@ -256,3 +256,62 @@ def test_ctrl_c_stops_a_runaway_query_in_one_line(tmp_path):
         p.kill()
     assert p.returncode == 130 and took < 10, (p.returncode, took, se)
     assert se.strip().splitlines() == ["steer-heal sql: interrupted (Ctrl-C); the query was stopped"], se
+
+
+def test_a_server_that_dies_at_start_fails_within_seconds_naming_the_cause(tmp_path, monkeypatch):
+    """Prefect's own start() waited out the whole startup timeout (120 s) for a server that had already
+    exited, then said only "timed out". A damaged database kills the server at once: the run must say so."""
+    from steer_heal.config import ConfigError
+    from steer_heal.server import serve
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "prefect.db").write_bytes(b"this is not a database " * 200)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    t = time.time()
+    with pytest.raises(ConfigError) as e:
+        with serve(home):
+            pass
+    took = time.time() - t
+    msg = str(e.value)
+    assert "exited with code" in msg and "not a database" in msg and len(msg.splitlines()) == 1, msg
+    assert took < 60, took  # the startup timeout is 120 s (conftest); the server dies within seconds
+
+
+def test_each_run_server_keeps_its_own_database_under_a_shared_prefect_home(tmp_path, monkeypatch):
+    """Three runs under one PREFECT_HOME (a Prefect user's shell) once gave their servers one database: each
+    server migrated it at start, and alembic's race killed two of three. The server's database is the run's."""
+    from steer_heal.run import prefect_home
+    from steer_heal.server import serve
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    shared = tmp_path / "shared-home"
+    shared.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(shared))
+    home = prefect_home(tmp_path / "runs" / "a" / "prefect")
+    with serve(home):
+        assert servers_of(home), "the server should run with the run's own home"
+    assert not (shared / "prefect.db").exists()
+    assert (home / "prefect.db").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_three_concurrent_runs_under_one_prefect_home_all_finish(tmp_path):
+    """The issue's case as a user meets it: three fast-dev runs at once with PREFECT_HOME set to one folder."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "home"))
+    env.pop("PREFECT_API_URL", None)
+    ps = [subprocess.Popen([sys.executable, "-m", "steer_heal", "--out", str(tmp_path), *ARGS, "--run-id", f"c{i}"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+          for i in range(3)]
+    try:
+        outs = [p.communicate(timeout=1200) for p in ps]
+    finally:
+        for p in ps:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for i, (p, (_, se)) in enumerate(zip(ps, outs)):
+        assert p.returncode == 0, (i, se[-2000:])
+        assert RunLog(tmp_path, f"c{i}").read("status")[-1]["status"] == "done"

@@ -221,10 +221,13 @@ class CtrlC:
 
 def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     run_id = cfg.run_id
-    # a Prefect database per run keeps concurrent jobs off one SQLite file, and its own server (server.py)
-    # keeps a terminal's Ctrl-C from killing it, unless the user points Prefect at a server of their own
-    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        os.environ["PREFECT_HOME"] = str(prefect_home(log.dir / "prefect"))
+    # a Prefect database per run, even under a shared PREFECT_HOME, keeps concurrent jobs off one SQLite file,
+    # and its own server (server.py) keeps a terminal's Ctrl-C from killing it, unless the user points
+    # Prefect at a server of their own
+    home = log.dir / "prefect"
+    if "PREFECT_API_URL" not in os.environ:
+        prefect_home(home)
+        os.environ.setdefault("PREFECT_HOME", str(home))
     from .flow import steer_heal  # imports Prefect, which configures its loggers: quieten them after
 
     if cfg.log_level.upper() not in ("TRACE", "DEBUG"):  # a failure is reported below, once, in one line
@@ -234,7 +237,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
 
     ctrl_c = CtrlC()
     try:
-        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))):
+        with ctrl_c, serve(home):
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
