@@ -315,3 +315,36 @@ def test_three_concurrent_runs_under_one_prefect_home_all_finish(tmp_path):
     for i, (p, (_, se)) in enumerate(zip(ps, outs)):
         assert p.returncode == 0, (i, se[-2000:])
         assert RunLog(tmp_path, f"c{i}").read("status")[-1]["status"] == "done"
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc to find the server")
+def test_a_server_that_dies_mid_run_fails_the_run_within_seconds(tmp_path):
+    """The run's server killed mid-run (OOM killer, a stray kill): Prefect's client retried the dead server
+    for about 70 s and the run ended in a traceback. Now the run fails at once, with the cause in one line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PREFECT_HOME", None)
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.Popen([sys.executable, "-m", "steer_heal", "--out", str(tmp_path), *ARGS, "--run-id", "d"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stages = tmp_path / "runs" / "d" / "stages.jsonl"
+    home = tmp_path / "runs" / "d" / "prefect"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (stages.exists() and '"extract"' in stages.read_text()):
+            time.sleep(0.1)
+        pids = servers_of(home)
+        assert pids, "the run's Prefect server should be up"
+        t = time.time()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        _, se = p.communicate(timeout=120)
+        took = time.time() - t
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 2 and took < 20, (p.returncode, took, se[-2000:])
+    assert "Traceback" not in se and "exited with code -9 mid-run" in se and "just resume d" in se, se[-2000:]
+    last = RunLog(tmp_path, "d").read("status")[-1]
+    assert last["status"] == "failed" and "exited with code -9 mid-run" in last["reason"], last

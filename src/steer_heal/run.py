@@ -235,11 +235,14 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     record(log, "running", "resumed" if resumed else "")
 
-    ctrl_c = CtrlC()
+    ctrl_c, server = CtrlC(), None
     try:
-        with ctrl_c, serve(home):
+        with ctrl_c, serve(home) as server:
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
+        if server is not None and server.died:  # its watcher interrupted the flow: a failure, not a Ctrl-C
+            record(log, "failed", server.died)
+            raise ConfigError(f"{server.died}. `just resume {run_id}` retries the round") from None
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
             if isinstance(e, Exception):
                 record(log, "failed", one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")

@@ -12,11 +12,13 @@ server terminates itself. Its output goes to <prefect home>/server.log.
 
 from __future__ import annotations
 
+import _thread
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,12 +151,52 @@ def cause(log: str) -> str:
     return "its log is empty"
 
 
+class Watch:
+    """The run's server while the flow runs. One that exits mid-run interrupts the run at once (Prefect's
+    client retried a dead server for about 70 s); `died` then says why, in one line."""
+
+    def __init__(self, server=None) -> None:
+        self.server, self._died = server, None
+        self._lock, self._done = threading.Lock(), threading.Event()
+        if server is not None:
+            threading.Thread(target=self._watch, name="prefect-server-watch", daemon=True).start()
+
+    @property
+    def died(self) -> str | None:
+        return self._died
+
+    def _check(self) -> bool:
+        proc = self.server.server_process
+        code = proc.poll() if proc is not None else None
+        if code is not None:
+            tail = self.server.log.read_bytes()[-20000:].decode(errors="replace") if self.server.log.exists() else ""
+            self._died = f"the run's Prefect server exited with code {code} mid-run: {cause(tail)} (its log: " \
+                         f"{self.server.log})"
+        return code is not None
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            with self._lock:
+                if self._done.is_set() or not self._check():
+                    continue
+                _thread.interrupt_main()  # the run's handler (run.CtrlC) ends the flow; run.py reads `died`
+                return
+
+    def close(self, check: bool = False) -> None:
+        """After this the watcher never fires (stopping the server is no death); `check` first looks once
+        more, for a flow that failed on a dead server before the watcher saw it."""
+        with self._lock:
+            if check and self._died is None and self.server is not None and not self._done.is_set():
+                self._check()
+            self._done.set()
+
+
 @contextmanager
-def serve(home: Path) -> Iterator[None]:
+def serve(home: Path) -> Iterator[Watch]:
     """Within the block Prefect talks to a fresh server on home's own database, whatever PREFECT_HOME says; a
     user's own PREFECT_API_URL wins and then nothing is started."""
     if os.environ.get("PREFECT_API_URL"):
-        yield
+        yield Watch()
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -166,8 +208,13 @@ def serve(home: Path) -> Iterator[None]:
     server.log = home / "server.log"
     home.mkdir(parents=True, exist_ok=True)
     server.start()
+    watch = Watch(server)
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
+            yield watch
+    except BaseException:
+        watch.close(check=True)
+        raise
     finally:
+        watch.close()
         server.stop()
