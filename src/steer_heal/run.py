@@ -219,6 +219,17 @@ class CtrlC:
             signal.signal(signal.SIGINT, self.before)
 
 
+def _server_died(log: RunLog, run_id: str):
+    """What a run does when its Prefect server dies mid-run (server.Watch): record and say why, then exit at
+    once. Prefect would first report the crash to the dead server for about a minute; the store is
+    crash-safe, so what the exit leaves is what a SIGKILL leaves, and resume redoes the round."""
+    def die(why: str) -> None:
+        record(log, "failed", why)
+        logger.error(f"{why}. `just resume {run_id}` retries the round")
+        os._exit(2)
+    return die
+
+
 def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     run_id = cfg.run_id
     # a Prefect database per run, even under a shared PREFECT_HOME, keeps concurrent jobs off one SQLite file,
@@ -237,7 +248,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
 
     ctrl_c, server = CtrlC(), None
     try:
-        with ctrl_c, serve(home) as server:
+        with ctrl_c, serve(home, on_death=_server_died(log, run_id)) as server:
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
         if server is not None and server.died:  # its watcher interrupted the flow: a failure, not a Ctrl-C

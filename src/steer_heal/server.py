@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,11 +152,12 @@ def cause(log: str) -> str:
 
 
 class Watch:
-    """The run's server while the flow runs. One that exits mid-run interrupts the run at once (Prefect's
-    client retried a dead server for about 70 s); `died` then says why, in one line."""
+    """The run's server while the flow runs. One that exits mid-run ends the run at once: `on_death(why)`
+    (why: one line) when given, else the main thread is interrupted and `died` says why. Interrupting is
+    not enough for a run: Prefect then reports the crash to the dead server, retrying for about a minute."""
 
-    def __init__(self, server=None) -> None:
-        self.server, self._died = server, None
+    def __init__(self, server=None, on_death: Callable[[str], None] | None = None) -> None:
+        self.server, self.on_death, self._died = server, on_death, None
         self._lock, self._done = threading.Lock(), threading.Event()
         if server is not None:
             threading.Thread(target=self._watch, name="prefect-server-watch", daemon=True).start()
@@ -179,8 +180,11 @@ class Watch:
             with self._lock:
                 if self._done.is_set() or not self._check():
                     continue
-                _thread.interrupt_main()  # the run's handler (run.CtrlC) ends the flow; run.py reads `died`
-                return
+                if self.on_death is None:
+                    _thread.interrupt_main()
+                    return
+            self.on_death(self._died)
+            return
 
     def close(self, check: bool = False) -> None:
         """After this the watcher never fires (stopping the server is no death); `check` first looks once
@@ -192,9 +196,9 @@ class Watch:
 
 
 @contextmanager
-def serve(home: Path) -> Iterator[Watch]:
+def serve(home: Path, on_death: Callable[[str], None] | None = None) -> Iterator[Watch]:
     """Within the block Prefect talks to a fresh server on home's own database, whatever PREFECT_HOME says; a
-    user's own PREFECT_API_URL wins and then nothing is started."""
+    user's own PREFECT_API_URL wins and then nothing is started. A server that exits in the block: Watch."""
     if os.environ.get("PREFECT_API_URL"):
         yield Watch()
         return
@@ -208,7 +212,7 @@ def serve(home: Path) -> Iterator[Watch]:
     server.log = home / "server.log"
     home.mkdir(parents=True, exist_ok=True)
     server.start()
-    watch = Watch(server)
+    watch = Watch(server, on_death)
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield watch
