@@ -74,7 +74,7 @@ study *ARMS="kl_rev nll c0":
 resume RUN_ID *ARGS:
     @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} -m steer_heal --resume "$@"
 
-# one reading SQL statement over every run: just sql "SELECT round, auth_nats, coherence FROM rounds" [--csv] [--out DIR]
+# one reading SQL statement over every run: just sql "SELECT round, auth_nats, coherence FROM rounds" [--csv] [--out DIR] [--timeout 120]
 sql QUERY *ARGS:
     @exec {{python}} -m steer_heal.store sql "$@"
 

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -30,7 +31,19 @@ COMMANDS = {
     "barrier": lambda argv: script(barrier.PROG, barrier.main, argv),
     "stages": lambda argv: script(stages.PROG, stages.main, argv),
     "pareto": lambda argv: script(pareto.PROG, pareto.main, argv),
+    "run-dead-api": lambda argv: with_env(main, argv, PREFECT_API_URL="http://127.0.0.1:9/api"),
 }
+
+
+def with_env(body, argv, **env):
+    """body(argv) with env set for this call only (a user's PREFECT_API_URL, say)."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return body(argv)
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def fake_run(root, run_id="r1", adapter=b"weights", recorded=None, **config):
@@ -93,6 +106,9 @@ def cases(tmp):
     base = tmp / "base-model"  # a model whose tokenizer has no chat template, as a base GGUF
     shutil.copytree(build_tiny("qwen3", 0, tmp / "models"), base)
     (base / "chat_template.jinja").unlink()
+    (tmp / ".tmp").mkdir()  # DuckDB lets a query read <cwd>/.tmp/ (its spill folder); the table runs in tmp
+    (tmp / ".tmp" / "x").write_text("outside the store")
+    (tmp / "store2").mkdir()
     (tmp / "vignettes_x_other_violate.jsonl").write_text('{"text": "You see x.", "foundation_coarse": "Care"}\n')
     bf16.save_rates(tmp, dict(fp32=61.7, bf16=0.97))  # this machine, as if it had no bf16 units (issue 31)
     dam = tmp / "damaged"  # a store of its own: its damage refuses every query over it
@@ -179,6 +195,8 @@ def cases(tmp):
         ("run", o + ["--resume", "busy"], 2, "run busy is being written by pid"),
         ("run", o + ["--resume", "ok", "--reg", "nll"], 2, "refuses overrides that change the experiment: --reg"),
         ("run", o + ["--resume", "ok", "--n-rounds", "1"], 2, "may only grow"),
+        # a user's Prefect server that does not answer
+        ("run-dead-api", FAST + o, 2, "PREFECT_API_URL=http://127.0.0.1:9/api does not answer"),
         # the query path
         ("sql", ["--out", str(tmp), "COPY (SELECT 1 AS x) TO '" + str(tmp / "runs" / "ok" / "rounds.jsonl") + "'"],
          2, "COPY statements are refused"),
@@ -193,6 +211,11 @@ def cases(tmp):
         ("sql", ["--out", str(tmp), "PRAGMA table_info('rounds')"], 2, "PRAGMA statements are refused"),
         ("sql", ["--out", str(tmp), "SELECT * FROM read_text('/etc/hostname')"], 2, "only under the store root"),
         ("sql", ["--out", str(tmp), "SELEC 1"], 1, "syntax error"),
+        ("sql", ["--out", str(tmp), "UPDATE EXTENSIONS"], 2, "UPDATE EXTENSIONS statements are refused"),
+        ("sql", ["--out", str(tmp / "store2"), "SELECT content FROM read_text('.tmp/x')"], 2,
+         "only under the store root"),
+        ("sql", ["--out", str(tmp), "--timeout", "1", "SELECT count(*) FROM range(1000000000) a, range(1000000000) b"],
+         1, "ran past --timeout 1 s"),
         ("pareto", ["--out", str(tmp), "--sql", f"COPY (SELECT 1) TO '{tmp / 'p.json'}'"], 2, "COPY statements"),
         # export and the diagnostics
         ("export", ["ok", str(tmp / "full"), "--out", str(tmp)], 2, "is not empty"),
@@ -212,6 +235,7 @@ def cases(tmp):
 
 def test_bad_inputs_fail_clearly(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
     busy, table = cases(tmp_path)
     assert len(table) >= 70
     capsys.readouterr()  # building the fixtures' tiny models prints progress bars
@@ -231,6 +255,7 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "runs" / "ok" / "rounds.jsonl").read_text().count("\n") == 1
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {
         "corrupt", "missing", "ok", "flipped", "novec", "oldvec", "nanlam", "remote", "busy"}  # no run dir from a refusal
+    assert not (tmp_path / "store2" / "runs").exists()
 
 
 def test_gguf_needs_the_gguf_package(tmp_path, capsys, monkeypatch):

@@ -252,3 +252,114 @@ def test_a_read_only_store_is_read_but_never_written(ref, tmp_path):
         assert "Read-only file system" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "ref" in r.stdout.split("runs=")[0]
 
+
+
+def test_ctrl_c_stops_a_runaway_query_in_one_line(tmp_path):
+    """DuckDB checks no Python signal while it executes: a Ctrl-C once waited for the query's end (a cross
+    join of two ranges: hours) and then printed a traceback. Now the query stops at once, one line, exit 130."""
+    p = subprocess.Popen([sys.executable, "-m", "steer_heal.store", "sql", "--out", str(tmp_path), "--timeout", "0",
+                          "SELECT count(*) FROM range(1000000000) a, range(1000000000) b"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # past startup: the query is running
+        assert p.poll() is None
+        t = time.time()
+        p.send_signal(signal.SIGINT)
+        _, se = p.communicate(timeout=30)
+        took = time.time() - t
+    finally:
+        p.kill()
+    assert p.returncode == 130 and took < 10, (p.returncode, took, se)
+    assert se.strip().splitlines() == ["steer-heal sql: interrupted (Ctrl-C); the query was stopped"], se
+
+
+def test_a_server_that_dies_at_start_fails_within_seconds_naming_the_cause(tmp_path, monkeypatch):
+    """Prefect's own start() waited out the whole startup timeout (120 s) for a server that had already
+    exited, then said only "timed out". A damaged database kills the server at once: the run must say so."""
+    from steer_heal.config import ConfigError
+    from steer_heal.server import serve
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "prefect.db").write_bytes(b"this is not a database " * 200)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    t = time.time()
+    with pytest.raises(ConfigError) as e:
+        with serve(home):
+            pass
+    took = time.time() - t
+    msg = str(e.value)
+    assert "exited with code" in msg and "not a database" in msg and len(msg.splitlines()) == 1, msg
+    assert took < 60, took  # the startup timeout is 120 s (conftest); the server dies within seconds
+
+
+def test_each_run_server_keeps_its_own_database_under_a_shared_prefect_home(tmp_path, monkeypatch):
+    """Three runs under one PREFECT_HOME (a Prefect user's shell) once gave their servers one database: each
+    server migrated it at start, and alembic's race killed two of three. The server's database is the run's."""
+    from steer_heal.run import prefect_home
+    from steer_heal.server import serve
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    shared = tmp_path / "shared-home"
+    shared.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(shared))
+    home = prefect_home(tmp_path / "runs" / "a" / "prefect")
+    with serve(home):
+        assert servers_of(home), "the server should run with the run's own home"
+    assert not (shared / "prefect.db").exists()
+    assert (home / "prefect.db").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_three_concurrent_runs_under_one_prefect_home_all_finish(tmp_path):
+    """The issue's case as a user meets it: three fast-dev runs at once with PREFECT_HOME set to one folder."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "home"))
+    env.pop("PREFECT_API_URL", None)
+    ps = [subprocess.Popen([sys.executable, "-m", "steer_heal", "--out", str(tmp_path), *ARGS, "--run-id", f"c{i}"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+          for i in range(3)]
+    try:
+        outs = [p.communicate(timeout=1200) for p in ps]
+    finally:
+        for p in ps:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for i, (p, (_, se)) in enumerate(zip(ps, outs)):
+        assert p.returncode == 0, (i, se[-2000:])
+        assert RunLog(tmp_path, f"c{i}").read("status")[-1]["status"] == "done"
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc to find the server")
+def test_a_server_that_dies_mid_run_fails_the_run_within_seconds(tmp_path):
+    """The run's server killed mid-run (OOM killer, a stray kill): Prefect's client retried the dead server
+    for about 70 s and the run ended in a traceback. Now the run fails at once, with the cause in one line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PREFECT_HOME", None)
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.Popen([sys.executable, "-m", "steer_heal", "--out", str(tmp_path), *ARGS, "--run-id", "d"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stages = tmp_path / "runs" / "d" / "stages.jsonl"
+    home = tmp_path / "runs" / "d" / "prefect"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (stages.exists() and '"extract"' in stages.read_text()):
+            time.sleep(0.1)
+        pids = servers_of(home)
+        assert pids, "the run's Prefect server should be up"
+        t = time.time()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        _, se = p.communicate(timeout=120)
+        took = time.time() - t
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 2 and took < 20, (p.returncode, took, se[-2000:])
+    assert "Traceback" not in se and "exited with code -9 mid-run" in se and "just resume d" in se, se[-2000:]
+    last = RunLog(tmp_path, "d").read("status")[-1]
+    assert last["status"] == "failed" and "exited with code -9 mid-run" in last["reason"], last

@@ -5,11 +5,18 @@ user's brand-new venv. The check is static, so it also fails where the package i
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import time
 import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +67,31 @@ def test_the_check_catches_an_undeclared_and_an_uninstalled_import(tmp_path):
     (pkg / "a.py").write_text("import json\nimport numpy\nfrom scipy.stats import norm\nimport not_a_real_pkg_xyz\nfrom . import b\n")
     bad = undeclared(tmp_path / "src", {"numpy"})
     assert [b.split()[0] for b in bad] == ["not_a_real_pkg_xyz", "scipy"]
+
+
+@pytest.mark.slow
+def test_readme_first_command_in_a_fresh_venv_ends_done(tmp_path):
+    """The README's first command, as a new user runs it: a brand-new venv (no --system-site-packages, so
+    the image's own packages cannot hide a missing one), pip from the wheel cache, then `just fast-dev-run`
+    in a clean copy of the tracked files, which must end with a run whose status is done."""
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"```bash\n(python -m pip install [^\n]*fast-dev-run)\n```", readme).group(1)
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    repo = tmp_path / "clone"
+    for rel in filter(None, tracked.decode().split("\0")):
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PREFECT_HOME", "PREFECT_API_URL") and not k.startswith("PYTEST")}
+    env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", VIRTUAL_ENV=str(venv), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    done = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    took = time.time() - t0
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    run_id = done.stdout.strip().splitlines()[-1]
+    status = [json.loads(line) for line in (repo / "out" / "runs" / run_id / "status.jsonl").read_text().splitlines()]
+    assert status[-1]["status"] == "done", status
+    print(f"fresh venv to a done fast-dev run: {took:.0f} s")

@@ -113,7 +113,9 @@ def preflight(cfg: Config) -> dict:
     run_info records of the decisions made on them (family.check, the vignettes, the bf16 choice)."""
     from . import backends, bf16, data, family
     from .models import check_model, pick_device
+    from .server import check_api
 
+    check_api()
     check_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     device = pick_device(cfg.device)
     if cfg.eval != "contrast":
@@ -240,12 +242,26 @@ class CtrlC:
             signal.signal(signal.SIGINT, self.before)
 
 
+def _server_died(log: RunLog, run_id: str):
+    """What a run does when its Prefect server dies mid-run (server.Watch): record and say why, then exit at
+    once. Prefect would first report the crash to the dead server for about a minute; the store is
+    crash-safe, so what the exit leaves is what a SIGKILL leaves, and resume redoes the round."""
+    def die(why: str) -> None:
+        record(log, "failed", why)
+        logger.error(f"{why}. `just resume {run_id}` retries the round")
+        os._exit(2)
+    return die
+
+
 def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     run_id = cfg.run_id
-    # a Prefect database per run keeps concurrent jobs off one SQLite file, and its own server (server.py)
-    # keeps a terminal's Ctrl-C from killing it, unless the user points Prefect at a server of their own
-    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        os.environ["PREFECT_HOME"] = str(prefect_home(log.dir / "prefect"))
+    # a Prefect database per run, even under a shared PREFECT_HOME, keeps concurrent jobs off one SQLite file,
+    # and its own server (server.py) keeps a terminal's Ctrl-C from killing it, unless the user points
+    # Prefect at a server of their own
+    home = log.dir / "prefect"
+    if "PREFECT_API_URL" not in os.environ:
+        prefect_home(home)
+        os.environ.setdefault("PREFECT_HOME", str(home))
     from .flow import steer_heal  # imports Prefect, which configures its loggers: quieten them after
     from .prefect_ui import tagged
 
@@ -254,11 +270,14 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     record(log, "running", "resumed" if resumed else "")
 
-    ctrl_c = CtrlC()
+    ctrl_c, server = CtrlC(), None
     try:
-        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))), tagged(log, resumed):
+        with ctrl_c, serve(home, on_death=_server_died(log, run_id)) as server, tagged(log, resumed):
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
+        if server is not None and server.died:  # its watcher interrupted the flow: a failure, not a Ctrl-C
+            record(log, "failed", server.died)
+            raise ConfigError(f"{server.died}. `just resume {run_id}` retries the round") from None
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
             if isinstance(e, Exception):
                 record(log, "failed", one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")

@@ -128,7 +128,7 @@ def run_grid(a: argparse.Namespace, cells: list[dict], devs: list[str], on_row, 
                    for i, dev in enumerate(devs)]
         return [row for f in futures for row in f.result()]
 
-    with serve(Path(os.environ.get("PREFECT_HOME", home))):  # outside the terminal's group, like a run's
+    with serve(Path(home)):  # outside the terminal's group, on its own database, like a run's
         return sweep()
 
 

@@ -1,7 +1,8 @@
 """`python -m steer_heal.store sql|runs|catalog`: query the store from a shell (`just sql`, `just runs`).
 
 The query path only reads: one reading statement (views.check_read_only) on a connection confined to
-the store root (views.connect). A refused statement exits 2, SQL that DuckDB rejects exits 1."""
+the store root (views.connect). A refused statement exits 2, SQL that DuckDB rejects or a query past
+--timeout exits 1, Ctrl-C exits 130; each says so in one line."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from ..console import Parser
 from ..report import format_table
 from .log import RunLog
 from .schema import DEFAULT_ROOT, KINDS
-from .views import query, write_catalog
+from .views import QueryTimeout, query, write_catalog
+
+TIMEOUT_S = 120.0  # the store's own queries take about a second on 200 runs (docs/performance.md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         "run back to its last intact round (a resume redoes the rest)")
     for p in (p_sql, p_runs, p_cat, p_fsck):
         p.add_argument("--root", "--out", dest="root", default=DEFAULT_ROOT, help="store root (default: out)")
+    for p in (p_sql, p_runs):
+        p.add_argument("--timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",
+                       help=f"stop a query that runs longer (default: {TIMEOUT_S:g}; 0: no limit)")
     args = ap.parse_args(argv)
 
     if args.cmd == "catalog":
@@ -44,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         "SELECT run_id, created, model, reg, rounds_done, status FROM runs "
         "ORDER BY created, run_id")
     try:
-        cols, rows = query(args.root, sql)
+        cols, rows = query(args.root, sql, timeout=args.timeout if args.timeout > 0 else None)
+    except QueryTimeout:
+        print(f"steer-heal sql: the query ran past --timeout {args.timeout:g} s and was stopped; narrow it "
+              f"(WHERE, LIMIT) or pass a longer --timeout (0: no limit)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("steer-heal sql: interrupted (Ctrl-C); the query was stopped", file=sys.stderr)
+        return 130
     except ConfigError as e:  # a refused statement, a damaged store (file:line)
         print(f"steer-heal sql: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ class SqlRefused(ConfigError):
     """A statement the read-only query path does not run (it could write files or change settings)."""
 
 
+class QueryTimeout(Exception):
+    """A query that ran past its time limit; DuckDB stopped it (con.interrupt)."""
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     """Refuse anything but one reading statement, before it runs. DuckDB types each statement: SELECT
     covers DESCRIBE/SHOW/SUMMARIZE; EXPLAIN ANALYZE runs what it wraps, so that must be a SELECT too."""
@@ -33,7 +38,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise SqlRefused(f"the store's SQL runs one statement at a time: {len(stmts)} statements are refused; "
                          f"allowed: {READS}")
     st = stmts[0]
-    kind = st.type.name
+    try:
+        kind = st.type.name
+    except ValueError:  # a type newer than this duckdb's Python enum (UPDATE EXTENSIONS): never one of the reads
+        kind = " ".join(st.query.split()[:2]).upper()
     # A PIVOT without an IN list parses as MULTI (an enum of the pivot values, then the SELECT); one that
     # starts as a query is a read, while COPY (PIVOT ...) or CREATE ... AS PIVOT start otherwise
     first = st.query.lstrip().split(None, 1)[0].upper() if st.query.strip() else ""
@@ -195,24 +203,60 @@ def connect(root: str | os.PathLike = DEFAULT_ROOT, strict: bool = False) -> duc
     COPY elsewhere, no extensions, no ATTACH), and its settings locked so a query cannot lift that."""
     con = duckdb.connect(":memory:")
     _create_views(con, root, strict)
-    for stmt, arg in (("SET allowed_directories = ?", [[str(Path(root).resolve())]]),
+    # DuckDB also allows its spill folder, by default <cwd>/.tmp/ (a query could read_text('.tmp/x')): spill
+    # under the root instead, which is allowed anyway
+    spill = str(Path(root).resolve() / ".duckdb-spill")
+    for stmt, arg in (("SET temp_directory = ?", [spill]), ("SET enable_progress_bar = false", None), ("SET allowed_directories = ?", [[str(Path(root).resolve())]]),
                       ("SET enable_external_access = false", None), ("SET autoinstall_known_extensions = false", None),
                       ("SET autoload_known_extensions = false", None), ("SET lock_configuration = true", None)):
         con.execute(stmt, arg) if arg else con.execute(stmt)
     return con
 
 
-def query(root: str | os.PathLike, sql: str, params: Any = None) -> tuple[list[str], list[tuple]]:
-    """(columns, rows) of one reading statement over the store; anything else is refused (SqlRefused)."""
+def query(root: str | os.PathLike, sql: str, params: Any = None,
+          timeout: float | None = None) -> tuple[list[str], list[tuple]]:
+    """(columns, rows) of one reading statement over the store; anything else is refused (SqlRefused).
+    Past `timeout` seconds (None: no limit) the query is stopped and QueryTimeout raised."""
     con = connect(root, strict=True)
     try:
         check_read_only(con, sql)
-        cur = fetch(con, sql, params, root)
-        if cur.description is None:
-            return [], []
-        return [d[0] for d in cur.description], cur.fetchall()
+        return _execute(con, sql, params, timeout, root)
     finally:
         con.close()
+
+
+def _execute(con: duckdb.DuckDBPyConnection, sql: str, params: Any, timeout: float | None,
+             root: str | os.PathLike) -> tuple[list[str], list[tuple]]:
+    """The query runs in a worker thread while this one waits: DuckDB checks neither a clock nor Python's
+    signals while it executes (a Ctrl-C used to wait for the query's end), so the timeout and a
+    KeyboardInterrupt here stop it with con.interrupt()."""
+    box: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: one interrupted by Ctrl-C reports a live thread as ended
+
+    def work() -> None:
+        try:
+            cur = fetch(con, sql, params, root)  # a damaged line: StoreDamaged, named file:line
+            box["out"] = ([], []) if cur.description is None else ([d[0] for d in cur.description], cur.fetchall())
+        except BaseException as e:  # handed to the waiting thread, which raises it
+            box["err"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="store-query", daemon=True).start()
+    try:
+        finished = done.wait(timeout)
+    except KeyboardInterrupt:
+        con.interrupt()
+        done.wait()
+        raise
+    if not finished:
+        con.interrupt()
+        done.wait()
+        if "out" not in box:
+            raise QueryTimeout(f"ran past {timeout:g} s")
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 def write_catalog(root: str | os.PathLike = DEFAULT_ROOT) -> Path:
