@@ -60,7 +60,7 @@ class Run:
         self.persona = data.persona(cfg)
         self.probe = Probe.of(cfg)
         self.system = self.probe.system
-        self.contexts = data.contexts()
+        self.contexts = data.extract_contexts(cfg)
         self.prompts = data.prompts(cfg.n_prompts)
         check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)
         self.foils = foils(self.prompts)
@@ -194,7 +194,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
             return score(run.stack.model, run.tok,
                          [dict(x, completion=o, ended=e) for x, o, e in zip(items, outs, ended)],
                          system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
-                         max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau)
+                         max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau,
+                         loop_tau=cfg.loop_tau, loop_window=cfg.loop_window)
 
     try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
         res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)

@@ -119,6 +119,7 @@ def preflight(cfg: Config) -> dict:
     backends.steer_fn(cfg)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
+    data.extract_contexts(cfg)
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
     resolved = family.check(cfg)
     return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame))
