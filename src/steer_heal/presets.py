@@ -4,6 +4,7 @@ The method has four sources that disagree knob by knob (S1 the project's researc
 repository's README headline, S3 its config.py at the last commit, S4 its last loop entries; docs/usage.md
 sets out which preset takes what). A source tag is "S<n>" (the value is that source's), "S<n> (S<m> silent)"
 (the preset reproduces S<m>, which does not say, so the repository's own value fills in), or "ours: why".
+In a shared GPU value, a bare "S3" likewise fills in for a source that is silent on that knob.
 tests/test_presets.py keeps a copy of every value with its tag, so none drifts silently.
 """
 
@@ -99,8 +100,10 @@ SOURCED: dict[str, Sourced] = {
         barrier_ref=("base", "S1: drift from base is what the barrier measures"),
         lam=(0.1, "S1: its next test"),
         tau=(0.0, "S1: linear, the sweep's barrier"),
-        spectral_lam=(0.0, "S1 silent: no such penalty in its runs"),
+        reg=("kl_rev", "S1: its next test (nll kept the most trait at the coherent dose; a barrier is the method)"),
+        spectral_lam=(0.01, "S3 (S1 silent)"),
         kl_agg=("mean", "S3 (S1 silent)"),
+        n_rounds=(8, "ours (S1 silent): S2's 8 rounds"),
         batch_size=(1, "S3 (S1 silent)"),
     ),
     # SmolLM2-135M-Instruct on CPU. Its raw vector on layers 12-18 answers the prompt to C~1-2 and drifts
@@ -110,14 +113,14 @@ SOURCED: dict[str, Sourced] = {
         model=("smollm2-135m", "ours: a real instruct model that runs on CPU"),
         steer_layers=((0.4, 0.6), "ours: layers 12-18 of 30 (docs/results.md)"),
         alphas=((2.0, 3.0, 4.0), "ours: S3's (0.5, 0.75, 1) x 4, so kappa 1 is past SmolLM2's edge"),
-        n_rounds=(3, "ours: CPU time"), n_prompts=(32, "ours"), n_keep=(24, "ours: CPU time"),
-        min_train=(8, "ours"), probe_size=(8, "S3"), dose_target=(0.75, "S3"), kappa_min=(0.2, "S3"),
-        bisect_steps=(4, "ours: CPU time"), max_new_tokens=(48, "ours: CPU time"), max_len=(192, "ours"),
-        collect_size=(16, "ours"), gen_batch=(16, "ours"), ppl_tau=(40.0, "ours: SmolLM2's edge (docs/results.md)"),
+        n_rounds=(3, "ours: CPU time"), n_prompts=(32, "ours: the bundled prompts"), n_keep=(24, "ours: CPU time"),
+        min_train=(8, "ours: a third of n_keep"), probe_size=(8, "S3"), dose_target=(0.75, "S3"), kappa_min=(0.2, "S3"),
+        bisect_steps=(4, "ours: CPU time"), max_new_tokens=(48, "ours: CPU time"), max_len=(192, "ours: prompt + 48 tokens"),
+        collect_size=(16, "ours: CPU time"), gen_batch=(16, "ours: batch size only"), ppl_tau=(40.0, "ours: SmolLM2's edge (docs/results.md)"),
         rel_tau=(0.1, "ours: off-topic drift at C > 2 (docs/results.md)"),
         loop_tau=(0.5, "ours: as the GPU presets; measured on SmolLM2 (docs/usage.md)"),
         n_extract_pairs=(64, "ours: S1 S3's branching suffixes, 64 of 256 for CPU time"),
-        epochs=(2, "ours: CPU time"), batch_size=(4, "ours"), dtype=("float32", "ours: CPU"),
+        epochs=(2, "ours: CPU time"), batch_size=(4, "ours: CPU time"), dtype=("float32", "ours: CPU"),
         fold_history=(True, "ours: docs/performance.md"),
     ),
     # Tiny random model: garbage numbers, every code path, a few minutes on 2 CPU cores. Its unit vector
