@@ -56,8 +56,8 @@ class Guards(LogitsProcessor):
 
     def __init__(self, starts: list[int], penalty: float, ngram: int):
         self.starts = starts
-        self.procs = [p for p, on in ((RepetitionPenaltyLogitsProcessor(penalty), penalty != 1.0),
-                                      (NoRepeatNGramLogitsProcessor(ngram), ngram > 0)) if on]
+        self.procs = ([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []) + \
+            ([NoRepeatNGramLogitsProcessor(ngram)] if ngram > 0 else [])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows = []
