@@ -124,7 +124,8 @@ def test_help_and_usage_md_show_each_presets_values_and_sources():
     head = lines[2].split()
     assert head == ["knob", "default", *PRESETS]
     col = head.index("s2-headline")
-    shown = {ln.split()[0]: ln for ln in lines[3:] if ln.strip()}
+    first = lines[3:lines.index("", 3)] if "" in lines[3:] else lines[3:]  # the value table; source tables follow
+    shown = {ln.split()[0]: ln for ln in first}
     for knob, value in preset("s2-headline").items():
         cells = re.split(r"\s{2,}", shown[knob].strip())
         want = " ".join(f"{x:g}" for x in value) if isinstance(value, tuple) \
