@@ -131,7 +131,7 @@ def test_smollm2_unsteered_completions_pass_the_loop_gate_and_s4s_loops_do_not()
     ps = data.prompts(20)
     outs = generate(model, tok, ps, system=system, max_new_tokens=cfg.max_new_tokens,
                     seeds=[seeds.slot(0, 0, "collect", 0, i) for i in range(20)])
-    kw = dict(system=system, ppl_tau=1e9, rep_tau=1.0, loop_tau=cfg.loop_tau, loop_window=cfg.loop_window)
+    kw = dict(system=system, ppl_tau=1e9, rep_tau=cfg.rep_tau, loop_tau=cfg.loop_tau, loop_window=cfg.loop_window)
     own = score(model, tok, [dict(prompt=p, completion=o) for p, o in zip(ps, outs)], **kw)
     assert all(r["keep"] for r in own), [(r["distinct"], r["completion"]) for r in own if not r["keep"]]
     bad = score(model, tok, [dict(prompt=ps[0], completion=t) for t in S4_LOOPS + prompt_loops(ps[:4])], **kw)
