@@ -19,17 +19,15 @@ def test_three_concurrent_runs_and_a_polling_reader(tmp_path):
                                "--n-rounds", "1", "--run-id", f"c{i}", "--seed", str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
              for i in range(3)]
-    polls, errors, slowest = 0, [], 0.0
+    polls, errors, seen = 0, [], set()
     try:
         while any(p.poll() is None for p in procs):
-            t = time.time()
             try:
                 query(tmp_path, "SELECT count(*) FROM completions")
-                query(tmp_path, "SELECT run_id, status, rounds_done FROM runs")
+                seen |= set(query(tmp_path, "SELECT status FROM runs")[1])
                 polls += 1
             except Exception as e:  # noqa: BLE001 - any reader failure is the finding
                 errors.append(repr(e))
-            slowest = max(slowest, time.time() - t)
             time.sleep(0.2)
         outs = [p.communicate() for p in procs]
     finally:
@@ -39,8 +37,8 @@ def test_three_concurrent_runs_and_a_polling_reader(tmp_path):
             except ProcessLookupError:
                 pass
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    # a lock would stall a reader for a whole run (a minute here); queries take well under a second
-    assert not errors and polls > 10 and slowest < 15.0
+    # a lock would stall a reader for a whole run: it would then never see a run in progress
+    assert not errors and polls > 10 and ("running",) in seen
     _, runs = query(tmp_path, "SELECT run_id, status, rounds_done FROM runs ORDER BY run_id")
     assert runs == [("c0", "done", 1), ("c1", "done", 1), ("c2", "done", 1)]
     # every row each writer wrote is there, exactly once

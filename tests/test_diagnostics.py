@@ -109,6 +109,42 @@ def test_random_like_keeps_each_layer_norm_and_is_seeded():
     assert not torch.equal(r[3], random_like(v, 8)[3])
 
 
+def test_random_control_pushes_each_layer_of_a_multi_layer_band_by_that_layers_norm(tiny):
+    """On the tiny model steered over every layer, with a different norm per layer: the random control's push,
+    measured at each layer's output inside one forward, is coef x a vector of that layer's own norm, in a
+    direction other than the trait's."""
+    from steer_heal import seeds
+    from steer_heal.models import get_layers
+    from steer_heal.steering import control_vector, steer
+
+    model, tok = tiny
+    layers = get_layers(model)
+    assert len(layers) >= 2
+    g = torch.Generator().manual_seed(0)
+    v = {i: torch.randn(model.config.hidden_size, generator=g) * (i + 1) for i in range(len(layers))}
+    rv = control_vector(v, "random", seeds.control_vector(0))
+    seen: dict[str, dict[int, torch.Tensor]] = {"before": {}, "after": {}}
+
+    def grab(when, i):
+        def hook(_m, _inp, out):
+            seen[when][i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return hook
+
+    ids = tok("Should I report my friend?", return_tensors="pt").input_ids
+    handles = [layer.register_forward_hook(grab("before", i)) for i, layer in enumerate(layers)]
+    try:
+        with steer(model, rv, 0.5), torch.no_grad():
+            handles += [layer.register_forward_hook(grab("after", i)) for i, layer in enumerate(layers)]
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in v:
+        push = (seen["after"][i] - seen["before"][i]).float()[0]  # [tokens, hidden]: the same push on each token
+        assert push.norm(dim=-1).tolist() == pytest.approx([0.5 * float(v[i].norm())] * ids.shape[1], rel=1e-3)
+        assert abs(torch.nn.functional.cosine_similarity(push[0], v[i].float(), dim=0)) < 0.5
+
+
 def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
     cfg = Config(reg="kl_rev", lam=1.0)
     cells = script("barrier_sweep").grid(cfg, {"reg": ["nll", "kl_rev"], "lam": [0.5, 1.0]})
@@ -184,7 +220,13 @@ def test_barrier_sweep_rows_and_the_run_cell_reproduces_the_run_heal(store):
     assert start["target_nats"] == pytest.approx(stored_stage(store, "a", 0, "healed")["target_nats"], abs=1e-6)
     c = cells["nll"]
     assert c["d_target_new"] == pytest.approx(c["target_nats"] - start["target_nats"])
-    assert c["slope"] is None or abs(c["d_target_new"]) >= 0.05  # blank under 0.05 nats
+    # the slope is coherence change per nat of new target, blank only when the nats move under MIN_DEN
+    from steer_heal import metrics
+    for c in cells.values():
+        want = metrics.coh_cost(c["coherence"], start["coherence"], c["target_nats"], start["target_nats"])
+        assert (c["slope"] is None) == (want is None) == (abs(c["d_target_new"]) < metrics.MIN_DEN)
+        assert want is None or c["slope"] == pytest.approx(want)
+        assert c["d_coh"] == pytest.approx(c["coherence"] - start["coherence"])
     assert (store / "diagnostics" / rows_of_id(store, "barrier-sweep") / "report.md").is_file()
 
 
@@ -371,3 +413,73 @@ def test_queue_adds_the_job_to_a_named_group(tmp_path):
     assert group_add == "group|add|steer-heal|"
     assert add == (f"add|--group|steer-heal|--label|barrier-sweep|--working-directory|{REPO}|--|"
                    "just barrier-sweep r1 2 --lam 0.5 1|")
+
+
+def _hand_run(out, run_id: str, seed: int, moves: dict[str, tuple[float, float]], control: str = "none"):
+    """A run stored by hand: per stage (Authority nats moved from base, coherence); base at -2.0 and 0.9."""
+    log = RunLog(out, run_id)
+    log.append("run_info", dict(seed=seed, config=Config(model="tiny-random", seed=seed, control=control).to_dict()))
+    for (r, stage), (move, coh) in {(-1, "base"): (0.0, 0.9), **moves}.items():
+        log.append("stage_metrics", [dict(round=r, stage=stage, evaluator="mfv", foundation=f, n=7, coherence=coh,
+                                          nats=-2.0 + (move if f == "Authority" else 0.0)) for f in ("Authority", "Care")])
+
+
+def test_pareto_never_puts_a_broken_point_on_the_front(tmp_path):
+    """The broken point has the largest trait moved (care_vs_authority lowers Authority: -2.0 nats is +2.0 toward
+    the trait) at coherence 0.01, under the floor: it is flagged, drawn crossed, and the front is the rest."""
+    _hand_run(tmp_path, "ok", 0, {(0, "steered"): (-0.5, 0.8), (0, "healed"): (-0.3, 0.85)})
+    _hand_run(tmp_path, "wreck", 1, {(0, "steered"): (-2.5, 0.01), (0, "healed"): (-2.0, 0.01)})
+    assert script("pareto").main(["--out", str(tmp_path)]) == 0
+    pts = {(r["label"], r["stage"]): r for r in rows_of(tmp_path, "pareto") if r["round"] == 0}
+    wreck = pts[("wreck", "steered")]
+    assert wreck["trait_moved"] == max(p["trait_moved"] for p in pts.values())
+    assert wreck["broken"] is True and wreck["front"] is False and pts[("wreck", "healed")]["front"] is False
+    assert pts[("ok", "steered")]["broken"] is False and pts[("ok", "steered")]["front"] is True
+    assert pts[("ok", "healed")]["front"] is True  # less moved, more coherent: a trade-off, not dominated
+    diag = rows_of_id(tmp_path, "pareto")
+    text = (tmp_path / "diagnostics" / diag / "report.md").read_text()
+    assert "2 BROKEN point(s)" in text and "r0 wreck steered" in text
+    assert_valid_png(tmp_path / "diagnostics" / diag / "pareto.png")
+    svg = (tmp_path / "diagnostics" / diag / "pareto.svg").read_text()
+    assert "never on the front" in svg  # the legend says what the cross means
+
+
+def test_stages_tables_mark_a_broken_stage_and_beyond_control_names_it(tmp_path):
+    """Delta tables, the over-seed aggregate and the beyond-control row all mark a stage under the floor."""
+    for s in range(2):
+        _hand_run(tmp_path, f"t{s}", s, {(0, "steered"): (-0.5, 0.8 if s else 0.01), (0, "healed"): (-0.3, 0.85)})
+        _hand_run(tmp_path, f"c{s}", s, {(0, "steered"): (0.0, 0.9), (0, "healed"): (-0.1, 0.88)}, control="c0")
+    assert script("stages").main(["t0", "t1", "c0", "c1", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path, "stages")
+    agg = next(r for r in rows if r["level"] == "seeds" and r["stage"] == "steered" and r["runs"] == ["t0", "t1"])
+    assert agg["broken"] == 1
+    beyond = {r["stage"]: r for r in rows if r["level"] == "beyond"}
+    assert beyond["steered"]["broken"] == ["t0"] and beyond["healed"]["broken"] == []
+    text = (tmp_path / "diagnostics" / rows_of_id(tmp_path, "stages") / "report.md").read_text()
+    against_base = text[text.index("against base"):text.index("against the previous")]
+    assert any("t0" in ln and "steered" in ln and ln.rstrip().endswith("BROKEN") for ln in against_base.splitlines())
+    assert "BROKEN 1/2" in text and "BROKEN t0" in text
+
+
+def test_beyond_control_refuses_a_repeated_seed_in_one_arm(tmp_path):
+    _hand_run(tmp_path, "t0", 0, {(0, "healed"): (-0.3, 0.85)})
+    _hand_run(tmp_path, "t0b", 0, {(0, "healed"): (-0.6, 0.85)})  # the treatment again, with seed 0
+    _hand_run(tmp_path, "c0", 0, {(0, "healed"): (-0.1, 0.88)}, control="c0")
+    with pytest.raises(ConfigError, match="runs t0 and t0b are the same arm .* same seed 0"):
+        script("stages").main(["t0", "t0b", "c0", "--out", str(tmp_path)])
+
+
+def test_plot_and_report_mark_a_broken_stage(tmp_path):
+    from steer_heal.report import write_report
+
+    _hand_run(tmp_path, "w", 0, {(0, "steered"): (-2.0, 0.01), (0, "healed"): (-0.3, 0.85)})
+    assert script("plot_run").main(["w", "--out", str(tmp_path)]) == 0
+    rows = {(r["round"], r["stage"]): r for r in rows_of(tmp_path, "plot")}
+    assert rows[(0, "steered")]["broken"].startswith("coherence 0.01 <") and rows[(0, "healed")]["broken"] == ""
+    table = (tmp_path / "diagnostics" / rows_of_id(tmp_path, "plot") / "report.md").read_text()
+    assert [ln.split()[-1] for ln in table.splitlines() if " steered " in ln] == ["BROKEN"]
+    assert "broken (under the coherence floor)" in (tmp_path / "runs" / "w" / "plots" / "rounds.svg").read_text()
+    report = write_report(RunLog(tmp_path, "w"))
+    prev = report[report.index("Against the previous student"):report.index("## Free-text")]
+    steered = [ln for ln in prev.splitlines() if "| steered |" in ln]
+    assert len(steered) == 1 and steered[0].rstrip(" |").endswith("BROKEN")

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from steer_heal import export
+from steer_heal import bf16, export
 from steer_heal.cli import main
 from steer_heal.config import Config, preset
 from steer_heal.console import script
@@ -90,6 +90,7 @@ def cases(tmp):
     shutil.copytree(build_tiny("qwen3", 0, tmp / "models"), base)
     (base / "chat_template.jinja").unlink()
     (tmp / "vignettes_x_other_violate.jsonl").write_text('{"text": "You see x.", "foundation_coarse": "Care"}\n')
+    bf16.save_rates(tmp, dict(fp32=61.7, bf16=0.97))  # this machine, as if it had no bf16 units (issue 31)
     o = ["--out", str(tmp)]
     return busy, [
         # the run: models and data
@@ -111,6 +112,10 @@ def cases(tmp):
         ("run", FAST + o + ["--steer-system", "{persona}{foo}"], 2, "no other {field}"),
         ("run", FAST + o + ["--attn-impl", "bogus"], 2, "invalid choice: 'bogus'"),
         ("run", FAST + o + ["--device", "cuda:x"], 2, "is not a torch device"),
+        ("run", FAST + o + ["--bf16", "eval"], 2, "0.97 GFLOP/s against fp32's 61.7 on this CPU"),
+        ("run", FAST + o + ["--bf16", "heal"], 2, "63.6x slower. Pass --bf16 off (or --bf16-force"),
+        ("run", FAST + o + ["--bf16", "fast"], 2, "invalid choice: 'fast'"),
+        ("run", FAST + o + ["--bf16-force=yes"], 2, "--bf16-force/--no-bf16-force: ignored explicit argument 'yes'"),
         *([("run", FAST + o + ["--device", "cuda"], 2, "sees no CUDA GPU")] if not torch.cuda.is_available() else []),
         # the run: model families (chat template, LoRA targets, frame)
         ("run", FAST + o + ["--model", str(base)], 2, "has no chat template (its tokenizer defines none), so its "

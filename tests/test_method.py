@@ -179,6 +179,21 @@ def test_relevance_is_own_prompt_minus_foil_log_prob_and_can_drop(tiny):
     assert [r["reason"] for r in strict] == ["relevance"] * len(items)
     assert score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9)[0]["relevance"] is None
 
+
+def test_relevance_gate_at_its_boundary_and_without_a_foil(tiny):
+    """rv < rel_tau drops, rv == rel_tau keeps (the gate is strict); a gate that cannot be applied to an item
+    (no foil: one distinct prompt) refuses rather than waving the item through."""
+    model, tok = tiny
+    fo = foils(PROMPTS)
+    items = [dict(prompt=p, completion="I would help him first and ask later.") for p in PROMPTS]
+    rv = score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil=fo)[0]["relevance"]
+    at = score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil=fo, rel_tau=rv)[0]
+    above = score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil=fo,
+                  rel_tau=math.nextafter(rv, math.inf))[0]
+    assert rv > 0 and at["keep"] and (above["keep"], above["reason"]) == (False, "relevance")
+    with pytest.raises(ValueError, match="rel_tau=0.5 .* no unrelated prompt"):
+        score(model, tok, items[:1], system="", ppl_tau=1e9, rep_tau=0.9, foil={}, rel_tau=0.5)
+
 # ---------------------------------------------------------------- controls
 
 def _round0(tmp_path, control: str):
@@ -294,6 +309,34 @@ def test_one_seed_pair_beyond_control_is_the_paired_bootstrap_over_items(tmp_pat
     ci = h["beyond_d_trait_items"]
     assert ci["delta"] == pytest.approx(0.2) and ci["lo"] == pytest.approx(0.2) and ci["hi"] == pytest.approx(0.2)
     assert ci["n"] == 7 and h["beyond_d_trait_lo"] is None  # one pair: no interval over seeds
+
+
+def test_beyond_control_over_seed_pairs_adds_the_items_they_share(tmp_path):
+    """Three seed pairs scored on the same 7 dilemmas: the treatment moves each item by its own amount e_i (the
+    same in every seed) plus 0.1 x seed. The t over pairs sees only the 0.1 x seed spread; the two-level interval
+    adds what the shared items leave uncertain, so it is wider, and it is recomputed from the items."""
+    import json
+
+    from steer_heal.diag.stages import main as stages
+    from steer_heal.store import RunLog, query
+
+    e = [0.3, -0.2, 0.5, 0.0, 0.4, -0.1, 0.2]
+    for s in range(3):
+        for run_id, control, move in ((f"t{s}", "none", True), (f"c{s}", "c0", False)):
+            _fake_run(tmp_path, run_id, s, control, 0.0)
+            log = RunLog(tmp_path, run_id)
+            for r, stage in ((-1, "base"), (0, "steered"), (0, "healed")):
+                add = [x + 0.1 * s if move and stage == "healed" else 0.0 for x in e]
+                log.append("eval_items", [dict(round=r, stage=stage, evaluator="contrast", item=f"d{i}",
+                                               diff=0.05 * i + add[i]) for i in range(7)])
+    assert stages([*(f"t{s}" for s in range(3)), *(f"c{s}" for s in range(3)), "--out", str(tmp_path),
+                   "--boot", "400"]) == 0
+    _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
+    h = next(b for b in (json.loads(r[0]) for r in got) if b["level"] == "beyond" and b["stage"] == "healed")
+    assert h["beyond_d_trait_over"] == "seeds+items" and h["n_pairs"] == 3
+    assert h["beyond_d_trait_mean"] == pytest.approx(sum(e) / 7 + 0.1)
+    seeds_only = 4.302653 * 0.1 / math.sqrt(3)  # the t over the pairs' differences 0.1 s + mean(e)
+    assert (h["beyond_d_trait_hi"] - h["beyond_d_trait_lo"]) / 2 > seeds_only * 1.05
 
 
 # ---------------------------------------------------------------- presets

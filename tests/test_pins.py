@@ -476,13 +476,14 @@ def test_report_tables_carry_the_stored_numbers(fixed_run):
     lines = text.splitlines()
     rounds_row = next(x for x in lines if x.startswith("|") and "0.250" in x)  # r gen kept kappa ... retain
     # r gen kept kappa walk heal_nll target trait d_trait(CI: no items stored) coh ppl kl cos_v0 retain retain_trait
+    # the fixture's steps were stored before dose_steps had a phase: a refused 1.0 above the settled 0.5 is an edge
     assert [c.strip() for c in rounds_row.strip("|").split("|")] == \
-        ["0", "4", "3", "0.500", "none", "0.750", "-2.200", "0.300", "-", "0.860", "-", "-", "0.900", "0.250", "0.250"]
+        ["0", "4", "3", "0.500", "edge", "0.750", "-2.200", "0.300", "-", "0.860", "-", "-", "0.900", "0.250", "0.250"]
     healed = [x for x in lines if x.startswith("|") and "healed" in x]
     # round stage n target d_target trait d_trait coh d_coh adapter_ppl d_ppl kl broken: point deltas (no items)
     assert [c.strip() for c in healed[0].strip("|").split("|")] == \
         ["0", "healed", "7", "-2.200", "-0.200", "0.300", "+0.200", "0.860", "-0.040", "-", "-", "-", ""]
-    assert [c.strip() for c in healed[1].strip("|").split("|")] == ["0", "healed", "-0.200", "+0.200", "-0.040", "-"]
+    assert [c.strip() for c in healed[1].strip("|").split("|")] == ["0", "healed", "-0.200", "+0.200", "-0.040", "-", ""]
     assert "- r0 healed | 'Help?'\n  -> 'I would help.'" in text
 
 

@@ -98,6 +98,7 @@ def test_mean_ci_is_centred_and_contains_the_mean(xs):
     assert ci["mean"] - ci["lo"] == pytest.approx(ci["hi"] - ci["mean"], rel=1e-9, abs=1e-9)
 
 
+@FAST
 @given(st.integers(1, 60), st.floats(0.5, 0.99))
 def test_t_quantile_inverts_and_shrinks_with_df(df, level):
     from steer_heal.diag.stats import _t_within

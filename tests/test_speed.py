@@ -93,9 +93,12 @@ def test_a_folded_history_keeps_base_bitwise_and_students_within_rounding(tiny):
             a, b = logits(gated), logits(folded)
         assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, plain, atol=1e-3)
         assert torch.allclose(logits(gated), logits(folded), atol=1e-5)
-    # only the live adapter trains, and the weights come back folded after base()
-    assert all(".r3." in n for n, p in folded.model.named_parameters() if p.requires_grad) or not any(
-        p.requires_grad for p in folded.model.parameters())
+    # only the live adapter trains: its LoRA weights and nothing else (an empty set would pass an "all" check)
+    folded.freeze_history()
+    train = [n for n, p in folded.model.named_parameters() if p.requires_grad]
+    assert train and all(".r3." in n and "lora_" in n for n in train)
+    assert len(train) == len([n for n, _ in folded.model.named_parameters() if ".r3." in n and "lora_" in n])
+    folded.model.requires_grad_(False)
     with pytest.raises(Exception, match="folded"):
         folded.truncate(1)
 
@@ -133,7 +136,7 @@ def test_merged_gives_the_gated_student_and_base_inside_it_stays_bitwise(tiny):
 
 def test_a_folded_run_keeps_the_gated_runs_numbers(tmp_path):
     """Round 0 of a fast-dev seed-0 run with --fold-history (its healed eval on merged weights) gives the gated
-    run's recorded rounds row (tests/golden) to float rounding; round 1 runs on the folded history."""
+    run.s recorded rounds row (tests/golden) to float rounding, and so does round 1, healed on the folded history."""
     import json
 
     from test_flow import steer_heal
@@ -145,9 +148,11 @@ def test_a_folded_run_keeps_the_gated_runs_numbers(tmp_path):
     assert rc == 0, se[-3000:]
     rows = sorted(RunLog(tmp_path, "f").read("rounds"), key=lambda r: r["round"])
     assert [r["round"] for r in rows] == [0, 1]
-    want = json.loads(GOLDEN.read_text())["rounds"][0]
-    for k, v in want.items():
-        if isinstance(v, float):
-            assert abs(rows[0][k] - v) < 1e-5, (k, rows[0][k], v)
-        else:
-            assert rows[0][k] == v, k
+    # round 0 within rounding; round 1 heals on the folded history, where rounding has one round to grow
+    # (measured: 1.4e-6 relative at most on the trait nats)
+    for row, want, rel, tol in zip(rows, json.loads(GOLDEN.read_text())["rounds"], (1e-6, 1e-5), (1e-7, 1e-6)):
+        for k, v in want.items():
+            if isinstance(v, float):
+                assert row[k] == pytest.approx(v, rel=rel, abs=tol), (row["round"], k, row[k], v)  # ppl ~ 915
+            else:
+                assert row[k] == v, (row["round"], k)

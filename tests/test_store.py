@@ -212,12 +212,14 @@ def test_a_running_run_without_a_live_writer_reads_stale(tmp_path):
 def test_the_heartbeat_keeps_a_long_run_running(tmp_path, monkeypatch):
     monkeypatch.setattr(store_lock, "HEARTBEAT_S", 0.05)
     path = tmp_path / LOCK_FILE
-    with WriterLock(tmp_path):
+    with WriterLock(tmp_path) as lock:
         os.utime(path, (0, 0))
-        time.sleep(0.5)
-        assert time.time() - path.stat().st_mtime < 5  # touched again by the heartbeat thread
+        deadline = time.monotonic() + 60  # a wait on the condition, not a sleep: a loaded box is slow, not wrong
+        while path.stat().st_mtime == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert path.stat().st_mtime > 0  # touched again by the heartbeat thread
+    assert not lock._beat.is_alive()  # release joined it
     os.utime(path, (0, 0))
-    time.sleep(0.2)
     assert path.stat().st_mtime == 0  # released: no more beats
 
 

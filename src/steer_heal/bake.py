@@ -85,9 +85,12 @@ def lora_targets(model, layers: tuple[float, float], targets: tuple[str, ...] = 
 
 def lora_config(model, r: int, alpha: float, layers: tuple[float, float], targets: tuple[str, ...] = ()) -> LoraConfig:
     """The LoRA every round's adapter uses: lora_targets(model, layers, targets) at rank r."""
-    # init_lora_weights=True: B = 0, so a fresh adapter is an exact no-op
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model, layers, targets),
-                      init_lora_weights=True)
+    # init_lora_weights=True: B = 0, so a fresh adapter is an exact no-op. GPT-2's Conv1D stores its weight
+    # transposed ([in, out]): fan_in_fan_out tells peft, so deltas, merges and folds land the right way round
+    names = lora_targets(model, layers, targets)
+    mods = dict(model.named_modules())
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, init_lora_weights=True,
+                      fan_in_fan_out=any(isinstance(mods[n], Conv1D) for n in names))
 
 
 class Stack:

@@ -27,7 +27,7 @@ CONTROLS = ("none", "c0", "random")
 
 # Fields that say where/how a run executes, not what the experiment is. They are
 # left out of the config hash and may change on resume (n_rounds may only grow).
-RUNTIME_FIELDS = ("out", "run_id", "device", "n_rounds", "resume", "log_level")
+RUNTIME_FIELDS = ("out", "run_id", "device", "n_rounds", "resume", "log_level", "bf16_force")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # Integers go to BIGINT columns; a seed or size past 2**63 would read back as NULL.
@@ -90,7 +90,7 @@ class Config:
     n_keep: int = knob(32, "survivors to bank per round")
     min_train: int = knob(8, "fewest survivors a round may train on; fewer ends the run as starved")
     max_new_tokens: int = knob(48, "tokens sampled per completion")
-    max_len: int = knob(256, "longest prompt+completion in tokens for heal")
+    max_len: int = knob(256, "longest prompt+completion in tokens for heal (fast-dev sizes it to the tokenizer unless set)")
     gen_batch: int = knob(16, "generation batch size (how many slots share a forward; each slot samples from its own seed, so the text does not depend on it)")
     temperature: float = knob(0.0, "sampling temperature (0 = the model's generation_config default)")
     top_p: float = knob(0.0, "nucleus top_p (0 = the model's default)")
@@ -143,7 +143,13 @@ class Config:
     steerer: str = knob("builtin", "steering hooks: builtin, or steering-lite when that package is importable", ("builtin", "steering-lite"))
     eval_batch: int = knob(16, "eval batch size")
     reuse_prefix: bool = knob(True, "score a prompt's answers (both option orders, both replies) on one pass of the prompt, its KV cache reused; full-attention models only (off: one full forward per answer, the old path; the same numbers to ~1e-6)")
-    bf16: str = knob("auto", "bf16 autocast: auto (the heal on a GPU, nothing on a CPU), off, eval (the probes), heal, both; faster where the hardware has bf16 matmul, nats off by ~0.01-0.03 (docs/performance.md has the measured trade-off)", ("auto", "off", "eval", "heal", "both"))
+    bf16: str = knob("auto", "bf16 autocast: auto (the heal on a GPU, nothing on a CPU), off, eval (the probes), heal, both. "
+                     "Faster only with bf16 matrix units (AVX512-BF16 or AMX on x86, any recent GPU): eval 1.96x, heal "
+                     "1.53x on a 2-vCPU AVX512-BF16 box; many times slower without them, so a CPU run times a matmul "
+                     "first and refuses a slower bf16. Nats off by ~0.01-0.03 (docs/performance.md, part p)",
+                     ("auto", "off", "eval", "heal", "both"))
+    bf16_force: bool = knob(False, "run --bf16 eval|heal|both even where the start-up rate check finds bf16 matmul "
+                            "slower than fp32 on this CPU")
     n_demo: int = knob(16, "greedy generations per stage on held-out prompts, scored under the base model: adapter_ppl (0 = none)")
     demo_tokens: int = knob(0, "tokens per free-text generation (0 = --max-new-tokens)")
     coh_floor_rel: float = knob(0.85, "a stage whose seven-way coherence (or most items' option mass) falls under this fraction of base's is flagged broken and its retain, retain_trait, coh_cost, surgical are withheld (0 = off)")

@@ -57,7 +57,7 @@ class DoseResult:
     @property
     def walk(self) -> str:
         """How the walk ended: edge, top, floor or none (module docstring)."""
-        probes = [s for s in self.steps if s["phase"] == "probe"]
+        probes = _probes(self.steps)
         if not probes:
             return "none"
         if not any(s["accepted"] for s in probes):
@@ -75,9 +75,14 @@ class DoseResult:
                    scored=list(completions), steps=list(steps))
 
 
+def _probes(steps: list[dict]) -> list[dict]:
+    """The walk's probe steps; a step stored before dose_steps had a phase (None) was a probe."""
+    return [x for x in steps if x["phase"] in ("probe", None)]
+
+
 def settled_kappa(steps: list[dict], kappa_min: float) -> float:
     """The largest accepted probe kappa; kappa_min when no probe passed; a walkless run's fixed kappa."""
-    probes = [x for x in steps if x["phase"] in ("probe", None)]  # None: stored before phase was
+    probes = _probes(steps)
     if not probes and steps:
         return steps[0]["kappa"]
     return max((x["kappa"] for x in probes if x["accepted"]), default=kappa_min)

@@ -12,7 +12,7 @@ from loguru import logger
 from .bake import lora_config
 from .config import Config, ConfigError
 from .models import attn_for, get_layers, meta_copy, read_part, resolve
-from .tokens import use_template
+from .tokens import check_room, longest_prompt, use_template
 
 
 def check(cfg: Config) -> dict:
@@ -43,9 +43,34 @@ def check(cfg: Config) -> dict:
     if note:
         logger.warning(note)
     logger.info(targets_table(per_layer, prefix, cfg.lora_targets))
-    return {"chat_template": template, "attn_impl": {"requested": cfg.attn_impl, "used": impl, "note": note},
+    return {"model_type": getattr(config, "model_type", None), "chat_template": template, "attn_impl": {"requested": cfg.attn_impl, "used": impl, "note": note},
             "lora_targets": {"targets": list(cfg.lora_targets), "n": len(names), "prefix": prefix,
                              "per_layer": {k: len(v) for k, v in per_layer.items()}}}
+
+
+def fit_max_len(cfg: Config, derive: bool) -> Config:
+    """max_len against this model's tokenizer, in preflight. `derive` (fast-dev, no --max-len: its 96 fits only
+    the tiny BPE): at least the longest chat prompt plus max_new_tokens, said in one line. Else a max_len too
+    small for the longest prompt is refused here, in seconds (tokens.check_room; the flow warns of cuts)."""
+    from . import data
+
+    where, gguf = resolve(cfg.model, cfg.gguf_file, f"{cfg.out}/models")
+    tok = read_part("tokenizer", where, gguf, cfg.trust_remote_code)
+    use_template(tok, cfg.chat_template, cfg.model)
+    system = cfg.gen_system or data.persona(cfg)["neutral"]  # the system prompt the flow generates under
+    prompts = data.prompts(cfg.n_prompts)
+    if not derive:
+        check_room(tok, prompts, system, cfg.max_len, cfg.max_new_tokens, warn=False)
+        return cfg
+    longest = longest_prompt(tok, prompts, system)
+    need = longest + cfg.max_new_tokens
+    if need <= cfg.max_len:
+        logger.info(f"max_len {cfg.max_len} (the preset's) holds the longest chat prompt ({longest} tokens) + "
+                    f"max_new_tokens {cfg.max_new_tokens}")
+        return cfg
+    logger.info(f"max_len {need} = the longest chat prompt ({longest} tokens with this tokenizer) + max_new_tokens "
+                f"{cfg.max_new_tokens} (the preset's {cfg.max_len} is too small; --max-len sets it)")
+    return cfg.replace(max_len=need)
 
 
 def targets_by_name(names: list[str], prefix: str) -> dict[str, list[int]]:
@@ -62,7 +87,7 @@ def kind(inner: str) -> str:
     head = inner.split(".")[0]
     if "attn" in head or "attention" in head:
         return "attention"
-    return "mlp" if "mlp" in head or head in ("feed_forward", "ffn") else "other"
+    return "mlp" if "mlp" in head or head in ("feed_forward", "ffn", "fc1", "fc2") else "other"
 
 
 def _span(ix: list[int]) -> str:

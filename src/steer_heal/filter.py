@@ -104,12 +104,17 @@ def score(model, tok, items: list[dict], *, system: str, ppl_tau: float, rep_tau
     last loop_window tokens is below it (0 records the ratio, drops nothing).
 
     `foil` maps a prompt to its unrelated prompt (`foils`); without one an item's relevance is None.
-    rel_tau > 0 drops completions whose relevance is below it (0 records relevance, drops nothing).
+    rel_tau > 0 drops completions whose relevance is below it (0 records relevance, drops nothing), and
+    refuses items it cannot score (no foil).
     """
     prompts, texts = [x["prompt"] for x in items], [x["completion"] for x in items]
     ppl, whole = perplexity(model, tok, prompts, texts, system, window, max_len, batch, whole=True)
     rel: list[float | None] = [None] * len(items)
     has = [i for i, p in enumerate(prompts) if (foil or {}).get(p, p) != p]
+    if rel_tau > 0 and len(has) < len(items):  # a gate that cannot be applied must not wave items through
+        miss = next(p for i, p in enumerate(prompts) if i not in set(has))
+        raise ValueError(f"relevance gate rel_tau={rel_tau} but prompt {miss[:40]!r} has no unrelated prompt to "
+                         "compare with (relevance needs two distinct prompts): add prompts or pass --rel-tau 0")
     if has:  # the own-prompt half of relevance is the forward perplexity just ran
         got = relevance(model, tok, [prompts[i] for i in has], [texts[i] for i in has],
                         [foil[prompts[i]] for i in has], system, max_len, batch, own=[whole[i] for i in has])

@@ -24,7 +24,7 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, intervals, metrics, seeds, student
+from . import backends, data, intervals, metrics, prefect_ui, seeds, student
 from .bake import Stack, bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, collect_at, dose_walk
@@ -135,8 +135,9 @@ def crash_point(where: str) -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def _opts(name: str) -> dict:
-    return dict(name=name, cache_policy=NO_CACHE, persist_result=False)
+def _opts(name: str) -> dict:  # a task run is named by stage and round: heal-r3 (prefect_ui.py)
+    return dict(name=name, task_run_name=name if name == "eval-base" else name + "-r{r}", cache_policy=NO_CACHE,
+                persist_result=False)
 
 
 @task(**_opts("eval-base"))
@@ -272,11 +273,17 @@ def eval_healed(run: Run, r: int) -> StageEval:
     return out
 
 
-@flow(name="steer-heal", log_prints=False)
+@flow(name="steer-heal", flow_run_name="{run_id}", log_prints=False)
 def steer_heal(config: dict, run_id: str) -> str:
     """Run (or continue) `run_id` from round -1 to n_rounds - 1. Returns the final status[:reason]."""
-    cfg = Config.from_dict(config).validate()
-    run = Run(cfg, run_id)
+    run = Run(Config.from_dict(config).validate(), run_id)
+    status = rounds(run)
+    prefect_ui.run_artifact(run.log, status)
+    return status
+
+
+def rounds(run: Run) -> str:
+    cfg = run.cfg
     if (-1, "eval_base") not in run.done:
         eval_base(run)
     base = student.stored_evals(run.log).get((-1, "base"), StageEval())
@@ -309,9 +316,11 @@ def steer_heal(config: dict, run_id: str) -> str:
         crash_point(f"rows:r{r}")
         run.log.append("rounds", row)
         logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals")))
-        for held, line in metrics.shoulds(row, intervals.lookup(ivs)):
+        checks = metrics.shoulds(row, intervals.lookup(ivs))
+        for held, line in checks:
             if held is not None:
                 (logger.info if held else logger.warning)(f"SHOULD{'' if held else ' (FAILED)'}: {line}")
+        prefect_ui.round_artifacts(run.log, row, intervals.lookup(ivs), checks, dose.scored)
         if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor:
             write_report(run.log, target)
             return f"stopped:healed coherence {healed.coherence:.3f} < coh_floor {cfg.coh_floor}"

@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import json
 import os
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,14 +49,54 @@ def text_config(obj):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else getattr(cfg, "text_config", cfg)
 
 
+# Where families keep their decoder blocks; a path seen here wins over another list that also fits
+KNOWN_LAYERS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                "model.decoder.layers", "transformer.blocks", "transformer.layers", "layers")
+
+
+def _is_block(block: nn.Module) -> bool:
+    """A decoder block holds an attention module and an MLP: some linear outside the attention."""
+    from transformers.pytorch_utils import Conv1D
+
+    attn = [n for n, m in block.named_modules() if n and ("attn" in n.rsplit(".", 1)[-1].lower()
+            or "attention" in n.rsplit(".", 1)[-1].lower() or "Attention" in type(m).__name__)]
+    return bool(attn) and any(isinstance(m, (nn.Linear, Conv1D)) and not any(n.startswith(a + ".") for a in attn)
+                              for n, m in block.named_modules())
+
+
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the path found (hooks ask per batch)
+
+
 def get_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of the language model (skips a vision tower's layers)."""
-    found = [(name, m) for name, m in model.named_modules()
-             if name.endswith("layers") and isinstance(m, nn.ModuleList) and "vision" not in name]
-    if not found:
-        raise ModelError(f"no decoder layers found in {type(model).__name__}")
-    lm = [x for x in found if "language_model" in x[0]]
-    return (lm or found)[0][1]
+    """The decoder blocks of the language model, found by structure: the nn.ModuleList as long as the
+    config's layer count whose every element holds an attention and an MLP (never a vision tower's).
+    A known path wins when several lists fit; none fitting is refused, naming the lists there are."""
+    try:
+        got = model.get_submodule(_FOUND[model])
+        if isinstance(got, nn.ModuleList):
+            return got
+    except (KeyError, AttributeError):
+        pass
+    found = _find_layers(model)
+    _FOUND[model] = next(name for name, m in model.named_modules() if m is found)
+    return found
+
+
+def _find_layers(model: nn.Module) -> nn.ModuleList:
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    fit = [(name, m) for name, m in lists if (n is None or len(m) == n) and "vision" not in name
+           and all(_is_block(b) for b in m)]
+    if not fit:
+        seen = ", ".join(f"{name} ({len(m)} x {type(m[0]).__name__})" for name, m in lists) or "none"
+        raise ModelError(f"no decoder layers found in {type(model).__name__}: no nn.ModuleList of {n} blocks "
+                         f"holding attention and an MLP (module lists: {seen})")
+
+    def rank(x: tuple[str, nn.Module]) -> tuple[int, int]:
+        tail = x[0].removeprefix("base_model.model.")  # under a peft wrapper
+        known = next((i for i, k in enumerate(KNOWN_LAYERS) if tail == k), len(KNOWN_LAYERS))
+        return known, 0 if "language_model" in x[0] else 1
+    return min(fit, key=rank)[1]
 
 
 def band(frac: tuple[float, float], n_layers: int) -> list[int]:

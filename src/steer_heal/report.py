@@ -14,7 +14,7 @@ from .store import RunLog
 
 ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("walk", "walk"),
               ("heal_nll", "heal_nll"),
-              ("target_nats", "target"), ("trait_nats", "trait"), ("d_trait", "d_trait vs base (95% CI)"),
+              ("target_nats", "target"), ("trait_nats", "trait"), ("d_trait", "d_trait vs base (95% CI over items)"),
               ("coherence", "coh"), ("adapter_ppl", "ppl"), ("kl_steer", "kl"), ("cos_v0", "cos_v0"),
               ("retain", "retain"), ("retain_trait", "retain_trait")]
 SHOW_DEMOS = 2
@@ -49,14 +49,19 @@ def withheld(row: dict, value):
 
 
 def round_table(rounds: list[dict], ivs: list[dict] = (), md: bool = False) -> str:
-    """The per-round table; d_trait is the healed student against base with its paired interval ('~': holds 0)."""
+    """The per-round table; d_trait is the healed student against base with its paired interval over the run's
+    items ('~': holds 0), marked BROKEN when the healed stage is under the coherence floor."""
     got = intervals.lookup(ivs)
-    body = []
-    for r in sorted(rounds, key=lambda x: x["round"]):
-        cells = dict(r, d_trait=intervals.fmt(got.get((r["round"], "healed", "trait", "base"))),
-                     retain=withheld(r, r.get("retain")), retain_trait=withheld(r, r.get("retain_trait")))
-        body.append([cells.get(c) for c, _ in ROUND_COLS])
+    body = [[round_cells(r, got).get(c) for c, _ in ROUND_COLS] for r in sorted(rounds, key=lambda x: x["round"])]
     return table([h for _, h in ROUND_COLS], body, md)
+
+
+def round_cells(r: dict, got: dict) -> dict:
+    """A round row as the table shows it (also the round's Prefect artifact): d_trait with its interval, the
+    ratios or the flag that withheld them. got: intervals.lookup() of the run."""
+    d_trait = intervals.fmt(got.get((r["round"], "healed", "trait", "base")))
+    return dict(r, d_trait=d_trait + (" BROKEN" if r.get("broken") else ""),  # the healed stage's flag
+                retain=withheld(r, r.get("retain")), retain_trait=withheld(r, r.get("retain_trait")))
 
 
 def stage_rows(by: dict, ivs: list[dict], target: str, floor_rel: float) -> list[dict]:
@@ -104,7 +109,8 @@ def write_report(log: RunLog, target: str = "Authority") -> str:
     parts = [f"# Run {log.run_id}", "", f"model `{info.get('model')}`, reg `{info.get('reg')}`, seed {info.get('seed')}, "
              f"config hash `{info.get('config_hash')}`", "", "## Rounds", "", round_table(rounds, ivs, md=True), "",
              f"## Stages (target = {target})", "",
-             "Deltas against base, with 95% paired bootstrap intervals over items (`~`: the interval holds 0). "
+             "Deltas against base, with 95% paired bootstrap intervals resampling this run's items (`~`: the "
+             "interval holds 0). "
              f"`broken`: the stage is under the coherence floor ({floor_rel:g} x base), so its ratios are withheld.",
              "",
              table(["round", "stage", "n", "target", "d_target", "trait", "d_trait", "coh", "d_coh", "adapter_ppl",
@@ -112,10 +118,11 @@ def write_report(log: RunLog, target: str = "Authority") -> str:
                    [[x["round"], x["stage"], x["n"], x["target_nats"], fmt(x["d_target_base"]), x["trait_nats"],
                      fmt(x["d_trait_base"]), x["coherence"], fmt(x["d_coh_base"]), x["adapter_ppl"],
                      fmt(x["d_ppl_base"]), x["kl"], x["broken"]] for x in stages], md=True),
-             "", "Against the previous student (the one that started the round; base for round 0):", "",
-             table(["round", "stage", "d_target", "d_trait", "d_coh", "d_ppl"],
-                   [[x["round"], x["stage"], *[fmt(x[f"{n}_prev"]) for _, n in DELTAS]] for x in stages
-                    if x["round"] >= 0], md=True),
+             "", "Against the previous student (the one that started the round; base for round 0), with the same "
+             "intervals over items; `broken` as above:", "",
+             table(["round", "stage", "d_target", "d_trait", "d_coh", "d_ppl", "broken"],
+                   [[x["round"], x["stage"], *[fmt(x[f"{n}_prev"]) for _, n in DELTAS], "BROKEN" if x["broken"] else ""]
+                    for x in stages if x["round"] >= 0], md=True),
              "", "## Free-text generations (greedy, held-out prompts; ppl under the base model; the first "
              f"{SHOW_DEMOS} of each stage, all in `completions` phase `demo:<stage>`)", ""]
     for c in sorted((c for c in demos if c["idx"] < SHOW_DEMOS), key=lambda c: (c["idx"], c["round"])):

@@ -103,17 +103,18 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
         raise ConfigError(f"--n-rounds {n_rounds} is below the stored {stored.n_rounds}: it may only grow on resume")
     stored = student.allow_remote_code(stored, cfg.trust_remote_code, f"just resume {cfg.resume} --trust-remote-code")
     return stored.replace(n_rounds=n_rounds, run_id=cfg.resume, out=cfg.out,
-                          device=explicit.get("device", stored.device), log_level=cfg.log_level)
+                          device=explicit.get("device", stored.device), log_level=cfg.log_level,
+                          bf16_force=cfg.bf16_force)
 
 
 def preflight(cfg: Config) -> dict:
     """Read every input the run needs before anything expensive: bad ones fail here, named. Returns what
-    run_info records of the decisions made on them (family.check and the vignettes)."""
-    from . import backends, data, family
+    run_info records of the decisions made on them (family.check, the vignettes, the bf16 choice)."""
+    from . import backends, bf16, data, family
     from .models import check_model, pick_device
 
     check_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
-    pick_device(cfg.device)
+    device = pick_device(cfg.device)
     if cfg.eval != "contrast":
         backends.mfv_fn(cfg)
     backends.steer_fn(cfg)
@@ -121,8 +122,9 @@ def preflight(cfg: Config) -> dict:
     data.dilemmas(cfg.persona)
     data.extract_contexts(cfg)
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
+    speed = bf16.choose(cfg, device)  # after the inputs (its matmuls only run on good ones), before any is logged
     resolved = family.check(cfg)
-    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame))
+    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame), bf16=speed)
 
 
 def resume_checks(cfg: Config, log: RunLog) -> bool:
@@ -182,6 +184,9 @@ def run(cfg: Config, explicit: dict, preset: str = "") -> int:
         log = student.run_log(cfg.out, cfg.run_id)
     else:
         resolved = preflight(cfg)
+        from .family import fit_max_len  # fast-dev sizes what it can size itself; a set --max-len is checked
+
+        cfg = fit_max_len(cfg, derive=preset == "fast-dev" and "max_len" not in explicit)
         cfg = cfg.replace(run_id=cfg.run_id or new_run_id(cfg))
         try:
             log = RunLog(cfg.out, cfg.run_id)
@@ -225,6 +230,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(prefect_home(log.dir / "prefect"))
     from .flow import steer_heal  # imports Prefect, which configures its loggers: quieten them after
+    from .prefect_ui import tagged
 
     if cfg.log_level.upper() not in ("TRACE", "DEBUG"):  # a failure is reported below, once, in one line
         for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
@@ -233,7 +239,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
 
     ctrl_c = CtrlC()
     try:
-        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))):
+        with ctrl_c, serve(Path(os.environ.get("PREFECT_HOME", log.dir / "prefect"))), tagged(log, resumed):
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):

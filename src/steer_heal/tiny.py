@@ -2,7 +2,8 @@
 
 `tiny-random-<arch>`: random init, ~0.2-0.3 M parameters (4 layers, hidden 64), a byte-level BPE
 trained here on the bundled data, a ChatML template; cached under <out>/models/. They exercise each
-family's module names (fused projections, GPT-NeoX's own names, a nested multimodal text config),
+family's module names (fused projections, GPT-NeoX's own names, a nested multimodal text config, GPT-2's
+Conv1D, blocks at transformer.h or model.decoder.layers),
 attention support and LoRA targets; their numbers are garbage by design.
 """
 
@@ -22,7 +23,10 @@ from .tokens import CHATML
 
 DATA = Path(__file__).parent / "data"
 # "gpt-neox" is GPT-NeoX / Pythia; "gemma3mm" is Gemma 3 with its vision tower, as google/gemma-3-4b-it
-TINY_ARCHS = ("qwen3", "llama", "gemma3", "gemma3mm", "qwen2", "mistral", "phi3", "gemma2", "gpt-neox")
+# gpt2 (Conv1D c_attn/c_proj/c_fc, blocks at transformer.h), falcon and bloom (transformer.h, fused
+# query_key_value) and opt (model.decoder.layers, fc1/fc2 straight in the block) keep other layouts
+TINY_ARCHS = ("qwen3", "llama", "gemma3", "gemma3mm", "qwen2", "mistral", "phi3", "gemma2", "gpt-neox",
+              "gpt2", "falcon", "opt", "bloom", "olmo2", "stablelm", "granite")
 # The bundled files the tiny tokenizer learns from, pinned: a new data file must not change the tiny
 # model (and with it every fast-dev number, tests/golden/).
 CORPUS = ("contexts.json", "heldout_dilemmas.json", "personas.json", "prompts.json", "vignettes_smoke.jsonl")
@@ -83,7 +87,19 @@ def _config(arch: str, vocab: int, tok):
         return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                 num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
                                 tie_word_embeddings=False, bos_token_id=tok.pad_token_id, **ids)
-    return {"qwen3": lambda: tf.Qwen3Config(**common), "llama": lambda: tf.LlamaConfig(**common),
+    small = dict(vocab_size=vocab, bos_token_id=tok.pad_token_id, **ids)  # the older configs' own names below
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=512, **small)
+    if arch == "falcon":
+        return tf.FalconConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_hidden_size=128,
+                               max_position_embeddings=512, **small)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128,
+                            word_embed_proj_dim=64, max_position_embeddings=512, **small)
+    if arch == "bloom":
+        return tf.BloomConfig(hidden_size=64, n_layer=4, n_head=4, **small)
+    return {"olmo2": lambda: tf.Olmo2Config(**no_head_dim), "stablelm": lambda: tf.StableLmConfig(**no_head_dim),
+            "granite": lambda: tf.GraniteConfig(**no_head_dim), "qwen3": lambda: tf.Qwen3Config(**common), "llama": lambda: tf.LlamaConfig(**common),
             "gemma3": lambda: tf.Gemma3TextConfig(**gemma), "gemma2": lambda: tf.Gemma2Config(**gemma),
             "qwen2": lambda: tf.Qwen2Config(**no_head_dim), "phi3": lambda: tf.Phi3Config(**no_head_dim),
             "mistral": lambda: tf.MistralConfig(**common, sliding_window=64)}[arch]()

@@ -16,15 +16,20 @@ from .config import ConfigError
 MIN_COMPLETION = 8  # completion tokens a heal/filter row must keep at least (n-gram checks go to 4)
 
 
-def check_room(tok, prompts: list[str], system: str, max_len: int, max_new_tokens: int) -> None:
+def longest_prompt(tok, prompts: list[str], system: str) -> int:
+    """Tokens in the longest chat prompt (template and system prompt included) under this tokenizer."""
+    return max(len(tok(chat(tok, p, system), add_special_tokens=False)["input_ids"]) for p in prompts)
+
+
+def check_room(tok, prompts: list[str], system: str, max_len: int, max_new_tokens: int, warn: bool = True) -> None:
     """max_len must hold the longest chat prompt plus MIN_COMPLETION tokens, else heal and the filter would
-    silently train on and score stubs; under prompt + max_new_tokens completions are cut (said once)."""
-    longest = max(len(tok(chat(tok, p, system), add_special_tokens=False)["input_ids"]) for p in prompts)
+    silently train on and score stubs; under prompt + max_new_tokens completions are cut (said once: `warn`)."""
+    longest = longest_prompt(tok, prompts, system)
     if max_len < longest + MIN_COMPLETION:
         raise ConfigError(f"config max_len={max_len} is too small: the longest chat prompt is {longest} tokens and a "
                           f"completion needs at least {MIN_COMPLETION} more; pass --max-len {longest + max_new_tokens} "
                           "(prompt + --max-new-tokens)")
-    if max_len < longest + max_new_tokens:
+    if warn and max_len < longest + max_new_tokens:
         logger.warning(f"max_len={max_len} < longest prompt {longest} + max_new_tokens {max_new_tokens}: heal and the "
                        f"filter see long completions cut to {max_len - longest} tokens")
 

@@ -1,12 +1,16 @@
 """Treatment beyond control: runs whose configs differ only in `control` (and seed) are one family; per
 round and stage, the treatment's change against its own base minus the control's, paired by seed, with
-the mean and 95% t-interval of those paired differences. A treatment and its control share the base model
-and the items, so for one seed pair the difference is the treatment's stage against the control's, item by
-item: its interval is the paired bootstrap over items (intervals.py), as every other delta's.
+the mean over seed pairs and a two-level 95% interval: seeds, then the items every pair is scored on
+(intervals.two_level; each pair's difference is (treatment stage - its base) - (control stage - its base),
+item by item), or the t over seeds where the runs hold no items. A treatment and its control share the base
+model and the items, so for one seed pair the difference is the treatment's stage against the control's,
+item by item: its interval is the paired bootstrap over items (intervals.py), as every other delta's.
+Two runs of one arm with the same seed are refused: which of them pairs would be a guess. A stage under the
+coherence floor in either arm is named in the row (`broken`) and the table.
 
 A control heals on the same loop's text with the trait taken out (c0: unsteered completions; random: an
 equal-norm random push), so what the treatment moves beyond it is what the trait vector adds over
-self-distillation. The interval is over seeds: with one seed pair there is a difference and no interval.
+self-distillation.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .. import intervals, seeds
-from ..config import Config
+from ..config import Config, ConfigError
 from ..evaluate import stage_order
 from ..report import table
 from .runs import family
@@ -36,29 +40,49 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
             by_run[r["run_id"]][(r["round"], r["stage"])] = r
     arms = defaultdict(dict)  # (family, control) -> seed -> run_id
     for run_id, cfg in cfgs.items():
-        arms[(family(cfg), cfg.control)].setdefault(cfg.seed, run_id)
+        got = arms[(family(cfg), cfg.control)].setdefault(cfg.seed, run_id)
+        if got != run_id:
+            raise ConfigError(f"runs {got} and {run_id} are the same arm (control {cfg.control}) with the same seed "
+                              f"{cfg.seed}: beyond control pairs arms by seed; pass only one of them")
     out = []
     for (fam, control), ctrl in sorted(arms.items()):
         treat = arms.get((fam, "none"), {})
-        seeds = sorted(set(treat) & set(ctrl))
-        if control == "none" or not seeds:
+        common = sorted(set(treat) & set(ctrl))
+        if control == "none" or not common:
             continue
-        cells = sorted({k for s in seeds for k in by_run[treat[s]]} & {k for s in seeds for k in by_run[ctrl[s]]},
+        cells = sorted({k for s in common for k in by_run[treat[s]]} & {k for s in common for k in by_run[ctrl[s]]},
                        key=stage_order)
         for key in cells:
-            pairs = [(by_run[treat[s]].get(key), by_run[ctrl[s]].get(key)) for s in seeds]
+            pairs = [(by_run[treat[s]].get(key), by_run[ctrl[s]].get(key)) for s in common]
             pairs = [(t, c) for t, c in pairs if t is not None and c is not None]
             row = dict(level="beyond", family=labels.get(fam, fam), control=control, round=key[0], stage=key[1],
                        n_pairs=len(pairs), treatment=[t["run_id"] for t, _ in pairs],
-                       controls=[c["run_id"] for _, c in pairs])
+                       controls=[c["run_id"] for _, c in pairs],
+                       broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")])
             for m in DIFFS:
-                ci = mean_ci([None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs])
-                row.update({f"beyond_{m}_mean": ci["mean"], f"beyond_{m}_lo": ci["lo"], f"beyond_{m}_hi": ci["hi"]})
+                diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
+                ci, over = mean_ci(diffs), "seeds"
+                two = _two_level(items, pairs, key, m, boot)
+                if two is not None:
+                    ci, over = dict(mean=two["delta"], lo=two["lo"], hi=two["hi"]), "seeds+items"
+                row.update({f"beyond_{m}_mean": ci["mean"], f"beyond_{m}_lo": ci["lo"], f"beyond_{m}_hi": ci["hi"],
+                            f"beyond_{m}_over": over if len(pairs) > 1 else "items"})
             if len(pairs) == 1 and items and boot:
                 row.update(_over_items(items, pairs[0][0]["run_id"], pairs[0][1]["run_id"], key, boot,
                                        cfgs[pairs[0][0]["run_id"]].seed))
             out.append(row)
     return out
+
+
+def _two_level(items: dict | None, pairs: list[tuple[dict, dict]], key: tuple[int, str], m: str,
+               boot: int) -> dict | None:
+    """Seeds, then items: per pair (treatment stage - its base) - (control stage - its base) on shared items."""
+    if not items or not boot or len(pairs) < 2 or any(x["run_id"] not in items for p in pairs for x in p):
+        return None
+    lists = [[items[x["run_id"]].get(k, []) for x in (t, c) for k in (key, (-1, "base"))] for t, c in pairs]
+    seed = seeds.bootstrap(0, key[0], f"beyond-{key[1]}.{m}")
+    ci = intervals.over_seeds(lists, (1, -1, -1, 1), METRIC[m], boot, seed)
+    return ci if ci is not None and ci["lo"] is not None else None
 
 
 def _over_items(items: dict, treat: str, ctrl: str, key: tuple[int, str], boot: int, seed: int) -> dict:
@@ -75,13 +99,18 @@ def _ci(row: dict, m: str) -> str:
     mean, lo, hi = row[f"beyond_{m}_mean"], row[f"beyond_{m}_lo"], row[f"beyond_{m}_hi"]
     if mean is None:
         return "-"
-    return f"{mean:+.3f}" if lo is None else f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    star = "*" if row.get(f"beyond_{m}_over") == "seeds" else ""
+    ns = "~" if intervals.crosses_zero(lo, hi) else ""
+    return f"{mean:+.3f}" if lo is None else f"{ns}{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
 
 
 def summary(out: list[dict]) -> str:
     if not out:
         return ""
-    return ("\n\nbeyond control: treatment minus control, paired by seed (mean [95% t-interval over seeds]; one "
-            "seed pair: [95% paired bootstrap over items], ~ = the interval holds 0)\n" + table(["family", "control", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS)],
-                                  [[r["family"], r["control"], r["round"], r["stage"], r["n_pairs"],
-                                    *(_ci(r, m) for m in DIFFS)] for r in out]))
+    return ("\n\nbeyond control: treatment minus control, paired by seed; mean [95% interval, two-level: resampling "
+            "seed pairs, then the items they share (t over seed pairs alone, marked *, without items or with --boot "
+            "0); one seed pair: resampling its items (paired bootstrap)]; ~ = the interval holds 0; broken: runs whose "
+            "stage is under the coherence floor\n"
+            + table(["family", "control", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
+                    [[r["family"], r["control"], r["round"], r["stage"], r["n_pairs"], *(_ci(r, m) for m in DIFFS),
+                      "BROKEN " + ",".join(r["broken"]) if r.get("broken") else ""] for r in out]))

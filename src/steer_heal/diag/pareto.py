@@ -12,6 +12,11 @@ drawn hollow in its treatment's family, its label next to the treatment's (contr
 drawn in every round's panel. A point is on the front when no other point in its panel has at
 least as much trait moved and coherence and more of one; ties share the front. Arrows go from each
 label's steered point to its healed point.
+
+A point under the coherence floor (metrics.broken: `broken` from the `stage_broken` table, which holds
+run_id, round, stage, broken for every stored stage; true for a --by config point when any of its seeds
+is) is drawn crossed and is never on the front: a move bought by wrecking the model is no trade-off. A
+--sql query that returns no `broken` column leaves its points unchecked (the summary says so).
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import sys
 
 import duckdb
 
-from ..config import ConfigError
+from .. import data
+from ..config import Config, ConfigError
 from ..console import Parser, script
+from ..evaluate import StageEval
+from ..metrics import broken
 from ..report import table
-from ..store import check_read_only
+from ..store import RunLog, check_read_only
 from . import plots
 from .record import Diagnostic
 from .runs import connect_meta, sql_rows
@@ -39,8 +47,9 @@ WITH m AS (
   WHERE s.evaluator = 'mfv'
 ), b AS (SELECT run_id, signed AS base FROM m WHERE stage = 'base')
 SELECT {label} AS label, m.round, m.stage, avg(m.signed - b.base) AS trait_moved,
-       avg(m.coherence) AS coherence, count(*) AS n_runs, any_value(m.control) AS control
-FROM m JOIN b USING (run_id)
+       avg(m.coherence) AS coherence, count(*) AS n_runs, any_value(m.control) AS control,
+       bool_or(coalesce(sb.broken, '') <> '') AS broken, count(*) FILTER (WHERE coalesce(sb.broken, '') <> '') AS n_broken
+FROM m JOIN b USING (run_id) LEFT JOIN stage_broken sb USING (run_id, round, stage)
 GROUP BY ALL ORDER BY ALL
 """
 LABELS = {"run": "m.run_id", "config": "m.config_label"}
@@ -63,17 +72,40 @@ def facets(rows: list[dict]) -> dict[int, list[dict]]:
     out = {}
     for r in rounds:
         panel = refs if r < 0 else [dict(p, round=r) for p in refs] + [p for p in pts if p["round"] == r]
-        flags = pareto_front([(p["x"], p["y"]) for p in panel])
-        out[r] = [dict(p, front=f) for p, f in zip(panel, flags, strict=True)]
+        ok = [p for p in panel if not p.get("broken")]  # a broken point neither joins nor shapes the front
+        flags = dict(zip(map(id, ok), pareto_front([(p["x"], p["y"]) for p in ok]), strict=True))
+        out[r] = [dict(p, front=flags.get(id(p), False)) for p in panel]
+    return out
+
+
+def stage_broken(root: str, run_ids: list[str]) -> list[tuple[str, int, str, str]]:
+    """(run_id, round, stage, why) for every stored stage: metrics.broken against the run's own base."""
+    out = []
+    for run_id in run_ids:
+        log = RunLog(root, run_id)
+        cfg = Config.from_dict(log.read("run_info")[0]["config"])  # as run_meta reads it: the points are its runs
+        by = StageEval.by_stage(log.read("stage_metrics"), log.read("eval_items"))
+        base = by.get((-1, "base"))
+        for (r, stage), s in by.items():
+            why = "" if base is None or stage == "base" else \
+                broken(s, base, data.persona(cfg)["target"], cfg.coh_floor_rel)
+            out.append((run_id, r, stage, why))
     return out
 
 
 def summary(panels: dict[int, list[dict]]) -> str:
     front = sorted((p for pts in panels.values() for p in pts if p["front"]), key=lambda p: (p["round"], -p["x"]))
     body = [[p["round"], p["label"], p["stage"], p["x"], p["y"]] for p in front]
-    n = sum(len(pts) for pts in panels.values())
-    return (table(["round", "label", "stage", "trait_moved", "coherence"], body)
-            + f"\n{len(body)} of {n} points on the front (all of them are in the diagnostic's rows)")
+    pts = [p for ps in panels.values() for p in ps]
+    bad = sorted((p for p in pts if p.get("broken")), key=lambda p: (p["round"], p["label"], p["stage"]))
+    text = (table(["round", "label", "stage", "trait_moved", "coherence"], body)
+            + f"\n{len(body)} of {len(pts)} points on the front (all of them are in the diagnostic's rows)")
+    if bad:
+        text += (f"\n{len(bad)} BROKEN point(s), under the coherence floor: drawn crossed, never on the front: "
+                 + ", ".join(f"r{p['round']} {p['label']} {p['stage']}" for p in bad))
+    if pts and "broken" not in pts[0]:
+        text += "\nthe query returned no `broken` column: no point was checked against the coherence floor"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     con = connect_meta(a.out)
     try:
         check_read_only(con, sql)  # --sql is the user's: it may only read, like `just sql`
+        ids = [r[0] for r in con.execute("SELECT run_id FROM run_meta").fetchall()]
+        con.execute("CREATE TEMP TABLE stage_broken (run_id VARCHAR, round INTEGER, stage VARCHAR, broken VARCHAR)")
+        if ids:
+            con.executemany("INSERT INTO stage_broken VALUES (?, ?, ?, ?)", stage_broken(a.out, ids))
         rows = sql_rows(con, sql)
     except duckdb.Error as e:
         raise ConfigError(f"the query failed: {str(e).strip().splitlines()[0]}") from None

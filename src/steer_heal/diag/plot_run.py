@@ -1,6 +1,7 @@
 """`just plot RUN_ID`: target nats, trait nats, coherence, adapter_ppl (free text) and the steering KL by
 round (steered and healed), with base and prompted as reference lines, and the kept fraction. PNG and SVG under out/runs/RUN_ID/plots/,
-listed in the diagnostic's report.md. Reads the store with SQL; no model is loaded.
+listed in the diagnostic's report.md. A stage under the coherence floor (metrics.broken) is crossed in the
+figure and marked BROKEN in the table. Reads the store with SQL; no model is loaded.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import data
+from .. import data, metrics
 from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
 from ..report import table
@@ -38,6 +39,14 @@ def series(stage_metrics: list[dict], target: str) -> dict[tuple[int, str], dict
             for k, s in StageEval.by_stage(stage_metrics).items()}
 
 
+def broken_stages(log, target: str, floor_rel: float) -> dict[tuple[int, str], str]:
+    """Why each stage is under the coherence floor ('' when it is not), against the run's base."""
+    by = StageEval.by_stage(log.read("stage_metrics"), log.read("eval_items"))
+    base = by.get((-1, "base"))
+    return {k: metrics.broken(s, base, target, floor_rel) if base is not None and k[1] != "base" else ""
+            for k, s in by.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     log = run_log(a.out, a.run_id)
@@ -48,15 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         kept = {r["round"]: r["kept_frac"] for r in sql_rows(con, KEPT_SQL, [a.run_id])}
     finally:
         con.close()
+    why = broken_stages(log, target, stored_config(log).coh_floor_rel)
+    for key, v in stages.items():
+        v["broken"] = why.get(key, "")
     rows = [dict(run_id=a.run_id, round=r, stage=st, **v, kept_frac=kept.get(r) if st == "healed" else None)
             for (r, st), v in sorted(stages.items(), key=lambda kv: stage_order(kv[0]))]
     diag = Diagnostic(a.out, "plot", a.run_id, None, dict(target=target))
     diag.add(rows)
     files = plots.save(plots.run_figure(stages, kept, f"run {a.run_id} (target {target})"),
                        log.dir / "plots" / "rounds")
-    text = table(["r", "stage", "target", "trait", "coh", "adapter_ppl", "kl", "kept"],
+    text = table(["r", "stage", "target", "trait", "coh", "adapter_ppl", "kl", "kept", "broken"],
                  [[r["round"], r["stage"], r["target_nats"], r["trait_nats"], r["coherence"], r["adapter_ppl"],
-                   r["kl"], r["kept_frac"]] for r in rows])
+                   r["kl"], r["kept_frac"], "BROKEN" if r["broken"] else ""] for r in rows])
     diag.finish(text, files)
     return 0
 

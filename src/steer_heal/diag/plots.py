@@ -74,8 +74,8 @@ def sweep_figure(trait: list[dict], random: list[dict], dose: float | None, titl
 
 def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trait moved (nats, toward the trait)"
                   ) -> Figure:
-    """One panel per round: points {label, stage, x, y, front}; the front as a step line, an arrow from
-    each label's steered point to its healed point. Round -1 points (base, prompted) are references."""
+    """One panel per round: points {label, stage, x, y, front, broken}; the front as a step line, an arrow from
+    each label's steered point to its healed point; a broken point crossed (the legend says so). Round -1 points (base, prompted) are references."""
     rounds = sorted(facets)
     fig = Figure(figsize=(4.2 * max(1, len(rounds)), 4.0), layout="constrained")
     axes = fig.subplots(1, max(1, len(rounds)), squeeze=False)[0]
@@ -87,6 +87,8 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
             ax.scatter(p["x"], p["y"], marker=STAGE_MARKERS.get(p["stage"], "o"), s=60 if p["front"] else 30,
                        facecolors="none" if hollow else colors[p["label"]],
                        edgecolors=colors[p["label"]] if hollow else ("k" if p["front"] else "none"), zorder=3)
+            if p.get("broken"):  # under the coherence floor: crossed out, and never on the front
+                ax.scatter(p["x"], p["y"], marker="x", s=90, color="k", lw=1.5, zorder=4)
         front = sorted((p["x"], p["y"]) for p in pts if p["front"])
         if front:
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="k", lw=1, alpha=0.6, zorder=2)
@@ -101,6 +103,9 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
         ax.grid(alpha=0.3)
     handles = [axes[0].scatter([], [], color=c, label=lab) for lab, c in colors.items()]
     handles += [axes[0].scatter([], [], marker=m, color="0.3", label=s) for s, m in STAGE_MARKERS.items()]
+    if any(p.get("broken") for pts in facets.values() for p in pts):
+        handles.append(axes[0].scatter([], [], marker="x", s=90, color="k", lw=1.5,
+                                       label="broken (under the coherence floor): never on the front"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle(title)
     return fig
@@ -110,12 +115,13 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
 
 def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], title: str) -> Figure:
     """By round: steered and healed lines, base and prompted as horizontal reference lines, and the
-    kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl}},
-    round -1 = references."""
+    kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl, broken}},
+    round -1 = references; a broken stage's points are crossed."""
     fig = Figure(figsize=(3.6 * (len(RUN_PANELS) + 1), 3.6), layout="constrained")
     axes = fig.subplots(1, len(RUN_PANELS) + 1)
     rounds = sorted({r for r, _ in stages if r >= 0})
     for ax, (key, name) in zip(axes, RUN_PANELS, strict=False):
+        broken_shown = ax is not axes[0]  # the legend (first panel) names the cross once
         for stage, style in (("base", dict(color="0.4", ls="--")), ("prompted", dict(color="C2", ls=":"))):
             v = stages.get((-1, stage), {}).get(key)
             if v is not None:
@@ -125,6 +131,11 @@ def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], titl
             pts = [(r, v) for r, v in pts if v is not None]
             if pts:
                 ax.plot([r for r, _ in pts], [v for _, v in pts], "o-", color=color, label=stage)
+            bad = [(r, v) for r, v in pts if stages[(r, stage)].get("broken")]
+            if bad:  # under the coherence floor: crossed, so no one reads it as a trade-off
+                ax.scatter([r for r, _ in bad], [v for _, v in bad], marker="x", s=90, color="k", lw=1.5, zorder=4,
+                           label=None if broken_shown else "broken (under the coherence floor)")
+                broken_shown = True
         ax.set(title=name, xlabel="round")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -8,10 +8,12 @@ comes first: a stage under it is flagged broken and its ratios print the flag, n
 stage of a run is evaluated on the run's own items; a stage whose n differs from base's is not paired,
 so it gets no deltas (and the table says so).
 
-Runs that share a config and differ only in seed are a group: each cell then also gets the mean
-and a 95% t-interval over the seeds (mean +- t(0.975, k-1) * sd / sqrt(k)). Runs that differ only in
-`control` (and seed) are a family: the "beyond control" table gives the treatment's d_trait, d_tgt and
-d_coh minus its control's at the same round and stage, paired by seed (diag/control.py).
+Runs that share a config and differ only in seed are a group: each cell then also gets the mean over
+the seeds and a 95% interval: for a delta, two-level (seeds, then the items every seed is scored on:
+intervals.two_level, docs/diagnostics.md "Two-level intervals"); for a ratio, the t over seeds. Runs that
+differ only in `control` (and seed) are a family: the "beyond control" table gives the treatment's
+d_trait, d_tgt and d_coh minus its control's at the same round and stage, paired by seed
+(diag/control.py). Every table marks a stage under the coherence floor.
 Reads the store only; no model is loaded.
 """
 
@@ -21,7 +23,7 @@ import argparse
 import sys
 from collections import defaultdict
 
-from .. import data, intervals, metrics
+from .. import data, intervals, metrics, seeds
 from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
 from ..report import DELTAS, table
@@ -85,8 +87,12 @@ def run_rows(run_id: str, stage_metrics: list[dict], target: str, eval_items: li
     return rows
 
 
-def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, str]) -> list[dict]:
-    """Per config with two or more seeds, per (round, stage): mean and 95% interval of each AGG number."""
+def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, str],
+              items: dict[str, dict] | None = None, boot: int = 0) -> list[dict]:
+    """Per config with two or more seeds, per (round, stage): mean and 95% interval of each AGG number.
+    With the runs' items (run_id -> intervals.by_stage) a delta's interval is two-level (seeds, then the
+    items they share: intervals.two_level); a ratio's, or a delta's without items, is the t over seeds
+    (`<m>_over` says which). `broken` counts the seeds whose stage is under the coherence floor."""
     out = []
     for key, runs in groups.items():
         if len(runs) < 2:
@@ -101,12 +107,27 @@ def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, 
             got = cells[(rnd, stage)]
             agg = dict(level="seeds", config=labels[key], config_key=key, runs=[r["run_id"] for r in got],
                        round=rnd, stage=stage, n_seeds=len(got),
-                       surgical=sum(bool(r.get("surgical")) for r in got))
+                       surgical=sum(bool(r.get("surgical")) for r in got),
+                       broken=sum(bool(r.get("broken")) for r in got))
             for m in AGG:
-                ci = mean_ci([r.get(m) for r in got])
-                agg.update({f"{m}_mean": ci["mean"], f"{m}_lo": ci["lo"], f"{m}_hi": ci["hi"]})
+                ci, over = mean_ci([r.get(m) for r in got]), "seeds"
+                two = _two_level(got, m, items, boot) if items and boot else None
+                if two is not None and two["lo"] is not None:
+                    ci, over = dict(mean=two["delta"], lo=two["lo"], hi=two["hi"]), "seeds+items"
+                agg.update({f"{m}_mean": ci["mean"], f"{m}_lo": ci["lo"], f"{m}_hi": ci["hi"], f"{m}_over": over})
             out.append(agg)
     return out
+
+
+def _two_level(got: list[dict], m: str, items: dict[str, dict], boot: int) -> dict | None:
+    """A delta's two-level interval over the paired seeds of one cell (None for a ratio or without items)."""
+    metric = {name: metric for metric, name in DELTAS}.get(m)
+    runs = [r for r in got if r.get("paired") and r["run_id"] in items]
+    if metric is None or len(runs) < 2:
+        return None
+    rnd, stage = got[0]["round"], got[0]["stage"]
+    lists = [[items[r["run_id"]].get((rnd, stage), []), items[r["run_id"]].get((-1, "base"), [])] for r in runs]
+    return intervals.over_seeds(lists, (1, -1), metric, boot, seeds.bootstrap(0, rnd, f"seeds-{stage}.{metric}"))
 
 
 def _yn(v) -> str:
@@ -117,7 +138,13 @@ def _pm(row: dict, m: str) -> str:
     mean, lo, hi = row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"]
     if mean is None:
         return "-"
-    return f"{mean:.3f}" if lo is None else f"{mean:.3f}±{(hi - lo) / 2:.3f}"
+    star = "*" if m.startswith("d_") and row.get(f"{m}_over") == "seeds" else ""
+    return f"{mean:.3f}" if lo is None else f"{mean:.3f}±{(hi - lo) / 2:.3f}{star}"
+
+
+def _broken(row: dict) -> str:
+    """BROKEN k/n when k of the cell's n seeds are under the coherence floor, else ''."""
+    return f"BROKEN {row['broken']}/{row['n_seeds']}" if row.get("broken") else ""
 
 
 def _ci(row: dict, name: str) -> str:
@@ -144,15 +171,19 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
           _ratio(r, "surgical") if r.get("broken") else _yn(r.get("surgical")), r.get("broken") or ""]
          for r in rows]))
     for title, suffix in (("against base", ""), ("against the previous student (base for round 0)", "_prev")):
-        text += (f"\n\n{title}: delta [95% paired bootstrap interval over items], ~ = the interval holds 0\n"
-                 + table(["run", "r", "stage", *[n for _, n in DELTAS]],
-                         [[r["run_id"], r["round"], name(r), *[_ci(r, n + suffix) for _, n in DELTAS]]
+        text += (f"\n\n{title}: delta [95% interval resampling this run's items (paired bootstrap)], ~ = the "
+                 "interval holds 0; BROKEN = the stage is under the coherence floor\n"
+                 + table(["run", "r", "stage", *[n for _, n in DELTAS], "broken"],
+                         [[r["run_id"], r["round"], name(r), *[_ci(r, n + suffix) for _, n in DELTAS],
+                           "BROKEN" if r.get("broken") else ""]
                           for r in rows if r["stage"] != "base" and (suffix == "" or r["round"] >= 0)]))
     if agg:
-        text += "\n\nover seeds: mean ± half-width of the 95% t-interval\n" + table(
-            ["config", "r", "stage", "seeds", *AGG, "surgical"],
+        text += ("\n\nover seeds: mean ± half-width of the 95% interval; deltas (d_*): two-level, resampling seeds "
+                 "and then the items they share (t over seeds alone, marked *, without items or with --boot 0); "
+                 "ratios: t over seeds; broken: seeds whose stage is under the coherence floor\n") + table(
+            ["config", "r", "stage", "seeds", *AGG, "surgical", "broken"],
             [[a["config"], a["round"], a["stage"], a["n_seeds"], *[_pm(a, m) for m in AGG],
-              f"{a['surgical']}/{a['n_seeds']}"] for a in agg])
+              f"{a['surgical']}/{a['n_seeds']}", _broken(a)] for a in agg])
     return text
 
 
@@ -169,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         items[run_id] = intervals.by_stage(eval_items)
         rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"], eval_items,
                          cfg.seed, a.boot, cfg.coh_floor_rel)
-    agg = seed_rows(rows, groups, config_labels(exps))
+    agg = seed_rows(rows, groups, config_labels(exps), items, a.boot)
     fams = {family(c): {k: v for k, v in seedless(c).items() if k != "control"} for c in cfgs.values()}
     beyond = control.beyond(rows, cfgs, config_labels(fams), items, a.boot)
     diag = Diagnostic(a.out, "stages", ",".join(dict.fromkeys(a.run_ids)), None,

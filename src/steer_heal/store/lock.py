@@ -72,6 +72,8 @@ class WriterLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._beat is not None and self._beat is not threading.current_thread():
+            self._beat.join()  # no beat may land after release: a stale check reads the file next
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None

@@ -29,9 +29,9 @@ def cell(run_id: str, flags: list[str], out: str) -> str:
 
     started = (Path(out) / "runs" / run_id / "run_info.jsonl").is_file()
     argv = ["--resume", run_id] if started else ["--run-id", run_id]
-    cfg, explicit = parse([*argv, *flags, "--out", out])
+    cfg, explicit, preset = parse([*argv, *flags, "--out", out], with_preset=True)
     setup_logging(cfg.log_level)
-    rc = run(cfg, explicit)
+    rc = run(cfg, explicit, preset=preset)  # fast-dev sizes its max_len in a cell as on the command line
     last = (RunLog(out, run_id).read("status") or [{}])[-1]
     if rc not in OUTCOMES:
         raise RuntimeError(f"run {run_id} ended {last.get('status')} (exit {rc}): {last.get('reason', '')}")
