@@ -136,3 +136,24 @@ def test_smollm2_unsteered_completions_pass_the_loop_gate_and_s4s_loops_do_not()
     assert all(r["keep"] for r in own), [(r["distinct"], r["completion"]) for r in own if not r["keep"]]
     bad = score(model, tok, [dict(prompt=ps[0], completion=t) for t in S4_LOOPS + prompt_loops(ps[:4])], **kw)
     assert [r["reason"] for r in bad] == ["loop"] * 6
+
+
+# ---------------------------------------------------------------- through the flow
+
+@pytest.mark.skipif(not SUFFIXES.is_file(), reason=f"branching suffixes absent at {SUFFIXES}")
+def test_a_run_with_the_guards_the_loop_gate_and_suffix_contexts(tmp_path):
+    from test_flow import ARGS, steer_heal
+
+    from steer_heal.store import RunLog
+
+    rc, _, se = steer_heal(tmp_path, *ARGS, "--n-rounds", "1", "--max-new-tokens", "20", "--repetition-penalty", "1.3",
+                           "--no-repeat-ngram", "3", "--loop-tau", "0.2", "--n-extract-pairs", "8",
+                           "--suffix-file", str(SUFFIXES), "--run-id", "g")
+    assert rc == 0, se[-3000:]
+    log = RunLog(tmp_path, "g")
+    cfg = log.read("run_info")[0]["config"]
+    assert (cfg["repetition_penalty"], cfg["no_repeat_ngram"], cfg["loop_tau"], cfg["n_extract_pairs"]) == (1.3, 3, 0.2, 8)
+    rows = log.read("completions")
+    scored = [r for r in rows if r["phase"] in ("probe", "collect")]
+    assert scored and all(0 < r["distinct"] <= 1 for r in scored)
+    assert all(r.get("distinct") is None for r in rows if r["phase"].startswith("demo:"))
