@@ -66,7 +66,7 @@ TABLE = {
         fold_history=(True, "ours"), repetition_penalty=(1.3, "S1"), no_repeat_ngram=(3, "S1"),
     ),
     "small": dict(
-        model=('smollm2-135m', "ours"), steer_layers=((0.4, 0.6), "ours"), alphas=((8.0, 12.0, 16.0), "ours"),
+        model=('smollm2-135m', "ours"), steer_layers=((0.4, 0.6), "ours"), alphas=((12.0, 16.0, 20.0), "ours"),
         n_rounds=(3, "ours"), n_prompts=(32, "ours"), n_keep=(24, "ours"), min_train=(8, "ours"),
         probe_size=(8, "S3"), dose_target=(0.75, "S3"), kappa_min=(0.2, "S3"), bisect_steps=(4, "ours"),
         max_new_tokens=(48, "ours"), max_len=(192, "ours"), collect_size=(16, "ours"), gen_batch=(16, "ours"),

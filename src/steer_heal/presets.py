@@ -109,12 +109,14 @@ SOURCED: dict[str, Sourced] = {
     # SmolLM2-135M-Instruct on CPU. Its raw vector on layers 12-18 answers the prompt below the edge and drifts
     # into fluent off-topic text beyond (perplexity misses it, relevance does not; docs/results.md, measured on
     # the 85 bundled contexts, edge C ~3). Over 64 branching suffixes the vector is ~4x shorter (read mid-answer,
-    # the persona moves the state less) and its edge moved to C ~12, hence alphas 4x the old (2, 3, 4).
+    # the persona moves the state less) and its edge moved to C ~10, hence alphas 4-6x the old (2, 3, 4): with
+    # (8, 12, 16) the kappa-1 probe passed by luck (6/8) and collection at kappa 1 kept 22/48; with (12, 16, 20)
+    # it kept 2/8 and the walk bracketed the edge at kappa 0.605 (C 7-12), collection keeping 13/16.
     "small": dict(
         model=("smollm2-135m", "ours: a real instruct model that runs on CPU"),
         steer_layers=((0.4, 0.6), "ours: layers 12-18 of 30 (docs/results.md)"),
-        alphas=((8.0, 12.0, 16.0), "ours: S3's (0.5, 0.75, 1) x 16, so kappa 1 is past the edge of SmolLM2's "
-                                   "64-pair vector (kept 8/8 at C 8, 4/8 at 12, 3/8 at 16; the bundled one's was C ~3)"),
+        alphas=((12.0, 16.0, 20.0), "ours: kappa 1 past the edge of SmolLM2's 64-pair vector (kept 8/8 at C 8, 4/8 "
+                                    "at 12, 3/8 at 16; the bundled vector's edge was C ~3); a round's walk: edge at kappa 0.6"),
         n_rounds=(3, "ours: CPU time"), n_prompts=(32, "ours: the bundled prompts"), n_keep=(24, "ours: CPU time"),
         min_train=(8, "ours: a third of n_keep"), probe_size=(8, "S3"), dose_target=(0.75, "S3"), kappa_min=(0.2, "S3"),
         bisect_steps=(4, "ours: CPU time"), max_new_tokens=(48, "ours: CPU time"), max_len=(192, "ours: prompt + 48 tokens"),
