@@ -27,13 +27,13 @@ test *ARGS:
 lint:
     ruff check src flows scripts tests
 
-# the whole loop on a GPU box with the method's journal recipe (--preset journal; the Clifford vignettes from ../shared when present): just run --n-rounds 10
+# the whole loop on a GPU box with S2's coherent 8-round recipe (--preset s2-headline, docs/usage.md says why; the Clifford vignettes from ../shared when present): just run --n-rounds 10
 run *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
     v=../shared/data/mfv_classic_other_violate.jsonl
     extra=(); [ -f "$v" ] && extra=(--vignettes "$(realpath "$v")")
-    exec {{python}} -m steer_heal --preset journal "${extra[@]}" "$@"
+    exec {{python}} -m steer_heal --preset s2-headline "${extra[@]}" "$@"
 
 # the whole loop offline on a tiny random model, 2 rounds
 fast-dev-run *ARGS:

@@ -43,7 +43,7 @@ def test_validation_names_field_value_and_allowed(kw, field, allowed):
 
 def test_defaults_and_presets_validate():
     Config().validate()
-    for name in ("fast-dev", "small", "journal"):
+    for name in ("fast-dev", "small", "s2-headline", "s4-next", "s1-journal"):
         Config(**preset(name)).validate()
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("huge")

@@ -153,6 +153,18 @@ def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
         script("barrier_sweep").grid(cfg, {"kl_agg": ["median"]})
 
 
+def test_barrier_sweep_runs_s4s_tau_bracket_with_the_barrier_to_base():
+    # a run like S4's loops (barrier to prev, spectral on, ramped lam): the bracket overrides all three
+    cfg = Config(reg="kl_rev", barrier_ref="prev", spectral_lam=0.01, lam_round_pow=0.5, lam=1.0)
+    bs = script("barrier_sweep")
+    a = bs.parse(["run", "0", "--barrier-ref", "base", "--spectral-lam", "0", "--lam-round-pow", "0",
+                  "--lam", "0.3", "--tau", "0.25", "0.5", "1", "2"])
+    cells = bs.grid(cfg, {k: getattr(a, k) for k in bs.GRID})
+    assert [c["tau"] for c in cells] == [0.25, 0.5, 1.0, 2.0]
+    assert all((c["barrier_ref"], c["spectral_lam"], c["lam_round_pow"], c["lam"]) == ("base", 0.0, 0.0, 0.3)
+               for c in cells)
+
+
 def test_barrier_order_puts_coherent_cells_with_most_new_trait_first():
     rows = [dict(stage="healed", name=n, coh_ok=ok, new_trait=t) for n, ok, t in
             (("a", False, 0.9), ("b", True, 0.1), ("c", True, None), ("d", True, 0.3))]

@@ -54,8 +54,8 @@ def test_auto_batch_is_the_largest_that_fits(stage, key):
     assert auto_batch(1 * memory.GIB, stage, **kw) == 0  # the fold's copies alone overflow 1 GiB
 
 
-def test_gemma_on_an_h200_fits_the_journal_batches():
-    """The numbers docs/performance.md quotes: gemma-3-4b-it in bf16 with the journal's fold on 139 GiB."""
+def test_gemma_on_an_h200_fits_the_gpu_presets_batches():
+    """The numbers docs/performance.md quotes: gemma-3-4b-it in bf16 with the GPU presets' fold on 139 GiB."""
     est = estimate(**_kw(gen_batch=16, eval_batch=8))
     assert 14 * memory.GIB < est["weights+history"] < 16 * memory.GIB  # 7.8 GB weights, 2 x 3.8 GB fold copies
     assert auto_batch(130 * memory.GIB, "generate", **_kw()) >= 16

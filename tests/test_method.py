@@ -3,14 +3,13 @@ presets say what they are, the spectral penalty is a mean, EOS only after a comp
 
 import copy
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from steer_heal import seeds
-from steer_heal.config import PRESETS, Config, preset, preset_table
+from steer_heal.config import Config, preset
 from steer_heal.dose import BRACKET, DoseResult, Starved, collect_at, dose_walk
 from steer_heal.filter import foils, perplexity, score
 from steer_heal.generate import generate
@@ -342,40 +341,7 @@ def test_beyond_control_over_seed_pairs_adds_the_items_they_share(tmp_path):
 
 # ---------------------------------------------------------------- presets
 
-def test_help_shows_each_presets_values_and_usage_md_the_same_table():
-    from steer_heal.cli import build_parser
-
-    text = build_parser().format_help()
-    lines = text[text.index("presets (the value"):].splitlines()
-    head = lines[2].split()
-    assert head == ["knob", "default", *PRESETS]
-    col = head.index("journal")
-    shown = {ln.split()[0]: ln for ln in lines[3:] if ln.strip()}
-    j = preset("journal")
-    for name, value in j.items():
-        assert name in shown, name
-        cells = re.split(r"\s{2,}", shown[name].strip())
-        want = " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value) if isinstance(value, tuple) \
-            else (f"{value:g}" if isinstance(value, float) else str(value))
-        assert cells[col] == want, (name, cells, want)
-    assert preset_table(md=True) in (DOCS / "usage.md").read_text(), "docs/usage.md's preset table is stale"
-
-
-def test_journal_preset_is_the_methods_recipe():
-    j = Config(**preset("journal")).validate()
-    assert (j.reg, j.kl_agg, j.barrier_ref, j.lam, j.tau, j.lam_round_pow, j.spectral_lam) == \
-        ("kl_rev", "rmse", "prev", 0.3, 2.0, -0.5, 0.01)
-    assert (j.max_new_tokens, j.think_tokens, j.coh_floor, j.alphas, j.dose_target, j.kappa_min) == \
-        (512, 128, 0.95, (0.5, 0.75, 1.0), 0.75, 0.2)
-    from steer_heal.models import band
-
-    assert band(j.steer_layers, 34) == [15, 16, 17]  # gemma-3-4b-it: the journal's 3 layers of 34
-
-
-def test_just_run_uses_the_journal_preset():
-    justfile = (Path(__file__).parents[1] / "justfile").read_text()
-    body = justfile[justfile.index("\nrun *ARGS:"):].split("\n\n")[0]
-    assert "--preset journal" in body
+# presets: tests/test_presets.py
 
 # ---------------------------------------------------------------- just seeds
 

@@ -120,7 +120,7 @@ def test_filter_scores_every_completion(tiny):
         "I would help him first.", "the the the the the the the the the the", "As an AI I cannot decide.", ""])]
     out = score(model, tok, items, system="", ppl_tau=1e9, rep_tau=0.5)
     assert [r["reason"] for r in out] == ["", "rep", "refusal", "empty"]
-    assert drop_counts(out) == dict(empty=1, ppl=0, rep=1, relevance=0, narration=0, refusal=1)
+    assert drop_counts(out) == dict(empty=1, ppl=0, rep=1, loop=0, relevance=0, narration=0, refusal=1)
     strict = score(model, tok, items[:1], system="", ppl_tau=1.0, rep_tau=0.5)
     assert strict[0]["reason"] == "ppl" and strict[0]["ppl"] > 1.0
     assert max_ngram_freq("abababababab") > 0.4 and max_ngram_freq("a quick brown fox jumps".split()) < 0.3

@@ -12,8 +12,9 @@ from dataclasses import MISSING, fields
 
 from loguru import logger
 
-from .config import PRESETS, Config, ConfigError, preset, preset_table
+from .config import Config, ConfigError
 from .console import Parser, one_line, setup_logging
+from .presets import PRESETS, REAL, preset, preset_table, source_table
 
 
 def _flag(name: str) -> str:
@@ -24,12 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m steer_heal",
         description="Run N rounds of steer -> generate -> filter -> heal -> bake (see spec.md).",
-        epilog="presets (the value each knob takes; every other knob keeps its default):\n\n" + preset_table(),
+        epilog="presets (the value each knob takes; every other knob keeps its default):\n\n" + preset_table()
+        + "".join(f"\n\n{n}: each value's source (S1-S4 as docs/usage.md names them)\n\n"
+                  + source_table(n) for n in REAL),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="apply a preset before the other flags (journal: the method's recipe, for a GPU; "
-                        "small: SmolLM2 on CPU; fast-dev: a tiny random model; table below)")
+    # no argparse choices: a retired name (journal) gets preset()'s one line naming what replaced it
+    p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", default=None,
+                   help="apply a preset before the other flags (s2-headline: S2's coherent 8-round loop, what `just "
+                        "run` uses; s4-next: S4's proposed next loop; s1-journal: S1's, with the generation guards; "
+                        "small: SmolLM2 on CPU; fast-dev: a tiny random model; tables below)")
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
         t = hints[f.name]

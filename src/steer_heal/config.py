@@ -68,6 +68,11 @@ class Config:
     gen_system: str = knob("", "system prompt for steered generation, training data and eval ('' = the pair's neutral prompt)")
     # steering
     steer_layers: tuple[float, float] = knob((0.4, 0.6), "steering layer band as fractions of depth [lo, hi], inclusive")
+    n_extract_pairs: int = knob(0, "extract over this many branching-suffix contexts from --suffix-file (a user "
+                                "message and the start of an answer, read at the answer's last token), evenly spread "
+                                "over the file; 0 = the 85 bundled user messages")
+    suffix_file: str = knob("../shared/data/branching_suffixes.json", "branching-suffix JSON for --n-extract-pairs: "
+                            "rows {user_msg, suffix}; a relative path is read from the working directory")
     normalize: bool = knob(False, "unit-normalise the vector per layer (raw mean difference by default)")
     alphas: tuple[float, ...] = knob((1.0,), "dose multipliers: each batch samples at C = kappa * alpha, cycling the alphas; "
                                       "kappa 1 (the walk's first probe) should break the model")
@@ -89,10 +94,18 @@ class Config:
     gen_batch: int = knob(16, "generation batch size (how many slots share a forward; each slot samples from its own seed, so the text does not depend on it); 0 = auto: the largest that fits the GPU's free memory at run time (memory.py; 16 on a CPU)")
     temperature: float = knob(0.0, "sampling temperature (0 = the model's generation_config default)")
     top_p: float = knob(0.0, "nucleus top_p (0 = the model's default)")
+    repetition_penalty: float = knob(1.0, "divide (multiply, when negative) the logit of every token already in the prompt "
+                                     "or completion by this before sampling, per slot (1 = off); every generation: "
+                                     "completions, probes, demos")
+    no_repeat_ngram: int = knob(0, "never sample a token that would repeat an n-gram of this size already in the "
+                                "prompt or completion, per slot (0 = off); every generation")
     # filter
     ppl_tau: float = knob(60.0, "drop completions whose base-model perplexity exceeds this")
     rep_tau: float = knob(0.3, "drop completions whose max n-gram frequency (word or char, n=2..4) exceeds this")
     ppl_window: int = knob(32, "score perplexity on the last N completion tokens (0 = whole completion)")
+    loop_tau: float = knob(0.0, "drop completions whose distinct-token ratio (distinct / all tokens over the last "
+                           "--loop-window tokens) is below this: a low-perplexity token loop (0 = record it, drop nothing)")
+    loop_window: int = knob(64, "tokens the loop gate reads at the completion's end (shorter completions: all of them)")
     rel_tau: float = knob(0.0, "drop completions whose prompt relevance (mean log-prob per token under base given "
                           "their prompt minus given another prompt) is below this; 0 = record it, drop nothing")
     # heal
@@ -224,6 +237,12 @@ class Config:
                 bad(name, "a fraction in [0, 1)")
         if not 0.0 <= self.coh_floor_rel <= 1.0:
             bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "a number > 0 (1 = off; S1 used 1.3)")
+        if self.loop_tau > 1.0:
+            bad("loop_tau", "a distinct-token ratio in [0, 1] (0 = off)")
+        if self.loop_tau > 0 and self.loop_window < 8:
+            bad("loop_window", "an integer >= 8 while --loop-tau is on (a shorter tail cannot show a loop)")
         if not 0.0 < self.kappa_min <= 1.0:
             bad("kappa_min", "in (0, 1]")
         for name in ("probe_size", "collect_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "lora_r",
@@ -232,7 +251,7 @@ class Config:
                 bad(name, "an integer >= 1")
         if self.max_len < MIN_MAX_LEN:
             bad("max_len", f"an integer >= {MIN_MAX_LEN} (a chat prompt plus some completion tokens)")
-        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "rel_tau"):
+        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "rel_tau", "loop_tau"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")
         if self.n_keep < self.min_train:
@@ -258,65 +277,9 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny random model: garbage numbers, every code path, a few minutes on 2 CPU cores. Its unit vector
-    # moves base perplexity from ~800 (C = 0) to ~1000 (C >= 1), so ppl_tau 950 puts an edge in the walk's range.
-    "fast-dev": dict(
-        model="tiny-random", n_rounds=2, n_prompts=8, n_keep=8, min_train=4, probe_size=4, normalize=True,
-        bisect_steps=2, max_batches=3, collect_size=8, gen_batch=8, max_new_tokens=16, max_len=96,
-        ppl_tau=950.0, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
-        eval_batch=16, n_demo=4, lr=1e-3,
-    ),
-    # SmolLM2-135M-Instruct on CPU. Its raw vector on layers 12-18 answers the prompt to C~1-2 and drifts
-    # into fluent off-topic text beyond (perplexity misses it, relevance does not): the filter at rel_tau 0.1
-    # keeps ~80% at C 1.5-2.25, ~15-20% at C 3 and ~5% at C 4 (docs/results.md). The journal's alphas
-    # (0.5, 0.75, 1) times 4 put kappa 1 above that edge, so the walk walks down to it.
-    "small": dict(
-        model="smollm2-135m", steer_layers=(0.4, 0.6), alphas=(2.0, 3.0, 4.0), n_rounds=3, n_prompts=32,
-        n_keep=24, min_train=8, probe_size=8, dose_target=0.75, kappa_min=0.2, bisect_steps=4,
-        max_new_tokens=48, max_len=192, collect_size=16, gen_batch=16, ppl_tau=40.0, rel_tau=0.1, epochs=2, batch_size=4,
-        dtype="float32", fold_history=True,
-    ),
-    # The recipe the method's research journal settled on, for a GPU (gemma-3-4b-it, 34 layers): kl_rev
-    # with rmse aggregation and tau 2 just below the heal's operating KL (~3 nats there), lam 0.3 decaying
-    # as (1 + round)^-0.5, a spectral penalty averaged over modules, the barrier to the previous student
-    # (to base it pulls baked history back out), 512-token generations, 128 thinking tokens before the
-    # eval's answer, a 3-layer steering band (layers 15-17), LoRA r 32 on blocks 0.2-0.8, and the walk on
-    # [0.2, 1] with the alphas (0.5, 0.75, 1) and a 0.75 survival target. Give it the 132 Clifford
-    # vignettes (`just run` does when ../shared/data has them).
-    "journal": dict(
-        model="google/gemma-3-4b-it", steer_layers=(0.45, 0.5), alphas=(0.5, 0.75, 1.0), control="none",
-        dose_target=0.75, probe_size=8, kappa_min=0.2, bisect_steps=6, max_batches=8,
-        n_prompts=16, n_keep=64, min_train=30, max_new_tokens=512, max_len=1024, collect_size=16, gen_batch=0,
-        temperature=1.0, top_p=0.95, ppl_tau=50.0, rep_tau=0.3, ppl_window=128, rel_tau=0.0,
-        reg="kl_rev", kl_agg="rmse", barrier_ref="prev", lam=0.3, tau=2.0, lam_round_pow=-0.5,
-        spectral_lam=0.01, weight_decay=0.0, lora_r=32, lora_alpha=64.0, lora_layers=(0.2, 0.8),
-        epochs=6, batch_size=3, grad_accum=2, lr=1e-4, warmup=0.1, betas=(0.9, 0.95), grad_clip=1.0,
-        think_tokens=128, n_vignettes=0, eval_batch=0, n_rounds=8, coh_floor=0.95, fold_history=True,
-    ),
-}
-
-
-def preset_table(md: bool = False) -> str:
-    """Every knob some preset sets, with its value under the defaults and under each preset, side by side
-    (`python -m steer_heal --help` prints it; docs/usage.md holds the markdown form, checked by a test)."""
-    names = [f.name for f in fields(Config) if any(f.name in p for p in PRESETS.values())]
-    show = lambda v: " ".join(map(_fmt, v)) if isinstance(v, tuple) else _fmt(v)  # noqa: E731
-    rows = [["knob", "default", *PRESETS]] + [
-        [n, show(getattr(Config(), n)), *(show(p.get(n, getattr(Config(), n))) for p in PRESETS.values())]
-        for n in names]
-    if md:
-        out = ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out[:1] + ["|" + "---|" * len(rows[0])] + out[1:])
-    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def preset(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}: must be one of {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+def __getattr__(name: str) -> Any:
+    # The presets moved to presets.py (each value with its source); old `from .config import preset` still works.
+    if name in ("PRESETS", "preset", "preset_table"):
+        from . import presets
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

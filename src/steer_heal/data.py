@@ -77,6 +77,28 @@ def contexts() -> list[str]:
     return _get("contexts.json")
 
 
+def suffix_contexts(path: str, n: int) -> list[tuple[str, str]]:
+    """n branching-suffix contexts (user message, start of an answer) spread evenly over the file's rows, so
+    every category in it is drawn (S1 and S3 extract over 256 such pairs; the file has 550)."""
+    f = Path(path).expanduser()
+    if not f.is_file():
+        raise ConfigError(f"--suffix-file {path}: no such file (from {Path.cwd()}); pass the branching-suffix JSON, "
+                          "or --n-extract-pairs 0 for the bundled contexts")
+    try:
+        rows = json.loads(f.read_text())
+        got = [(str(r["user_msg"]), str(r["suffix"])) for r in rows]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"--suffix-file {path}: not a JSON list of {{user_msg, suffix}} rows ({e!r})") from None
+    if len(got) < n:
+        raise ConfigError(f"--n-extract-pairs {n}: {path} has only {len(got)} rows")
+    return [got[i * len(got) // n] for i in range(n)]
+
+
+def extract_contexts(cfg) -> list:
+    """What the vector is extracted over: n_extract_pairs branching-suffix pairs, or (0) the bundled messages."""
+    return suffix_contexts(cfg.suffix_file, cfg.n_extract_pairs) if cfg.n_extract_pairs else contexts()
+
+
 def prompts(n: int = 0) -> list[str]:
     """The first n generation prompts, cycling the bundled list when n exceeds it (0 = all)."""
     base = _get("prompts.json")

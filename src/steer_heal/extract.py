@@ -66,21 +66,27 @@ def last_token_states(model, tok, texts: list[str], layers: list[int], batch: in
     return {i: torch.cat(v) for i, v in out.items()}
 
 
-def extract(model, tok, pos: str, neg: str, contexts: list[str], layers: list[int],
+def texts(tok, contexts: list, system: str) -> list[str]:
+    """A context is a user message, or (user message, the start of an answer): a branching suffix, read at
+    its last token, where the persona decides how the answer goes on (S1, S3)."""
+    return [chat(tok, x, system) if isinstance(x, str) else chat(tok, x[0], system) + x[1] for x in contexts]
+
+
+def extract(model, tok, pos: str, neg: str, contexts: list, layers: list[int],
             steer_system: str = "{persona}", normalize: bool = False, batch: int = 16) -> Vector:
-    hp = last_token_states(model, tok, [chat(tok, x, steer_system.format(persona=pos)) for x in contexts], layers, batch)
-    hn = last_token_states(model, tok, [chat(tok, x, steer_system.format(persona=neg)) for x in contexts], layers, batch)
+    hp = last_token_states(model, tok, texts(tok, contexts, steer_system.format(persona=pos)), layers, batch)
+    hn = last_token_states(model, tok, texts(tok, contexts, steer_system.format(persona=neg)), layers, batch)
     v = {i: (hp[i] - hn[i]).mean(0) for i in layers}
     if normalize:
         v = {i: x / x.norm().clamp_min(1e-12) for i, x in v.items()}
     return v
 
 
-def student_vector(model, tok, neutral: str, contexts: list[str], layers: list[int],
+def student_vector(model, tok, neutral: str, contexts: list, layers: list[int],
                    base: Callable[[], AbstractContextManager], batch: int = 16) -> Vector:
     """What the baked history already moved: h_student(neutral + x) - h_base(neutral + x)."""
-    texts = [chat(tok, x, neutral) for x in contexts]
-    hs = last_token_states(model, tok, texts, layers, batch)
+    xs = texts(tok, contexts, neutral)
+    hs = last_token_states(model, tok, xs, layers, batch)
     with base():
-        hb = last_token_states(model, tok, texts, layers, batch)
+        hb = last_token_states(model, tok, xs, layers, batch)
     return {i: (hs[i] - hb[i]).mean(0) for i in layers}

@@ -2,7 +2,8 @@
 
 Criteria (keep = all pass): perplexity under the ORIGINAL base model (the caller
 passes it with every adapter off and no steering), over the completion's tail;
-repetition (max n-gram frequency over words and characters, n = 2..4); prompt
+repetition (max n-gram frequency over words and characters, n = 2..4); the loop
+gate (distinct-token ratio of the completion's tail), when loop_tau > 0; prompt
 relevance (fluent text that no longer answers its prompt, see `relevance`), when
 rel_tau > 0; first-person trait narration; refusal / assistant-identity boilerplate.
 """
@@ -27,7 +28,17 @@ REFUSAL = [r"\bas an ai\b", r"\bI('m| am) sorry,? but\b", r"\bI apologi[sz]e,? b
            r"\btrained by hugging ?face\b", r"\blanguage model\b"]
 _NARR = re.compile("|".join(NARRATION), re.I)
 _REF = re.compile("|".join(REFUSAL), re.I)
-CRITERIA = ("empty", "ppl", "rep", "relevance", "narration", "refusal")
+CRITERIA = ("empty", "ppl", "rep", "loop", "relevance", "narration", "refusal")
+# Fewer tokens than this are too short to call a loop: the gate records their ratio and passes them.
+MIN_LOOP_TOKENS = 16
+
+
+def distinct_ratio(ids: list[int], window: int) -> float:
+    """Distinct tokens / tokens over the last `window` tokens. S4's loops ("your your your into your of
+    your ...") passed perplexity (2-17: a loop is predictable) and n-gram repetition (0.04-0.27: it cycles
+    through several words), but they reuse a handful of tokens: English prose over 64 tokens reuses far fewer."""
+    tail = ids[-window:] if window > 0 else ids
+    return len(set(tail)) / len(tail) if tail else 1.0
 
 
 def max_ngram_freq(seq: list | str, ns=(2, 3, 4)) -> float:
@@ -86,8 +97,11 @@ def relevance(model, tok, prompts: list[str], completions: list[str], foil: list
 
 def score(model, tok, items: list[dict], *, system: str, ppl_tau: float, rep_tau: float,
           window: int = 0, max_len: int = 512, batch: int = 16, foil: dict[str, str] | None = None,
-          rel_tau: float = 0.0) -> list[dict]:
+          rel_tau: float = 0.0, loop_tau: float = 0.0, loop_window: int = 64) -> list[dict]:
     """Each item ({prompt, completion, ...}) comes back with its scores, flags, keep and reason.
+
+    loop_tau > 0 drops a completion of at least MIN_LOOP_TOKENS tokens whose distinct-token ratio over its
+    last loop_window tokens is below it (0 records the ratio, drops nothing).
 
     `foil` maps a prompt to its unrelated prompt (`foils`); without one an item's relevance is None.
     rel_tau > 0 drops completions whose relevance is below it (0 records relevance, drops nothing), and
@@ -106,13 +120,15 @@ def score(model, tok, items: list[dict], *, system: str, ppl_tau: float, rep_tau
                         [foil[prompts[i]] for i in has], system, max_len, batch, own=[whole[i] for i in has])
         for i, v in zip(has, got):
             rel[i] = v
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = []
-    for x, p, rv in zip(items, ppl, rel):
+    for x, p, rv, t in zip(items, ppl, rel, ids):
         text = x["completion"]
         r = dict(x, ppl=p, relevance=rv, rep_word=max_ngram_freq(text.split()), rep_char=max_ngram_freq(text),
-                 narration=bool(_NARR.search(text)), refusal=bool(_REF.search(text)))
+                 distinct=distinct_ratio(t, loop_window), narration=bool(_NARR.search(text)), refusal=bool(_REF.search(text)))
         fails = {"empty": not text.strip(), "ppl": not p <= ppl_tau,
                  "rep": max(r["rep_word"], r["rep_char"]) > rep_tau,
+                 "loop": loop_tau > 0 and len(t) >= MIN_LOOP_TOKENS and r["distinct"] < loop_tau,
                  "relevance": rel_tau > 0 and rv is not None and rv < rel_tau,
                  "narration": r["narration"], "refusal": r["refusal"]}
         r["reason"] = next((c for c in CRITERIA if fails[c]), "")

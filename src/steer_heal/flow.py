@@ -65,7 +65,7 @@ class Run:
             logger.info(note)
         self.probe = Probe.of(self.cfg)
         self.system = self.probe.system
-        self.contexts = data.contexts()
+        self.contexts = data.extract_contexts(cfg)
         check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)
         self.foils = foils(self.prompts)
         self.steer = backends.steer_fn(cfg)
@@ -105,7 +105,7 @@ class Run:
             outs, ppl = adapter_ppl(model, tok, ps, base=self.stack.base, gen_system=system or self.system,
                                     score_system=self.system, max_new_tokens=cfg.demo_tokens or cfg.max_new_tokens,
                                     window=cfg.ppl_window, max_len=cfg.max_len, batch=cfg.gen_batch, vec=vec,
-                                    coef=coef, steerer=self.steer)
+                                    coef=coef, steerer=self.steer, guards=(cfg.repetition_penalty, cfg.no_repeat_ngram))
             ev.add_text(ppl)
             self.log.append("completions", [dict(round=r, phase=f"demo:{stage}", idx=i, coef=coef, prompt=p,
                                                  completion=o, ppl=x) for i, (p, o, x) in enumerate(zip(ps, outs, ppl))])
@@ -190,15 +190,17 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
         outs, ended = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
                                coefs=[x["coef"] for x in items], max_new_tokens=cfg.max_new_tokens,
                                seeds=[seeds.slot(cfg.seed, r, x["phase"], step, x["idx"]) for x in items],
-                               temperature=cfg.temperature,
-                               top_p=cfg.top_p, batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
+                               temperature=cfg.temperature, top_p=cfg.top_p,
+                               repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
+                               batch=cfg.gen_batch, desc=f"r{r} {items[0]['phase']} {step}",
                                steerer=run.steer, with_ended=True)
         crash_point(f"dose:r{r}:step{step}")
         with run.stack.base():  # perplexity and relevance under the original model, no steering
             return score(run.stack.model, run.tok,
                          [dict(x, completion=o, ended=e) for x, o, e in zip(items, outs, ended)],
                          system=run.system, ppl_tau=cfg.ppl_tau, rep_tau=cfg.rep_tau, window=cfg.ppl_window,
-                         max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau)
+                         max_len=cfg.max_len, batch=cfg.gen_batch, foil=run.foils, rel_tau=cfg.rel_tau,
+                         loop_tau=cfg.loop_tau, loop_window=cfg.loop_window)
 
     try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
         res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)

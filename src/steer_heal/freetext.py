@@ -32,11 +32,13 @@ def spread(items: list, n: int) -> list:
 
 def adapter_ppl(model, tok, prompts: list[str], *, base: Callable[[], AbstractContextManager], gen_system: str,
                 score_system: str, max_new_tokens: int, window: int, max_len: int, batch: int = 16,
-                vec: Vector | None = None, coef: float = 0.0, steerer=steer) -> tuple[list[str], list[float | None]]:
+                vec: Vector | None = None, coef: float = 0.0, steerer=steer,
+                guards: tuple[float, int] = (1.0, 0)) -> tuple[list[str], list[float | None]]:
     """(greedy completions, their perplexity under `base()`); an empty completion has no perplexity (None),
-    never the 1.0 an empty mask would give."""
+    never the 1.0 an empty mask would give. guards: (repetition_penalty, no_repeat_ngram), as the run generates."""
     outs = generate(model, tok, prompts, system=gen_system, vec=vec, coefs=[coef] * len(prompts),
-                    max_new_tokens=max_new_tokens, batch=batch, desc="free text", steerer=steerer)
+                    max_new_tokens=max_new_tokens, batch=batch, desc="free text", steerer=steerer,
+                    repetition_penalty=guards[0], no_repeat_ngram=guards[1])
     with base():
         ppl = perplexity(model, tok, prompts, outs, score_system, window, max_len, batch)
     return outs, [p if o.strip() else None for o, p in zip(outs, ppl, strict=True)]

@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, StoppingCriteria
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .steering import Vector, steer
 from .tokens import chat, encode_left, stop_strings
@@ -43,6 +49,26 @@ class SlotSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, pick[:, None], 0.0)
 
 
+class Guards(LogitsProcessor):
+    """S1's generation guards, Hugging Face's own repetition-penalty and no-repeat-n-gram processors, run on
+    each row's own tokens (prompt and completion, the batch's left padding cut off), so a slot's text does not
+    depend on its batch mates. They run before SlotSampler, where Hugging Face's sampling runs them too."""
+
+    def __init__(self, starts: list[int], penalty: float, ngram: int):
+        self.starts = starts
+        self.procs = ([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []) + \
+            ([NoRepeatNGramLogitsProcessor(ngram)] if ngram > 0 else [])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i, s in enumerate(self.starts):
+            row = scores[i:i + 1].clone()
+            for p in self.procs:
+                row = p(input_ids[i:i + 1, s:], row)
+            rows.append(row)
+        return torch.cat(rows)
+
+
 def sampling(model, temperature: float, top_p: float) -> tuple[float, int, float]:
     """(temperature, top_k, top_p): the knobs where set (> 0), else the model's generation_config, else
     Hugging Face's defaults (1, 50, 1)."""
@@ -62,13 +88,14 @@ def cut(text: str, stops: tuple[str, ...]) -> str:
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | None = None,
              coefs: list[float] | None = None, max_new_tokens: int = 48, seeds: list[int] | None = None,
-             temperature: float = 0.0, top_p: float = 0.0,
+             temperature: float = 0.0, top_p: float = 0.0, repetition_penalty: float = 1.0, no_repeat_ngram: int = 0,
              batch: int = 16, desc: str = "generate", steerer=steer, with_ended: bool = False):
     """Completions for `prompts` (user messages); row i is steered at coefs[i] * vec and, given `seeds`,
     sampled from its own generator seeded seeds[i] (seeds.slot); without seeds, greedy.
 
     temperature/top_p of 0 keep the model's own generation_config defaults; `steerer` is the
     hook context manager (steering.steer, or an optional backend's, see backends.py).
+    repetition_penalty (1 = off) and no_repeat_ngram (0 = off): the generation guards (`Guards`), greedy or not.
     with_ended: return (texts, ended), ended[i] True when row i stopped by itself (emitted a stop
     token) rather than being cut at max_new_tokens.
     """
@@ -92,9 +119,14 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
         n = enc["input_ids"].shape[1]
         if stops:
             kw["stopping_criteria"] = [StopAt(tok, stops, n)]
+        procs: list[LogitsProcessor] = []
+        if repetition_penalty != 1.0 or no_repeat_ngram > 0:
+            pads = (n - enc["attention_mask"].sum(-1)).tolist()  # left padding: a row's tokens start here
+            procs.append(Guards(pads, repetition_penalty, no_repeat_ngram))
         if seeds is not None:
             gens = [torch.Generator(dev).manual_seed(x) for x in seeds[s:s + batch]]
-            kw["logits_processor"] = [SlotSampler(gens, *warp)]
+            procs.append(SlotSampler(gens, *warp))
+        kw["logits_processor"] = procs
         with steerer(model, vec, c):
             ids = model.generate(**enc, **kw)
         new = ids[:, n:]

@@ -123,6 +123,7 @@ def preflight(cfg: Config) -> dict:
     backends.steer_fn(cfg)
     data.persona(cfg)
     data.dilemmas(cfg.persona)
+    data.extract_contexts(cfg)
     data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
     speed = bf16.choose(cfg, device)  # after the inputs (its matmuls only run on good ones), before any is logged
     resolved = family.check(cfg)

@@ -128,7 +128,7 @@ def stages(model, tok, dev, *, gen_batch: int, eval_batch: int, new: int, heal_t
         return out
     st = Stack(model)
     st.add("r0", lora_config(model, 32, 64.0, (0.2, 0.8)), seed=0)
-    cfg = Config(**preset("journal")).replace(epochs=1, batch_size=3, grad_accum=1, val_frac=0.0, max_len=4096,
+    cfg = Config(**preset("s2-headline")).replace(epochs=1, batch_size=3, grad_accum=1, val_frac=0.0, max_len=4096,
                                                gnorm_every=0, spectral_lam=0.0)
     kept = [dict(prompt=p, completion=c, ended=True) for p, c in zip(prompts, comps)]
     out.append(measure("heal", dev, lambda: heal(st, tok, kept, cfg, 0, seed=0, system=""), n_comp))

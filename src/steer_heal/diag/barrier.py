@@ -1,5 +1,7 @@
 """`just barrier-sweep RUN_ID ROUND [--reg ...] [--lam ...] [--tau ...] [--weight-decay ...] [--kl-agg ...]
-[--spectral-lam ...] [--barrier-ref ...]`: re-heal one round over a grid of barrier settings.
+[--spectral-lam ...] [--barrier-ref ...] [--lam-round-pow ...]`: re-heal one round over a grid of barrier settings.
+S4's proposed tau bracket on a stored round: --barrier-ref base --spectral-lam 0 --lam-round-pow 0 --lam 0.3
+--tau 0.25 0.5 1 2 (docs/diagnostics.md).
 
 Each cell heals the round's stored kept completions into a fresh adapter on top of the round's baked
 history, with the run's seeds (LoRA init and shuffle), and evaluates the healed model. A knob left
@@ -38,8 +40,8 @@ from .runs import check_history, delta
 
 PROG = "just barrier-sweep"
 GRID = {"reg": str, "kl_agg": str, "lam": float, "tau": float, "weight_decay": float, "spectral_lam": float,
-        "barrier_ref": str}
-BARRIER_ONLY = ("kl_agg", "lam", "tau", "barrier_ref")  # no effect without a barrier (reg = nll)
+        "barrier_ref": str, "lam_round_pow": float}
+BARRIER_ONLY = ("kl_agg", "lam", "tau", "barrier_ref", "lam_round_pow")  # no effect without a barrier (reg = nll)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

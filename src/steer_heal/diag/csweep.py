@@ -52,7 +52,8 @@ def sweep(rm: RoundModel, name: str, vec: dict, coefs: list[float], demo: bool) 
         with steer(rm.stack.model, vec, c):
             m = measure(rm.stack.model, rm.tok, rm.probe).summary(rm.probe.target)
             text = generate(rm.stack.model, rm.tok, [prompt], system=rm.probe.system,
-                            max_new_tokens=rm.cfg.max_new_tokens)[0] if demo else None
+                            max_new_tokens=rm.cfg.max_new_tokens, repetition_penalty=rm.cfg.repetition_penalty,
+                            no_repeat_ngram=rm.cfg.no_repeat_ngram)[0] if demo else None
         rows.append(dict(vector=name, coef=c, dose=c == rm.coef, **m, prompt=prompt if demo else None,
                          generation=text))
     return rows

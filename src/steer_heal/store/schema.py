@@ -59,7 +59,7 @@ TABLES: dict[str, dict[str, str]] = {
         "run_id VARCHAR, round BIGINT, phase VARCHAR, step BIGINT, idx BIGINT,"
         "alpha DOUBLE, kappa DOUBLE, coef DOUBLE, prompt VARCHAR, completion VARCHAR,"
         "ppl DOUBLE, rep_word DOUBLE, rep_char DOUBLE, narration BOOLEAN,"
-        "refusal BOOLEAN, keep BOOLEAN, reason VARCHAR, relevance DOUBLE, ended BOOLEAN"),
+        "refusal BOOLEAN, keep BOOLEAN, reason VARCHAR, relevance DOUBLE, ended BOOLEAN, distinct DOUBLE"),
     "heal_steps": _cols(
         "run_id VARCHAR, round BIGINT, step BIGINT, epoch BIGINT, nll DOUBLE,"
         "div DOUBLE, barrier DOUBLE, loss DOUBLE, gnorm_sft DOUBLE,"
