@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from steer_heal import contrast, data, intervals, metrics, mfv  # noqa: E402
+from steer_heal import contrast, data, intervals, metrics, mfv, seeds  # noqa: E402
 from steer_heal.config import Config  # noqa: E402
 from steer_heal.evaluate import Probe, measure  # noqa: E402
 from steer_heal.extract import extract  # noqa: E402
@@ -60,7 +60,8 @@ def alpha_sweep(model, tok, vec: Vector, alphas, n_gen: int, seed: int, system: 
     for c in alphas:
         t = time.perf_counter()
         outs = generate(model, tok, prompts, system=system, vec=vec, coefs=[float(c)] * n_gen,
-                        max_new_tokens=MAX_NEW, seed=seed, batch=16)
+                        max_new_tokens=MAX_NEW, seeds=[seeds.slot(seed, 0, "probe", 0, i) for i in range(n_gen)],
+                        batch=16)  # the same per-slot seeds at every C
         t_gen = time.perf_counter() - t
         # no steering hook is active here: score() sees the plain (base) model
         scored = score(model, tok, [dict(prompt=p, completion=o) for p, o in zip(prompts, outs)],
