@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -23,6 +24,17 @@ from .files import remove_stray_tmp
 from .server import serve
 from .store import RunLog, WriterLock
 from .store.log import first_damage
+
+
+def run_home(run_dir: Path) -> Path:
+    """Where a run's own server keeps its database: a folder per run under the user's PREFECT_HOME when one is
+    set (one file per run, so concurrent runs never migrate the same database, and the store's disk filling up
+    does not take the server down with the run), else the run's own `prefect/` folder."""
+    user = os.environ.get("PREFECT_HOME")
+    if not user:
+        return run_dir / "prefect"
+    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]  # two stores, one run id
+    return Path(user) / "steer-heal-runs" / f"{Path(run_dir).name}-{key}"
 
 
 def prefect_home(home: Path) -> Path:
@@ -259,7 +271,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     # a Prefect database per run, even under a shared PREFECT_HOME, keeps concurrent jobs off one SQLite file,
     # and its own server (server.py) keeps a terminal's Ctrl-C from killing it, unless the user points
     # Prefect at a server of their own
-    home = log.dir / "prefect"
+    home = run_home(log.dir)
     if "PREFECT_API_URL" not in os.environ:
         prefect_home(home)
         os.environ.setdefault("PREFECT_HOME", str(home))
