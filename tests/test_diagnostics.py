@@ -282,6 +282,29 @@ def test_stages_intervals_reproduce_the_runs_stored_intervals(store):
     assert other[(1, "healed")]["d_trait_lo"] != rows[(1, "healed")]["d_trait_lo"]
 
 
+def test_stages_mark_a_stage_under_the_floor_broken_and_withhold_only_its_ratios(store):
+    """The same stored run read at a floor above every stage's coherence: each stage is named broken, its ratios
+    (coh_cost, surgical, retain) are withheld with the flag, and its deltas and intervals are the same numbers."""
+    from steer_heal.diag.stages import run_rows
+
+    def table(name):
+        cols, rows = query(store, f"SELECT * FROM {name} WHERE run_id = 'a'")
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    sm, items = table("stage_metrics"), table("eval_items")
+    plain = {(r["round"], r["stage"]): r for r in run_rows("a", sm, "Authority", items, boot=200)}
+    high = {(r["round"], r["stage"]): r for r in run_rows("a", sm, "Authority", items, boot=200, floor_rel=1e6)}
+    stages = [k for k in high if k[1] != "base"]
+    assert stages and all("coherence" in high[k]["broken"] or "mass" in high[k]["broken"] for k in stages)
+    assert high[(-1, "base")]["broken"] == "" and all(plain[k]["broken"] == "" for k in stages)
+    for k in stages:
+        assert high[k].get("coh_cost") is None and high[k].get("surgical") is None
+        assert {m: high[k].get(m) for m in ("d_target", "d_trait_lo", "d_coh_hi")} == \
+            {m: plain[k].get(m) for m in ("d_target", "d_trait_lo", "d_coh_hi")}
+    healed = [k for k in stages if k[1] == "healed" and plain[k].get("retain") is not None]
+    assert healed and all(high[k]["withheld"] == "BROKEN" and high[k].get("retain") is None for k in healed)
+
+
 def test_pareto_default_query_and_a_hand_made_table_by_sql(store):
     assert script("pareto").main(["--out", str(store)]) == 0
     rows = rows_of(store, "pareto")
