@@ -309,3 +309,26 @@ def test_random_like_keeps_each_layers_norm_and_dtype():
     for i in vec:
         assert got[i].float().norm() == pytest.approx(vec[i].float().norm().item(), rel=1e-2)
     assert not torch.allclose(got[5], vec[5]) and torch.equal(random_like(vec, seed=1)[5], got[5])
+
+
+def test_extract_is_the_mean_persona_difference_at_each_contexts_last_token(tiny):
+    """v[layer] = mean over contexts of h(pos persona + x) - h(neg persona + x); a suffix context (user, answer start)
+    is read at the suffix's last token; normalize gives unit vectors, and nothing else is rescaled."""
+    from steer_heal.extract import extract, last_token_states, texts
+    from steer_heal.tokens import chat
+
+    model, tok = tiny
+    ctx = ["Hello there.", ("What now?", " Well, I")]
+    assert texts(tok, ctx, "S") == [chat(tok, "Hello there.", "S"), chat(tok, "What now?", "S") + " Well, I"]
+    layers = [0, len(get_layers(model)) - 1]
+    v = extract(model, tok, "You are kind.", "You are cruel.", ctx, layers)
+    hp = last_token_states(model, tok, texts(tok, ctx, "You are kind."), layers)
+    hn = last_token_states(model, tok, texts(tok, ctx, "You are cruel."), layers)
+    for i in layers:
+        assert torch.allclose(v[i], (hp[i] - hn[i]).mean(0), atol=1e-6) and v[i].norm() > 1e-4
+    framed = extract(model, tok, "kind", "cruel", ctx, layers, steer_system="You are {persona}.")
+    assert all(torch.allclose(framed[i], v[i], atol=1e-6) for i in layers)  # the persona fills the frame
+    unit = extract(model, tok, "You are kind.", "You are cruel.", ctx, layers, normalize=True)
+    for i in layers:
+        assert unit[i].norm().item() == pytest.approx(1.0, abs=1e-5)
+        assert torch.allclose(unit[i] * v[i].norm(), v[i], atol=1e-5)
