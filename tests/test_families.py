@@ -110,7 +110,7 @@ def test_real_base_model_without_a_template_is_refused_then_runs_plain(tmp_path)
     assert texts and not any("<|im_start|>" in t or "\nUser:" in t for t in texts)
 
 
-def _random_stack(model, lora, n: int, fold: bool) -> Stack:
+def random_stack(model, lora, n: int, fold: bool) -> Stack:
     """n rounds of adapters with random B (each moves the logits), gated or folded."""
     st = Stack(copy.deepcopy(model), fold=fold)
     for r in range(n):
@@ -132,7 +132,7 @@ def test_gpt2_conv1d_adapters_bake_fold_and_export_exactly(model_cache, tmp_path
     lora = lora_config(model, 4, 8.0, (0.0, 1.0))
     assert lora.fan_in_fan_out
     assert sorted(lora.target_modules) == sorted(f"transformer.h.{i}.{n}" for i in range(4) for n in ADAPTED["gpt2"])
-    gated, folded = _random_stack(model, lora, 3, False), _random_stack(model, lora, 3, True)
+    gated, folded = random_stack(model, lora, 3, False), random_stack(model, lora, 3, True)
     x = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], tok.pad_token_id, "cpu")
     with torch.no_grad():
         plain = model(**x).logits

@@ -4,8 +4,6 @@ bitwise and its students within float rounding."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -61,21 +59,10 @@ def test_sliding_window_models_take_the_full_forward(model_cache):
 
 def _stacks(tiny, n: int) -> tuple[Stack, Stack]:
     """The same n rounds of adapters (random B, so each moves the logits) gated and folded."""
-    out = []
-    for fold in (False, True):
-        model = copy.deepcopy(tiny[0])
-        st = Stack(model, fold=fold)
-        lora = lora_config(model, 4, 8.0, (0.0, 1.0))
-        for r in range(n):
-            st.add(f"r{r}", lora, seed=r)
-            g = torch.Generator().manual_seed(100 + r)
-            for name, p in st.model.named_parameters():
-                if f".r{r}." in name and "lora_B" in name:
-                    p.data = torch.randn(p.shape, generator=g) * 0.05
-            st.model.requires_grad_(False)
-            st.freeze_history()
-        out.append(st)
-    return out[0], out[1]
+    from test_families import random_stack
+
+    lora = lora_config(tiny[0], 4, 8.0, (0.0, 1.0))
+    return random_stack(tiny[0], lora, n, fold=False), random_stack(tiny[0], lora, n, fold=True)
 
 
 def test_a_folded_history_keeps_base_bitwise_and_students_within_rounding(tiny):
