@@ -4,8 +4,9 @@
 of an optional backend, and the trait probe of contrast.py) on whatever model it is given: the caller
 turns adapters and steering on or off around the call. It returns a StageEval, which also owns the
 stage's rows in the store (`rows`: stage means; `item_rows`: one per item, what the paired intervals
-of intervals.py resample) and how they are read back (`by_stage`). The flow adds the free-text
-numbers of freetext.py (`add_text`, `add_kl`), which need the original model and the kept data.
+of intervals.py resample) and how they are read back (`by_stage`). `evaluate()` is a stage's whole
+evaluation: measure plus the free-text numbers of freetext.py (`add_text`, `add_kl`), which need the
+original model and the kept data; the flow stores what it returns.
 
 This module imports no torch at the top: the stage table and the plots read StageEvals back without
 loading a model.
@@ -147,6 +148,32 @@ def measure(model, tok, probe: Probe, system: str | None = None, coef: float = 0
     sys_ = probe.system if system is None else system
     with autocast(model, probe.bf16):
         return _measure(model, tok, probe, sys_, coef)
+
+
+def evaluate(model, tok, probe: Probe, cfg: Config, *, base, steerer, system: str | None = None, coef: float = 0.0,
+             vec: dict | None = None, kept: list[dict] = ()) -> tuple[StageEval, list[dict]]:
+    """A stage's whole evaluation of the model as it is now, steered at coef * vec when a vector is given:
+    the probes (measure), the free-text generations scored under the original model (`base`: a context that
+    turns the student off; adapter_ppl) and, given the round's kept completions, KL(steered || unsteered) on
+    them. Returns the StageEval and the generations (prompt, completion, ppl), for the caller to store."""
+    from .freetext import adapter_ppl, steer_kl
+
+    with steerer(model, vec, coef):
+        ev = measure(model, tok, probe, system=system, coef=coef)
+    demo = []
+    if probe.texts:
+        ps = probe.texts
+        outs, ppl = adapter_ppl(model, tok, ps, base=base, gen_system=system or probe.system,
+                                score_system=probe.system, max_new_tokens=cfg.demo_tokens or cfg.max_new_tokens,
+                                window=cfg.ppl_window, max_len=cfg.max_len, batch=cfg.gen_batch, vec=vec,
+                                coef=coef, steerer=steerer, guards=(cfg.repetition_penalty, cfg.no_repeat_ngram))
+        ev.add_text(ppl)
+        demo = [dict(idx=i, prompt=p, completion=o, ppl=x) for i, (p, o, x) in enumerate(zip(ps, outs, ppl))]
+    if kept and vec is not None:
+        ev.add_kl(steer_kl(model, tok, [x["prompt"] for x in kept], [x["completion"] for x in kept],
+                           system=probe.system, vec=vec, coef=coef, max_len=cfg.max_len, batch=cfg.eval_batch,
+                           steerer=steerer))
+    return ev, demo
 
 
 def autocast(model, on: bool):

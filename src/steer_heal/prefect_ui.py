@@ -22,6 +22,7 @@ from loguru import logger
 from .console import one_line
 from .filter import drop_counts
 from .report import ROUND_COLS, round_cells
+from .status import Outcome
 from .store import RunLog
 
 
@@ -102,14 +103,13 @@ def round_artifacts(log: RunLog, row: dict, got: dict, checks: list[tuple[bool |
         description=f"{log.run_id} round {r}: SHOULD lines and filter drops"))
 
 
-def run_markdown(log: RunLog, status: str) -> str:
+def run_markdown(log: RunLog, status: Outcome) -> str:
     """The report's summary (its head and round table) and where the report and plots are."""
     report = log.dir / "report.md"
     text = report.read_text() if report.is_file() else ""
     summary = text.split("\n## Stages", 1)[0].strip() or f"# Run {log.run_id}\n\nno report written"
     plots = sorted((log.dir / "plots").glob("*.png"))
-    head, _, why = status.partition(":")
-    lines = [summary, "", f"**status** {head}" + (f": {why}" if why else ""), "", "**Files**", "",
+    lines = [summary, "", f"**status** {status}", "", "**Files**", "",
              f"- report: `{report}`" + ("" if report.is_file() else " (not written: the run ended before it)"),
              f"- store: `{log.dir}`"]
     lines += [f"- plot: `{p}`" for p in plots] or [f"- plots: none yet (`just plot {log.run_id}` writes them "
@@ -117,7 +117,7 @@ def run_markdown(log: RunLog, status: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_artifact(log: RunLog, status: str) -> None:
+def run_artifact(log: RunLog, status: Outcome) -> None:
     if not api_in_use():
         return
     from prefect.artifacts import create_markdown_artifact

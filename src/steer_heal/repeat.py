@@ -19,10 +19,10 @@ import time
 from loguru import logger
 
 from .console import script
+from .status import RunStatus, finished
 from .store import RunLog
 
 RECIPES = ("run", "small-run", "fast-dev-run")
-ENDED = ("done", "stopped", "starved")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -40,12 +40,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return a, rest
 
 
-def status(out: str, run_id: str) -> str | None:
+def status(out: str, run_id: str) -> RunStatus | None:
     """The run's latest status, None when it never started."""
     log = RunLog(out, run_id)
     if not log.read("run_info"):
         return None
-    return ((log.read("status") or [{}])[-1]).get("status") or "running"
+    return RunStatus(((log.read("status") or [{}])[-1]).get("status") or RunStatus.RUNNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in range(a.n):
         run_id = f"{group}-s{s}"
         st = status(a.out, run_id)
-        if st in ENDED:
+        if finished(st):  # its own target: a seed's run has no other round count to meet
             logger.info(f"seed {s}: {run_id} already {st}, skipped")
         else:
             cmd = ([just, "resume", run_id, "--out", a.out] if st else

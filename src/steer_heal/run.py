@@ -22,6 +22,7 @@ from .config import RUNTIME_FIELDS, Config, ConfigError
 from .console import one_line, quiet_env
 from .files import remove_stray_tmp
 from .server import serve
+from .status import EXIT_CODE, Outcome, RunStatus, finished
 from .store import RunLog, WriterLock
 from .store.log import first_damage
 
@@ -148,12 +149,13 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
     for table in log.tables:  # every table whole, before any work: a damaged line is refused naming file:line
         if log.path(table).exists() and (bad := first_damage(log.path(table), log.id_col)) is not None:
             raise bad
-    last = (log.read("status") or [{}])[-1]
+    last = Outcome.of_row((log.read("status") or [None])[-1])
     done = {r["round"] for r in log.read("rounds")}
     if sorted(done) != list(range(len(done))):  # a resume from the first gap would redo the rounds after it twice
         raise ConfigError(f"run {cfg.run_id}: its rounds table holds rounds {sorted(done)}, not 0..{len(done) - 1}: "
                           f"rows were removed by hand; `just fsck {cfg.run_id}` checks the run")
-    if last.get("status") == "done" and len(done) >= cfg.n_rounds:
+    # only a done run is left alone: a resume retries a starved, stopped or failed run's round
+    if last is not None and last.status == RunStatus.DONE and finished(last, len(done), cfg.n_rounds):
         logger.info(f"run {cfg.run_id} is already done ({len(done)} rounds): nothing to do")
         return False
     student.check_artifacts(log)  # before preflight logs what it resolved: a refusal is one line
@@ -162,7 +164,7 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
         remove_stray_tmp(d)
     _same_threads(log)
     logger.info(f"resuming {cfg.run_id} at round {len(done)} of {cfg.n_rounds}")
-    _resumed_info(cfg, log, resolved, f"round {len(done)} ({last.get('status') or 'no status'})")
+    _resumed_info(cfg, log, resolved, f"round {len(done)} ({last.status if last else 'no status'})")
     return True
 
 
@@ -199,12 +201,12 @@ def _same_threads(log: RunLog) -> None:
                        f"can differ from an undisturbed run in the last digits (set OMP_NUM_THREADS={was})")
 
 
-def record(log: RunLog, status: str, reason: str = "") -> None:
+def record(log: RunLog, status: RunStatus, reason: str = "") -> None:
     """Append a status row; on a full or read-only disk say so instead of raising over the first error."""
     try:
-        log.append("status", dict(status=status, reason=reason))
+        log.append("status", Outcome(status, reason).row())
     except OSError as e:
-        logger.error(f"could not record status {status!r} ({one_line(e)}); `just runs` shows the run as stale")
+        logger.error(f"could not record status '{status}' ({one_line(e)}); `just runs` shows the run as stale")
 
 
 def run(cfg: Config, explicit: dict, preset: str = "") -> int:
@@ -260,7 +262,7 @@ def _server_died(log: RunLog, run_id: str):
     once. Prefect would first report the crash to the dead server for about a minute; the store is
     crash-safe, so what the exit leaves is what a SIGKILL leaves, and resume redoes the round."""
     def die(why: str) -> None:
-        record(log, "failed", why)
+        record(log, RunStatus.FAILED, why)
         logger.error(f"{why}. `just resume {run_id}` retries the round")
         os._exit(2)
     return die
@@ -281,7 +283,7 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     if cfg.log_level.upper() not in ("TRACE", "DEBUG"):  # a failure is reported below, once, in one line
         for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    record(log, "running", "resumed" if resumed else "")
+    record(log, RunStatus.RUNNING, "resumed" if resumed else "")
 
     ctrl_c, server = CtrlC(), None
     try:
@@ -289,27 +291,26 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
             result = steer_heal(cfg.to_dict(), run_id)
     except BaseException as e:
         if server is not None and server.died:  # its watcher interrupted the flow: a failure, not a Ctrl-C
-            record(log, "failed", server.died)
+            record(log, RunStatus.FAILED, server.died)
             raise ConfigError(f"{server.died}. `just resume {run_id}` retries the round") from None
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
             if isinstance(e, Exception):
-                record(log, "failed", one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")
+                record(log, RunStatus.FAILED, one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")
             else:  # SIGTERM in a sweep cell (Prefect's TerminationSignal), SystemExit: stopped, not broken
-                record(log, "interrupted", type(e).__name__)
+                record(log, RunStatus.INTERRUPTED, type(e).__name__)
             raise
         before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the status write
         try:
-            record(log, "interrupted", "Ctrl-C")
+            record(log, RunStatus.INTERRUPTED, "Ctrl-C")
         finally:
             signal.signal(signal.SIGINT, before)
         logger.warning(f"interrupted; finished rounds are kept. Resume with: just resume {run_id}")
         return 130
-    status, _, reason = result.partition(":")
-    record(log, status, reason)
-    if status in ("starved", "failed"):
-        logger.error(f"run {run_id} {status}: {reason} Finished rounds are intact in {log.dir}. `just resume "
-                     f"{run_id}` retries the round as it was; changing a knob means a new run.")
-        return {"starved": 3, "failed": 4}[status]
-    logger.info(f"run {run_id} {status}{': ' + reason if reason else ''}; report: {log.dir / 'report.md'}")
+    record(log, result.status, result.reason)
+    if result.status in EXIT_CODE:
+        logger.error(f"run {run_id} {result.status}: {result.reason} Finished rounds are intact in {log.dir}. "
+                     f"`just resume {run_id}` retries the round as it was; changing a knob means a new run.")
+        return EXIT_CODE[result.status]
+    logger.info(f"run {run_id} {result}; report: {log.dir / 'report.md'}")
     print(run_id, file=sys.stdout)
     return 0

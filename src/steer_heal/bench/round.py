@@ -24,15 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..stage import StageName
 from .common import load1, show
 from .orch import FLOW_ENV
 from .yardstick import Flops, part_m
 
 OLD = ["--no-reuse-prefix", "--no-fold-history"]
 VARIANTS = {"old": OLD, "tuned": [], "batch1": ["--gen-batch", "1", "--eval-batch", "1", *OLD]}
-# store stage -> Prefect task name (heal's seconds include the bake)
-STAGES = {"eval_base": ("eval-base",), "extract": ("extract",), "dose": ("dose",), "eval_steered": ("eval-steered",),
-          "heal": ("heal", "bake"), "eval_healed": ("eval-healed",)}
 
 
 def round_worker(args) -> dict:
@@ -101,9 +99,9 @@ def part_r(args, res: dict) -> None:
         runs = {v: _spawn(args, v, Path(d)) for v in VARIANTS}
     res["r"] = runs
     rows = []
-    for st, tasks in STAGES.items():
+    for st in StageName:  # a stage's stored seconds against the FLOPs of its Prefect tasks (heal's: its bake too)
         s = {v: runs[v]["stages"].get(st, math.nan) for v in runs}
-        gf = sum(runs["tuned"]["flops"].get(t, 0.0) for t in tasks) / 1e9
+        gf = sum(runs["tuned"]["flops"].get(t, 0.0) for t in st.tasks) / 1e9
         rows.append([st, s["old"], s["tuned"], s["batch1"], s["old"] / s["tuned"], s["batch1"] / s["tuned"], gf,
                      gf / s["tuned"], 100 * gf / s["tuned"] / rate])
     tot = {v: runs[v]["row"].get("sec_total", math.nan) for v in runs}

@@ -8,7 +8,6 @@ docs/store.md (checked against this by tests/test_store.py) all follow.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 
 DEFAULT_ROOT = "out"
 
@@ -97,24 +96,3 @@ def utcnow() -> dt.datetime:
     """Naive UTC: DuckDB's TIMESTAMP parser drops a '+hh:mm' offset rather than
     applying it, so the store only ever holds UTC without an offset."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
-# The rows each stage of the flow writes for its round, as (table, which rows): a stage writes its rows,
-# then its marker in `stages`; resume drops the rows of a stage that has no marker before redoing it.
-Rows = Callable[[dict], bool]
-
-
-def _stage(*stages: str) -> list[tuple[str, Rows]]:
-    """A stage evaluation's rows: its means, its items and its free-text generations (phase demo:<stage>)."""
-    return [("stage_metrics", lambda x: x["stage"] in stages), ("eval_items", lambda x: x["stage"] in stages),
-            ("completions", lambda x: x["phase"] in {f"demo:{s}" for s in stages})]
-
-
-STAGE_ROWS: dict[str, list[tuple[str, Rows]]] = {
-    "eval_base": _stage("base", "prompted") + [("intervals", lambda x: True)],
-    "extract": [("vectors", lambda x: True)],
-    "dose": [("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", lambda x: True)],
-    "eval_steered": _stage("steered"),
-    "heal": [("heal_steps", lambda x: True)],
-    "eval_healed": _stage("healed"),
-}

@@ -17,11 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..status import finished
 from ..store import RunLog, query
 
 STALE_AFTER = float(os.environ.get("STEER_HEAL_STALE_AFTER", 600))
-# store statuses after which a re-submit has nothing to do (done needs its rounds, checked apart)
-FINISHED = ("done", "stopped", "starved")
 
 
 @dataclass
@@ -32,9 +31,8 @@ class StoreState:
     last_ts: float | None = None  # epoch seconds of the newest status/stages row
 
     def finished(self, n_rounds: int) -> bool:
-        if self.status == "done":
-            return self.rounds_done >= n_rounds
-        return self.status in FINISHED
+        """A re-submit has nothing to do (status.finished: done with its rounds, stopped, starved)."""
+        return finished(self.status, self.rounds_done, n_rounds)
 
 
 def _epoch(ts: dt.datetime | str | None) -> float | None:
