@@ -1,6 +1,6 @@
 """The flow pinned on the tiny model (real subprocess runs, as in test_flow.py).
 
-- A SIGKILL inside a stage after it has stored some of its rows (flow.crash_point names each window),
+- A SIGKILL inside a stage after it has stored some of its rows (stage.crash_point names each window),
   then a resume: every table ends exactly as in the uninterrupted run, each row once.
 - The round row is its stored stage rows put through spec.md's formulas.
 - coh_floor stops the run after the round whose healed coherence falls under it, and not before.
