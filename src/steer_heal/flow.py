@@ -95,7 +95,7 @@ class Run:
 
 def _opts(name: StageName | str) -> dict:  # a task run is named by stage and round: heal-r3 (prefect_ui.py)
     name = name.task if isinstance(name, StageName) else name
-    return dict(name=name, task_run_name=name if name == "eval-base" else name + "-r{r}", cache_policy=NO_CACHE,
+    return dict(name=name, task_run_name=name if name == StageName.EVAL_BASE.task else name + "-r{r}", cache_policy=NO_CACHE,
                 persist_result=False)
 
 
