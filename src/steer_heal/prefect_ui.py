@@ -2,9 +2,9 @@
 
 The flow run is named by the run id and each task run by stage and round (stage.StageName's task name,
 set by flow.py's `flow_run_name` and `task_run_name`); the tags here say reg, control, preset, seed, model
-family, a sweep cell's sweep, and for a resume `resume` and `continues:<run id>`. Artifacts go only to a Prefect API the user chose
-(PREFECT_API_URL in the environment: their server, `just ui`, a sweep's server), never to the throwaway
-per-run server nobody looks at; a failed write is one warning line, never a failed run.
+family, a sweep cell's sweep, and for a resume `resume` and `continues:<run id>`. Artifacts go only to a
+Prefect API the user chose (PREFECT_API_URL in the environment: their server, `just ui`, a sweep's server),
+never to the throwaway per-run server nobody looks at; a failed write is one warning line, never a failed run.
 """
 
 from __future__ import annotations
