@@ -9,7 +9,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelled, Completed, Crashed, Late, Pending, Running, Scheduled
 
 from steer_heal.cli import parse
-from steer_heal.config import ConfigError
+from steer_heal.errors import UserError
 from steer_heal.store import RunLog
 from steer_heal.sweep.__main__ import main
 from steer_heal.sweep.grid import Grid, load_toml
@@ -60,7 +60,7 @@ def test_ids_stay_distinct_and_folder_safe():
     (Grid("x", axes={"lam": ["1"]}, base=["--run-id", "r"]), "--run-id"),
 ])
 def test_bad_grids_fail_before_anything_is_queued(grid, words):
-    with pytest.raises(ConfigError, match=words):
+    with pytest.raises(UserError, match=words):
         grid.cells()
 
 
@@ -137,5 +137,5 @@ def test_a_cell_whose_run_exists_with_another_config_is_refused(tmp_path):
     _store_run(tmp_path, cell.run_id, [*BASE, "--lam", "0.5", "--seed", "0"], ["done"])
     check_existing("c", [cell], tmp_path, store_states(tmp_path, [cell.run_id]))  # same run: fine
     other = Grid("c", axes={"lam": ["0.5"]}, seeds=[0], base=[*BASE, "--tau", "0.1"]).cells()
-    with pytest.raises(ConfigError, match=r"--tau \(stored 0.0, given 0.1\).*another --name"):
+    with pytest.raises(UserError, match=r"--tau \(stored 0.0, given 0.1\).*another --name"):
         check_existing("c", other, tmp_path, store_states(tmp_path, [cell.run_id]))

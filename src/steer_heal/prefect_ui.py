@@ -21,8 +21,8 @@ from loguru import logger
 
 from .console import one_line
 from .filter import drop_counts
-from .report import ROUND_COLS, round_cells
 from .store import RunLog
+from .tables import ROUND_COLS, round_cells
 
 
 def api_in_use() -> bool:

@@ -13,9 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
 from ..console import quiet_env, script
-from ..report import format_table
+from ..errors import UserError
+from ..tables import format_table
 from .grid import AXES, FIELDS, Grid, load_toml
 from .pool import POOL, connect_server, enqueue, submit, workers_note
 from .state import STALE_AFTER
@@ -57,7 +57,7 @@ def cmd_submit(argv: list[str]) -> int:
     g.axes.update({k[5:]: v for k, v in vars(a).items() if k.startswith("axis_") and v})
     for cell in a.plus or []:
         if not all("=" in kv for kv in cell):
-            raise ConfigError(f"--plus takes KNOB=VALUE pairs, got {cell}")
+            raise UserError(f"--plus takes KNOB=VALUE pairs, got {cell}")
         g.plus.append(dict(kv.split("=", 1) for kv in cell))
     g.base = [*g.base, *base]
     cells = g.cells()
@@ -125,11 +125,11 @@ def cmd_enqueue(argv: list[str]) -> int:
     p.add_argument("--pool", default=POOL)
     a = p.parse_args(own)
     if not command:
-        raise ConfigError("enqueue: give the command after `--`")
+        raise UserError("enqueue: give the command after `--`")
     try:
         connect_server()
-    except ConfigError as e:
-        raise ConfigError(f"pueue is not installed and {e}; or install pueue (https://github.com/Nukesor/pueue, "
+    except UserError as e:
+        raise UserError(f"pueue is not installed and {e}; or install pueue (https://github.com/Nukesor/pueue, "
                           f"cargo install pueue); or run `{shlex.join(command)}` directly") from None
     fr = enqueue(command, a.cwd, a.label, a.pool)
     print(f"queued `{shlex.join(command)}` on pool {a.pool!r} as flow run {fr.name} ({fr.id}); "

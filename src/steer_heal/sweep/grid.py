@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import RUNTIME_FIELDS, Config, ConfigError
+from ..config import RUNTIME_FIELDS, Config
+from ..errors import UserError
 
 FIELDS = {f.name: f for f in fields(Config)}
 HINTS = typing.get_type_hints(Config)
@@ -44,12 +45,12 @@ class Cell:
 def flag_tokens(name: str, value: Any) -> list[str]:
     """`--lam 0.3`, `--steer-layers 0.4 0.6` (from "0.4,0.6" or a list), `--normalize` / `--no-normalize`."""
     if name not in FIELDS:
-        raise ConfigError(f"sweep: {name!r} is not a config field (see `python -m steer_heal --help`)")
+        raise UserError(f"sweep: {name!r} is not a config field (see `python -m steer_heal --help`)")
     flag = "--" + name.replace("_", "-")
     if HINTS[name] is bool:
         on = value if isinstance(value, bool) else str(value).lower()
         if on not in (True, False, "true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"sweep: {name} takes true or false, got {value!r}")
+            raise UserError(f"sweep: {name} takes true or false, got {value!r}")
         return [flag] if on in (True, "true", "1", "yes") else ["--no-" + name.replace("_", "-")]
     if typing.get_origin(HINTS[name]) is tuple:
         parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
@@ -92,16 +93,16 @@ class Grid:
 
     def check(self) -> None:
         if not NAME.fullmatch(self.name or ""):
-            raise ConfigError(f"sweep name {self.name!r} must be 1-40 letters, digits, '.', '_' or '-' "
+            raise UserError(f"sweep name {self.name!r} must be 1-40 letters, digits, '.', '_' or '-' "
                               "(it prefixes every run id): pass --name")
         for k in [*self.axes, *(k for p in self.plus for k in p)]:
             if k not in AXES:
                 why = "use --seeds" if k == "seed" else "it is not an experiment knob" if k in FIELDS else \
                     "it is not a config field"
-                raise ConfigError(f"sweep: cannot vary {k!r}: {why}")
+                raise UserError(f"sweep: cannot vary {k!r}: {why}")
         empty = [k for k, v in self.axes.items() if not v]
         if empty:
-            raise ConfigError(f"sweep: knob(s) {empty} have no values")
+            raise UserError(f"sweep: knob(s) {empty} have no values")
 
     def cells(self) -> list[Cell]:
         """Every cell, validated as the run would validate it (a bad value fails here, before anything is
@@ -131,11 +132,11 @@ def _parse(parse, flags: list[str], knobs: dict) -> Config:
             cfg, _ = parse(flags)
     except SystemExit:
         why = err.getvalue().strip().splitlines()[-1].partition("error: ")[2]
-        raise ConfigError(f"sweep: cell {knobs or 'base'}: {why}") from None
-    except ConfigError as e:
-        raise ConfigError(f"sweep: cell {knobs or 'base'}: {e}") from None
+        raise UserError(f"sweep: cell {knobs or 'base'}: {why}") from None
+    except UserError as e:
+        raise UserError(f"sweep: cell {knobs or 'base'}: {e}") from None
     if cfg.run_id or cfg.resume:
-        raise ConfigError("sweep: --run-id and --resume are set per cell by the sweep; drop them from the flags")
+        raise UserError("sweep: --run-id and --resume are set per cell by the sweep; drop them from the flags")
     return cfg
 
 
@@ -144,10 +145,10 @@ def load_toml(path: str | Path) -> Grid:
     try:
         d = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"sweep file {path}: {e}") from None
+        raise UserError(f"sweep file {path}: {e}") from None
     unknown = sorted(set(d) - {"name", "seeds", "base", "grid", "plus"})
     if unknown:
-        raise ConfigError(f"sweep file {path}: unknown key(s) {unknown}; allowed: name, seeds, base, grid, plus")
+        raise UserError(f"sweep file {path}: unknown key(s) {unknown}; allowed: name, seeds, base, grid, plus")
     axes = {k: v if isinstance(v, list) else [v] for k, v in d.get("grid", {}).items()}
     base = d.get("base", [])
     if isinstance(base, str):
