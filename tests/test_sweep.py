@@ -196,3 +196,13 @@ def test_a_local_launch_skips_the_finished_starts_the_new_and_resumes_the_rest(t
     assert launch("loc", [a], tmp_path, "inline")[0][1] == "skip"
     with pytest.raises(UserError, match="--on 'moon'"):
         launch("loc", [a], tmp_path, "moon")
+
+
+def test_sweep_help_lists_the_knobs_and_the_faces(capsys):
+    """`just sweep --help` printed a traceback: a knob's help holds a literal % ("95% interval")."""
+    from steer_heal.sweep.__main__ import submit_parser
+
+    with pytest.raises(SystemExit) as e:
+        submit_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--boot" in out and "95% interval" in out and "--on" in out

@@ -52,7 +52,7 @@ def submit_parser() -> argparse.ArgumentParser:
     axes = p.add_argument_group("knobs to cross (any experiment field of python -m steer_heal)")
     for name in AXES:
         axes.add_argument("--" + name.replace("_", "-"), dest="axis_" + name, nargs="+", metavar="V",
-                          help=FIELDS[name].metadata["help"])
+                          help=FIELDS[name].metadata["help"].replace("%", "%%"))  # argparse %-formats help
     return p
 
 
