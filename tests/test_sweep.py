@@ -206,3 +206,23 @@ def test_sweep_help_lists_the_knobs_and_the_faces(capsys):
         submit_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--boot" in out and "95% interval" in out and "--on" in out
+
+
+@pytest.mark.slow
+def test_two_cells_run_inline_one_after_another_and_a_relaunch_skips_them(tmp_path):
+    """`--on inline`: the pool's cell body (cell.run_cell) twice in one process, each run done, and the process
+    exits (Prefect's events client, bound to the first run's server, made it wait minutes on the second's
+    events); the same launch again leaves both alone."""
+    import subprocess
+    import sys
+
+    from steer_heal.sweep.launch import launch
+
+    flags = [*BASE, "--n-rounds", "1"]
+    r = subprocess.run([sys.executable, "-m", "steer_heal.sweep", "submit", "--name", "il", "--lam", "0.5", "1",
+                        "--seeds", "0", "--on", "inline", "--", *flags, "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells = Grid("il", axes={"lam": ["0.5", "1"]}, seeds=[0], base=flags).cells()
+    assert [RunLog(tmp_path, c.run_id).read("status")[-1]["status"] for c in cells] == ["done", "done"]
+    assert [r[1:] for r in launch("il", cells, tmp_path, "inline")] == [("skip", "done")] * 2

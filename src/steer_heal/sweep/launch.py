@@ -89,3 +89,14 @@ def run_inline(cell: Cell, root: Path) -> int:
     except UserError as e:
         logger.error(f"{cell.run_id}: {e}")
         return 2
+    finally:
+        _forget_events_client()
+
+
+def _forget_events_client() -> None:
+    """Prefect keeps one events client per process, bound to the first run's server: the next run's events
+    would go to a server that is gone, and the process would wait on them at exit for minutes. Stopping it
+    (its run's events are sent or lost with its server) lets the next run make one for its own server."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=5)
