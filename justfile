@@ -51,24 +51,13 @@ small-run *ARGS: smollm2
     extra=(); [ -f "$v" ] && extra=(--vignettes "$(realpath "$v")")
     exec {{python}} -m steer_heal --preset small "${extra[@]}" "$@"
 
-# one config over seeds 0..N-1, then the stage table with seed intervals: just seeds 3 small-run --reg nll --run-id study-nll
+# one config over seeds 0..N-1 (the grid `just sweep` launches), then the stage table with seed intervals: just seeds 3 small-run --reg nll --run-id study-nll [--on procs|inline|pool]
 seeds N RECIPE *ARGS:
     @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat "$@"
 
-# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; rerun to resume
-study *ARMS="kl_rev nll c0":
-    #!/usr/bin/env bash
-    set -euo pipefail
-    declare -A flags=([kl_rev]="--reg kl_rev" [nll]="--reg nll" [c0]="--reg kl_rev --control c0"
-                      [random]="--reg kl_rev --control random" [c0-nll]="--reg nll --control c0")
-    ids=()
-    for arm in {{ARMS}}; do
-        [ -n "${flags[$arm]:-}" ] || { echo "unknown arm $arm: one of ${!flags[*]}" >&2; exit 2; }
-        {{just_executable()}} --justfile "{{justfile()}}" seeds 3 small-run --run-id "study-$arm" ${flags[$arm]} || true
-        ids+=("study-$arm-s0" "study-$arm-s1" "study-$arm-s2")
-    done
-    {{just_executable()}} --justfile "{{justfile()}}" stages "${ids[@]}"
-    {{just_executable()}} --justfile "{{justfile()}}" pareto --by config
+# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; rerun to resume [--on procs|inline|pool]
+study *ARMS:
+    @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat study "$@"
 
 # continue a crashed or stopped run at its first unfinished round (one writer per run: a second resume is refused)
 resume RUN_ID *ARGS:
@@ -153,7 +142,7 @@ server *ARGS:
 worker *ARGS:
     @exec {{python}} -m steer_heal.sweep worker "$@"
 
-# submit a grid (done cells skipped, unfinished ones resumed): just sweep --name lam --reg kl_rev nll --lam 0.3 1 --seeds 0 1 2 -- --preset fast-dev
+# launch a grid on the pool, or here with --on procs|inline (done cells skipped, unfinished ones resumed): just sweep --name lam --reg kl_rev nll --lam 0.3 1 --seeds 0 1 2 -- --preset fast-dev
 sweep *ARGS:
     @exec {{python}} -m steer_heal.sweep submit "$@"
 
@@ -186,7 +175,7 @@ mutants *NAMES:
         "steer_heal.steering.x_steer*" "steer_heal.steering.x_random_like*" "steer_heal.extract.*"
         "steer_heal.mfv.x__answer*" "steer_heal.mfv.x_mfv*" "steer_heal.contrast.*"
         "steer_heal.evaluate.xǁStageEvalǁby_stage*" "steer_heal.evaluate.xǁStageEvalǁadd_text*"
-        "steer_heal.report.x_withheld*" "steer_heal.bake.xǁStackǁ_fold*" "steer_heal.bake.xǁStackǁmerged*")
+        "steer_heal.tables.x_withheld*" "steer_heal.stack.xǁStackǁ_fold*" "steer_heal.stack.xǁStackǁmerged*")
     # mutmut puts mutants/src first on sys.path: no PYTHONPATH may shadow it; 2 workers, niced (shared CPU)
     PYTHONPATH= OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${names[@]}"
     PYTHONPATH= mutmut results

@@ -68,3 +68,13 @@ def test_no_import_cycles_at_module_level():
 
     for m in graph:
         visit(m, [])
+
+
+def test_store_imports_no_config_and_nothing_above_it():
+    """The store sits near the ground (issue 26 item 4): its errors come from errors.py, its SQL table from
+    tables.py, so it reads a run's files without config, a stage, the report or the runner."""
+    for m, p in MODULES.items():
+        if m.split(".")[0] != "store":
+            continue
+        bad = {n for n in imports(p) if n.split(".")[0] in {*ABOVE, *STAGES, "config"} - {"store", "intervals"}}
+        assert not bad, f"{m} imports {sorted(bad)}"

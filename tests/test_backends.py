@@ -11,8 +11,9 @@ import torch
 
 from steer_heal import backends, steering
 from steer_heal import mfv as builtin_mfv
-from steer_heal.config import FOUNDATIONS, Config, ConfigError
+from steer_heal.config import FOUNDATIONS, Config
 from steer_heal.data import load_vignettes
+from steer_heal.errors import UserError
 from steer_heal.models import get_layers, text_config
 from steer_heal.tokens import chat, encode_left
 
@@ -41,16 +42,16 @@ def test_builtin_is_the_default():
 
 def test_unknown_backend_names_the_choices():
     from types import SimpleNamespace as NS
-    with pytest.raises(ConfigError, match="builtin, tinymfv"):
+    with pytest.raises(UserError, match="builtin, tinymfv"):
         backends.mfv_fn(NS(evaluator="nope", eval="both", think_tokens=1))
-    with pytest.raises(ConfigError, match="builtin, steering-lite"):
+    with pytest.raises(UserError, match="builtin, steering-lite"):
         backends.steer_fn(NS(steerer="nope"))
 
 
 def test_absent_tinymfv_says_how_to_install(monkeypatch):
     for name in backends.TINYMFV_MODULES:
         monkeypatch.setitem(sys.modules, name, None)  # import of a None entry raises ImportError
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         backends.mfv_fn(Config(evaluator="tinymfv", think_tokens=1))
     assert "pip install git+https://github.com/wassname/tinymfv" in str(e.value)
     assert "not on PyPI" in str(e.value)
@@ -58,7 +59,7 @@ def test_absent_tinymfv_says_how_to_install(monkeypatch):
 
 def test_absent_steering_lite_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "steering_lite", None)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         backends.steer_fn(Config(steerer="steering-lite"))
     assert "pip install git+https://github.com/wassname/steering-lite" in str(e.value)
 
@@ -159,7 +160,7 @@ def test_steering_lite_removes_hooks_on_error_and_refuses_to_nest(tiny):
     with pytest.raises(KeyError), steer(model, vec, 1.0):
         raise KeyError("boom")
     assert _hook_count(model) == before
-    with steer(model, vec, 1.0), pytest.raises(ConfigError, match="cannot nest"), steer(model, vec, 1.0):
+    with steer(model, vec, 1.0), pytest.raises(UserError, match="cannot nest"), steer(model, vec, 1.0):
         pass
     assert _hook_count(model) == before
     with steer(model, None, 1.0):  # no vector: a no-op, as the builtin
@@ -181,17 +182,17 @@ def test_tinymfv_gets_the_vignettes_frame_as_its_condition(vignettes):
     row = backends._tinymfv_row(selfish[0], "self_violate")
     assert row["self_violate"] == selfish[0]["text"] and "other_violate" not in row and len(row) == 3 + 7
     assert backends._tinymfv_condition([dict(v, frame=None) for v in vignettes]) == "other_violate"
-    with pytest.raises(ConfigError, match="mix frames"):
+    with pytest.raises(UserError, match="mix frames"):
         backends._tinymfv_condition([selfish[0], vignettes[1]])
 
 
 @needs_tinymfv
 def test_tinymfv_needs_a_think(tiny, vignettes):
-    with pytest.raises(ConfigError, match="think-tokens 1 or more"):
+    with pytest.raises(UserError, match="think-tokens 1 or more"):
         backends.mfv_fn(Config(evaluator="tinymfv"))  # think_tokens defaults to 0
     backends.mfv_fn(Config(evaluator="tinymfv", eval="contrast"))  # no seven-way probe in this run: fine
     model, tok = tiny
-    with pytest.raises(ConfigError, match="think-tokens 1 or more"):
+    with pytest.raises(UserError, match="think-tokens 1 or more"):
         backends.mfv_fn(Config(evaluator="tinymfv", think_tokens=2))(model, tok, vignettes, think_tokens=0)
 
 

@@ -15,7 +15,8 @@ import torch
 from loguru import logger
 
 from steer_heal import bf16
-from steer_heal.config import Config, ConfigError, preset
+from steer_heal.config import Config, preset
+from steer_heal.errors import UserError
 from steer_heal.run import preflight
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def warnings():
 @pytest.mark.parametrize("mode", ["eval", "heal", "both"])
 def test_a_slower_bf16_is_refused_in_one_line_with_both_rates_and_the_fix(tmp_path, mode):
     bf16.save_rates(tmp_path, SLOW)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         bf16.choose(cfg(tmp_path, bf16=mode), CPU)
     msg = str(e.value)
     assert "\n" not in msg and f"--bf16 {mode} would slow this run down" in msg
@@ -106,7 +107,7 @@ def test_real_rate_check_on_this_machine(tmp_path):
     assert time.perf_counter() - t < 1.0 and r["reps"] >= 1 and not r["cached"]
     c = cfg(tmp_path, bf16="eval")
     if r["bf16"] < r["fp32"]:
-        with pytest.raises(ConfigError, match="--bf16 off"):
+        with pytest.raises(UserError, match="--bf16 off"):
             preflight(c)
     else:
         assert preflight(c)["bf16"]["eval"]
@@ -140,7 +141,7 @@ def test_resume_takes_the_force_flag_from_the_command_and_checks_again(tmp_path)
     bf16.save_rates(tmp_path, SLOW)
     plain = resume_config(Config(out=str(tmp_path), resume="r"), {})
     assert not plain.bf16_force and plain.bf16 == "eval"
-    with pytest.raises(ConfigError, match="--bf16 off"):
+    with pytest.raises(UserError, match="--bf16 off"):
         bf16.choose(plain, CPU)
     forced = resume_config(Config(out=str(tmp_path), resume="r", bf16_force=True), {"bf16_force": True})
     assert forced.bf16_force and bf16.choose(forced, CPU)["forced"] and forced.hash() == plain.hash()

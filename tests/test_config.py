@@ -5,7 +5,8 @@ from dataclasses import fields
 import pytest
 
 from steer_heal.cli import build_parser, parse, to_argv
-from steer_heal.config import Config, ConfigError, preset
+from steer_heal.config import Config, preset
+from steer_heal.errors import UserError
 
 BAD = [
     (dict(reg="kl"), "reg='kl'", "'nll', 'kl_fwd', 'kl_rev'"),
@@ -36,7 +37,7 @@ BAD = [
 
 @pytest.mark.parametrize("kw,field,allowed", BAD)
 def test_validation_names_field_value_and_allowed(kw, field, allowed):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         Config(**kw).validate()
     assert field in str(e.value) and allowed in str(e.value)
 
@@ -45,7 +46,7 @@ def test_defaults_and_presets_validate():
     Config().validate()
     for name in ("fast-dev", "small", "s2-headline", "s4-next", "s1-journal"):
         Config(**preset(name)).validate()
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         preset("huge")
 
 

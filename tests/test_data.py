@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from steer_heal import data
-from steer_heal.config import FOUNDATIONS, Config, ConfigError
+from steer_heal.config import FOUNDATIONS, Config
+from steer_heal.errors import UserError
 
 CLIFFORD = Path("/work/shared/data/mfv_classic_other_violate.jsonl")
 
@@ -34,7 +35,7 @@ def test_persona_default_pair_and_overrides():
 
 
 def test_persona_unknown_pair_lists_the_bundled_ones():
-    with pytest.raises(ConfigError, match="no_such_pair") as e:
+    with pytest.raises(UserError, match="no_such_pair") as e:
         data.persona(Config(persona="no_such_pair"))
     assert "care_vs_authority" in str(e.value)
 
@@ -42,7 +43,7 @@ def test_persona_unknown_pair_lists_the_bundled_ones():
 def test_persona_empty_text(monkeypatch):
     table = {"p": {"pos": "  ", "neg": "b", "trait": "t", "target": "Care", "direction": "down", "neutral": "n"}}
     monkeypatch.setattr(data, "_bundled", lambda name: table)
-    with pytest.raises(ConfigError, match="empty pos"):
+    with pytest.raises(UserError, match="empty pos"):
         data.persona(Config(persona="p"))
 
 
@@ -56,7 +57,7 @@ def test_contexts_prompts_dilemmas():
     assert items and all(set(data.DILEMMA_KEYS) <= set(it) for it in items)
     items[0]["prompt"] = "mutated"
     assert data.dilemmas("care_vs_authority")[0]["prompt"] != "mutated"  # the cache hands out copies
-    with pytest.raises(ConfigError, match="nope"):
+    with pytest.raises(UserError, match="nope"):
         data.dilemmas("nope")
 
 
@@ -73,29 +74,29 @@ def test_missing_column_names_column_and_line(tmp_path):
     bad = row(2)
     del bad["foundation_coarse"]
     p = write(tmp_path, [row(1), bad])
-    with pytest.raises(ConfigError, match="line 2.*foundation_coarse") as e:
+    with pytest.raises(UserError, match="line 2.*foundation_coarse") as e:
         data.load_vignettes(p)
     assert str(p.name) in str(e.value)
     no_text = row(1)
     del no_text["text"]
-    with pytest.raises(ConfigError, match="line 1.*'text'"):
+    with pytest.raises(UserError, match="line 1.*'text'"):
         data.load_vignettes(write(tmp_path, [no_text], "t.jsonl"))
 
 
 def test_bad_json_line(tmp_path):
-    with pytest.raises(ConfigError, match="line 3: not valid JSON"):
+    with pytest.raises(UserError, match="line 3: not valid JSON"):
         data.load_vignettes(write(tmp_path, [row(1), "", "{oops"]))
 
 
 def test_missing_and_empty_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"not found: .*nothere\.jsonl.*--vignettes PATH"):
+    with pytest.raises(UserError, match=r"not found: .*nothere\.jsonl.*--vignettes PATH"):
         data.load_vignettes(tmp_path / "nothere.jsonl")
-    with pytest.raises(ConfigError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         data.load_vignettes(write(tmp_path, ["", "  "]))
 
 
 def test_unknown_foundation(tmp_path):
-    with pytest.raises(ConfigError, match="line 2: unknown foundation 'Purity'"):
+    with pytest.raises(UserError, match="line 2: unknown foundation 'Purity'"):
         data.load_vignettes(write(tmp_path, [row(1), row(2, "Purity")]))
 
 
@@ -105,7 +106,7 @@ def test_human_columns_optional_but_all_or_none(tmp_path):
     assert vs[0]["human"] == {} and vs[0]["foundation"] == "SocialNorms" and vs[0]["id"]
     partial = row(1)
     del partial["human_Liberty"]
-    with pytest.raises(ConfigError, match="human_Liberty"):
+    with pytest.raises(UserError, match="human_Liberty"):
         data.load_vignettes(write(tmp_path, [partial], "p.jsonl"))
 
 
@@ -147,9 +148,9 @@ def test_old_tinymfv_labels_are_read_not_dropped(tmp_path):
     assert [v["human"] for v in old] == [v["human"] for v in new] and all(len(v["human"]) == 7 for v in old)
     assert old[6]["human"]["SocialNorms"] == 90.0  # "Not Wrong" is SocialNorms
     bare = [{k: v for k, v in old_shape(row(1)).items() if k != "Not Wrong"}]
-    with pytest.raises(ConfigError, match="Not Wrong"):
+    with pytest.raises(UserError, match="Not Wrong"):
         data.load_vignettes(write(tmp_path, bare, "partial.jsonl"))
-    with pytest.raises(ConfigError, match="not a number or a percentage"):
+    with pytest.raises(UserError, match="not a number or a percentage"):
         data.load_vignettes(write(tmp_path, [row(1, human_Care="lots")], "bad.jsonl"))
 
 
@@ -161,7 +162,7 @@ def test_frame_from_the_file_name_the_texts_or_the_flag(tmp_path):
     mixed = write(tmp_path, [row(9), *selfish], "mixed.jsonl")
     assert data.vignette_info(mixed)["frame"] is None and data.load_vignettes(mixed)[0]["frame"] is None
     assert {v["frame"] for v in data.load_vignettes(mixed, frame="self")} == {"self_violate"}
-    with pytest.raises(ConfigError, match="--frame self contradicts"):
+    with pytest.raises(UserError, match="--frame self contradicts"):
         data.load_vignettes(write(tmp_path, [row(1)], "vignettes_x_other_violate.jsonl"), frame="self")
 
 
@@ -196,7 +197,7 @@ def test_clifford_file_is_other_violate_by_its_name():
 def test_a_repeated_vignette_id_is_refused_naming_the_id_and_both_lines(tmp_path):
     """One id standing for two texts would pair the wrong items in every interval (issue 23 item 6)."""
     p = write(tmp_path, [row(1), row(2), "", row(1, text="You see another text.")])
-    with pytest.raises(ConfigError, match=r"repeated vignette id 'v1'.*lines? 1 and 4"):
+    with pytest.raises(UserError, match=r"repeated vignette id 'v1'.*lines? 1 and 4"):
         data.load_vignettes(p)
 
 
@@ -204,7 +205,7 @@ def test_a_repeated_vignette_id_is_refused_naming_the_id_and_both_lines(tmp_path
 def test_labels_outside_0_to_100_nan_or_boolean_are_refused(tmp_path, bad):
     p = tmp_path / "v.jsonl"
     p.write_text(json.dumps(row(1, human_Care=bad)) + "\n")  # json.dumps writes NaN for nan
-    with pytest.raises(ConfigError, match=r"line 1: column 'human_Care' is .*(0 to 100|boolean|NaN)"):
+    with pytest.raises(UserError, match=r"line 1: column 'human_Care' is .*(0 to 100|boolean|NaN)"):
         data.load_vignettes(p)
 
 

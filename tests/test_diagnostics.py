@@ -22,9 +22,10 @@ import pytest
 import torch
 from test_flow import ARGS, steer_heal
 
-from steer_heal.config import Config, ConfigError
+from steer_heal.config import Config
 from steer_heal.diag import model as diag_model
 from steer_heal.diag import stats
+from steer_heal.errors import UserError
 from steer_heal.steering import random_like
 from steer_heal.store import RunLog, query
 from steer_heal.student import stored_dose
@@ -149,7 +150,7 @@ def test_barrier_grid_pins_barrier_knobs_of_nll_cells():
     cfg = Config(reg="kl_rev", lam=1.0)
     cells = script("barrier_sweep").grid(cfg, {"reg": ["nll", "kl_rev"], "lam": [0.5, 1.0]})
     assert [(c["reg"], c["lam"]) for c in cells] == [("nll", 1.0), ("kl_rev", 0.5), ("kl_rev", 1.0)]
-    with pytest.raises(ConfigError, match="kl_agg"):
+    with pytest.raises(UserError, match="kl_agg"):
         script("barrier_sweep").grid(cfg, {"kl_agg": ["median"]})
 
 
@@ -488,7 +489,7 @@ def test_beyond_control_refuses_a_repeated_seed_in_one_arm(tmp_path):
     _hand_run(tmp_path, "t0", 0, {(0, "healed"): (-0.3, 0.85)})
     _hand_run(tmp_path, "t0b", 0, {(0, "healed"): (-0.6, 0.85)})  # the treatment again, with seed 0
     _hand_run(tmp_path, "c0", 0, {(0, "healed"): (-0.1, 0.88)}, control="c0")
-    with pytest.raises(ConfigError, match="runs t0 and t0b are the same arm .* same seed 0"):
+    with pytest.raises(UserError, match="runs t0 and t0b are the same arm .* same seed 0"):
         script("stages").main(["t0", "t0b", "c0", "--out", str(tmp_path)])
 
 

@@ -275,11 +275,11 @@ def test_checkpoints_never_unpickle_and_remote_code_is_opt_in():
 
 
 def test_trust_remote_code_comes_from_the_command_never_the_store(tmp_path):
-    from steer_heal.config import ConfigError
+    from steer_heal.errors import UserError
     from steer_heal.student import allow_remote_code, stored_config
 
     cfg = stored_config(fake_run(tmp_path, "remote", model="x", trust_remote_code=True))
-    with pytest.raises(ConfigError, match="trust that code: just export"):
+    with pytest.raises(UserError, match="trust that code: just export"):
         allow_remote_code(cfg, False, "just export remote D --trust-remote-code")
     assert allow_remote_code(cfg, True, "export it").trust_remote_code is True
     plain = stored_config(fake_run(tmp_path, "plain"))
@@ -306,13 +306,13 @@ def test_sql_cannot_change_the_store(tmp_path, capsys, sql):
 def test_max_len_must_hold_the_longest_chat_prompt(tiny):
     """Checked once the tokenizer is known (the run's first step): a max_len that leaves a completion fewer
     than 8 tokens is refused with the size to pass; one under prompt + max_new_tokens only warns."""
-    from steer_heal.config import ConfigError
     from steer_heal.data import prompts
+    from steer_heal.errors import UserError
     from steer_heal.tokens import MIN_COMPLETION, chat, check_room
 
     _, tok = tiny
     ps = prompts(6)
     longest = max(len(tok(chat(tok, p, "Be brief."), add_special_tokens=False)["input_ids"]) for p in ps)
-    with pytest.raises(ConfigError, match=f"longest chat prompt is {longest} tokens.*--max-len {longest + 16}"):
+    with pytest.raises(UserError, match=f"longest chat prompt is {longest} tokens.*--max-len {longest + 16}"):
         check_room(tok, ps, "Be brief.", longest + MIN_COMPLETION - 1, 16)
     check_room(tok, ps, "Be brief.", longest + MIN_COMPLETION, 16)  # cut completions: a warning, no error

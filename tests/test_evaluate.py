@@ -9,8 +9,9 @@ import torch
 
 from steer_heal import contrast as C
 from steer_heal import mfv as E
-from steer_heal.config import FOUNDATIONS, ConfigError
+from steer_heal.config import FOUNDATIONS
 from steer_heal.data import load_vignettes
+from steer_heal.errors import UserError
 
 CLIFFORD = Path("/work/shared/data/mfv_classic_other_violate.jsonl")
 ITEMS = [
@@ -52,7 +53,7 @@ def test_colliding_options_raise():
         def convert_ids_to_tokens(self, i):
             return "x"
 
-    with pytest.raises(ConfigError, match="share first tokens"):
+    with pytest.raises(UserError, match="share first tokens"):
         E.answer_options(OneToken())
 
 
@@ -251,10 +252,10 @@ def test_contrast_refuses_what_it_cannot_score_and_scores_its_own_system_and_lon
     """Empty input and an empty reply are refused by name; both paths score exactly the chat with the given system
     prompt, whole, for a prompt over 100 tokens (the un-branched path packs without truncation)."""
     model, tok = tiny
-    with pytest.raises(ConfigError, match="contrast needs at least one dilemma"):
+    with pytest.raises(UserError, match="contrast needs at least one dilemma"):
         C.contrast(model, tok, [])
     long = " ".join(["which way now"] * 40)
-    with pytest.raises(ConfigError, match=r"dilemma 'which way now which way now which way no': empty trait or"):
+    with pytest.raises(UserError, match=r"dilemma 'which way now which way now which way no': empty trait or"):
         C.contrast(model, tok, [dict(ITEMS[0], prompt=long, trait=" ")])  # the opposite alone is not enough
     it = dict(ITEMS[0], prompt=long)
     prompt = E.chat_ids(tok, "Be brief.", long)

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 from test_flow import ARGS, steer_heal
 
 from steer_heal import family
-from steer_heal.bake import Stack, lora_config, lora_targets
-from steer_heal.config import Config, ConfigError, preset
+from steer_heal.bake import lora_config, lora_targets
+from steer_heal.config import Config, preset
+from steer_heal.errors import UserError
 from steer_heal.models import ModelError, get_layers, load_model
+from steer_heal.stack import Stack
 from steer_heal.store import RunLog
 from steer_heal.tiny import TINY_ARCHS
 from steer_heal.tokens import left_pad
@@ -77,7 +79,7 @@ def test_lora_targets_override_and_band(tiny):
         f"model.layers.{i}.{n}" for i in range(4) for n in ("self_attn.q_proj", "mlp.down_proj")]
     assert lora_targets(model, (0.5, 1.0), ("auto",)) == lora_targets(model, (0.5, 1.0))
     assert {n.split(".")[2] for n in lora_targets(model, (0.5, 1.0))} == {"2", "3"}
-    with pytest.raises(ConfigError, match=r"--lora-targets q_proj query_key_value: no linear named query_key_value"
+    with pytest.raises(UserError, match=r"--lora-targets q_proj query_key_value: no linear named query_key_value"
                                           r".*their linears: self_attn.q_proj self_attn.k_proj"):
         lora_targets(model, (0.0, 1.0), ("q_proj", "query_key_value"))
 

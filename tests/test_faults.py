@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from test_flow import ARGS, steer_heal
 
-from steer_heal.bake import Stack, lora_config
+from steer_heal.bake import lora_config
 from steer_heal.config import Config, preset
 from steer_heal.heal import HealError, heal
 from steer_heal.models import load_model
+from steer_heal.stack import Stack
 from steer_heal.store import RunLog, query
 
 
@@ -276,7 +277,7 @@ def test_ctrl_c_stops_a_runaway_query_in_one_line(tmp_path):
 def test_a_server_that_dies_at_start_fails_within_seconds_naming_the_cause(tmp_path, monkeypatch):
     """Prefect's own start() waited out the whole startup timeout (120 s) for a server that had already
     exited, then said only "timed out". A damaged database kills the server at once: the run must say so."""
-    from steer_heal.config import ConfigError
+    from steer_heal.errors import UserError
     from steer_heal.server import serve
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
@@ -285,7 +286,7 @@ def test_a_server_that_dies_at_start_fails_within_seconds_naming_the_cause(tmp_p
     (home / "prefect.db").write_bytes(b"this is not a database " * 200)
     monkeypatch.setenv("PREFECT_HOME", str(home))
     t = time.time()
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         with serve(home):
             pass
     took = time.time() - t

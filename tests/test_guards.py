@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from steer_heal import data
-from steer_heal.config import ConfigError
+from steer_heal.errors import UserError
 from steer_heal.extract import extract, texts
 from steer_heal.filter import MIN_LOOP_TOKENS, distinct_ratio, drop_counts, score
 from steer_heal.generate import Guards, generate
@@ -108,10 +108,10 @@ def test_suffix_contexts_spread_over_the_file_and_extract_at_the_answer(tiny):
 
 
 def test_a_missing_suffix_file_fails_in_one_line_naming_the_flags(tmp_path):
-    with pytest.raises(ConfigError, match="--suffix-file.*--n-extract-pairs 0"):
+    with pytest.raises(UserError, match="--suffix-file.*--n-extract-pairs 0"):
         data.suffix_contexts(str(tmp_path / "none.json"), 8)
     (tmp_path / "few.json").write_text(json.dumps([{"user_msg": "a", "suffix": "b"}]))
-    with pytest.raises(ConfigError, match="has only 1 rows"):
+    with pytest.raises(UserError, match="has only 1 rows"):
         data.suffix_contexts(str(tmp_path / "few.json"), 8)
 
 

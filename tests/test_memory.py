@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from steer_heal import memory, shapes
-from steer_heal.config import Config, ConfigError, preset
+from steer_heal.config import Config, preset
+from steer_heal.errors import UserError
 from steer_heal.memory import SAFETY, Shape, auto_batch, estimate, kv_bytes
 from steer_heal.models import load_model
 
@@ -68,7 +69,7 @@ def test_auto_is_a_valid_batch_and_a_cpu_gets_the_fallback(model_cache):
     assert (got.gen_batch, got.eval_batch) == (memory.FALLBACK_BATCH,) * 2 and "fallback" in note
     assert memory.resolve_batches(cfg.replace(gen_batch=3, eval_batch=5), model, 4, 40) == (
         cfg.replace(gen_batch=3, eval_batch=5), "")
-    with pytest.raises(ConfigError, match="gen_batch"):
+    with pytest.raises(UserError, match="gen_batch"):
         cfg.replace(gen_batch=-1).validate()
 
 

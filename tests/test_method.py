@@ -24,8 +24,9 @@ DOCS = Path(__file__).parents[1] / "docs"
 # ---------------------------------------------------------------- spectral mean, EOS
 
 def test_spectral_penalty_is_the_mean_over_lora_modules(model_cache):
-    from steer_heal.bake import Stack, lora_config
+    from steer_heal.bake import lora_config
     from steer_heal.heal import spectral_norm
+    from steer_heal.stack import Stack
 
     model, _ = load_model("tiny-random", cache=model_cache)
     st = Stack(model)
@@ -41,7 +42,8 @@ def test_spectral_penalty_is_the_mean_over_lora_modules(model_cache):
 
 def test_heal_adds_the_turn_end_only_after_completions_that_ended(model_cache, monkeypatch):
     import steer_heal.heal as heal_mod
-    from steer_heal.bake import Stack, lora_config
+    from steer_heal.bake import lora_config
+    from steer_heal.stack import Stack
 
     model, tok = load_model("tiny-random", cache=model_cache)
     st = Stack(model)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from steer_heal import metrics
-from steer_heal.bake import Stack, lora_config
+from steer_heal.bake import lora_config
 from steer_heal.config import Config, preset
 from steer_heal.diag import pareto, stages
 from steer_heal.dose import DoseResult, dose_walk, settled_kappa
@@ -23,6 +23,7 @@ from steer_heal.evaluate import StageEval
 from steer_heal.extract import Extracted
 from steer_heal.heal import HealResult, aggregate, divergence, heal, spectral_norm
 from steer_heal.models import load_model
+from steer_heal.stack import Stack
 from steer_heal.store import RunLog, query
 
 # ---------------------------------------------------------------- divergence and its aggregation
@@ -618,7 +619,7 @@ def test_sql_copy_to_a_run_file_is_refused_and_changes_nothing(tmp_path):
 
 
 def test_withheld_names_the_flag_that_withheld_a_ratio():
-    from steer_heal.report import withheld
+    from steer_heal.tables import withheld
 
     assert withheld(dict(broken="coherence 0.004 < 0.85 x base"), 0.25) == "BROKEN"
     assert withheld(dict(broken="x", steered_broken="y"), None) == "BROKEN"  # the healed flag comes first

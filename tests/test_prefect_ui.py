@@ -17,8 +17,8 @@ from pool_procs import REPO, Pool, free_port
 from test_flow import ARGS
 
 from steer_heal import intervals, metrics, prefect_ui
-from steer_heal.report import ROUND_COLS, round_table
 from steer_heal.store import RunLog
+from steer_heal.tables import ROUND_COLS, round_table
 
 STAGES = ("extract", "dose", "eval-steered", "heal", "bake", "eval-healed")
 RUN = "ui_run-1"  # an underscore: artifact keys must be slugged

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from steer_heal.config import Config, ConfigError
+from steer_heal.config import Config
+from steer_heal.errors import UserError
 from steer_heal.presets import PRESETS, REAL, SOURCED, preset, preset_table, source_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_presets_are_valid_configs_and_the_gpu_ones_follow_the_sources():
 
 
 def test_journal_is_refused_in_one_line_naming_its_replacements():
-    with pytest.raises(ConfigError, match="s2-headline.*s4-next"):
+    with pytest.raises(UserError, match="s2-headline.*s4-next"):
         preset("journal")
     p = subprocess.run([sys.executable, "-m", "steer_heal", "--preset", "journal"], capture_output=True, text=True,
                        timeout=120)

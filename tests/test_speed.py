@@ -9,10 +9,11 @@ import torch
 
 from steer_heal import contrast as C
 from steer_heal import mfv as E
-from steer_heal.bake import Stack, lora_config
+from steer_heal.bake import lora_config
 from steer_heal.config import FOUNDATIONS
 from steer_heal.data import load_vignettes
 from steer_heal.models import load_model
+from steer_heal.stack import Stack
 from steer_heal.tokens import branch_logits, full_attention, left_pad
 
 DILEMMAS = [dict(prompt="A friend asks you to lie for them.", trait="I would tell the truth kindly.",

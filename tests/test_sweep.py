@@ -9,7 +9,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelled, Completed, Crashed, Late, Pending, Running, Scheduled
 
 from steer_heal.cli import parse
-from steer_heal.config import ConfigError
+from steer_heal.errors import UserError
 from steer_heal.store import RunLog
 from steer_heal.sweep.__main__ import main
 from steer_heal.sweep.grid import Grid, load_toml
@@ -60,7 +60,7 @@ def test_ids_stay_distinct_and_folder_safe():
     (Grid("x", axes={"lam": ["1"]}, base=["--run-id", "r"]), "--run-id"),
 ])
 def test_bad_grids_fail_before_anything_is_queued(grid, words):
-    with pytest.raises(ConfigError, match=words):
+    with pytest.raises(UserError, match=words):
         grid.cells()
 
 
@@ -137,5 +137,92 @@ def test_a_cell_whose_run_exists_with_another_config_is_refused(tmp_path):
     _store_run(tmp_path, cell.run_id, [*BASE, "--lam", "0.5", "--seed", "0"], ["done"])
     check_existing("c", [cell], tmp_path, store_states(tmp_path, [cell.run_id]))  # same run: fine
     other = Grid("c", axes={"lam": ["0.5"]}, seeds=[0], base=[*BASE, "--tau", "0.1"]).cells()
-    with pytest.raises(ConfigError, match=r"--tau \(stored 0.0, given 0.1\).*another --name"):
+    with pytest.raises(UserError, match=r"--tau \(stored 0.0, given 0.1\).*another --name"):
         check_existing("c", other, tmp_path, store_states(tmp_path, [cell.run_id]))
+
+
+# ---------------------------------------------------------------- one grid under every launcher (issue 26 item 5)
+
+def test_just_seeds_is_just_sweep_with_the_equivalent_grid():
+    """`just seeds 3 fast-dev-run --run-id g FLAGS` and `just sweep --name g --prefix '' --seeds 0 1 2 -- --preset
+    fast-dev FLAGS` launch the same cells: run ids, flags and validated configs."""
+    from steer_heal import repeat
+    from steer_heal.sweep.__main__ import grid_of
+
+    a, rest = repeat.parse(["3", "fast-dev-run", "--run-id", "g", "--reg", "nll", "--lam", "0.5"])
+    seeds = repeat.seeds_grid(a, rest).cells()
+    same = grid_of(["--name", "g", "--prefix", "", "--recipe", "fast-dev-run", "--seeds", "0", "1", "2", "--",
+                    "--reg", "nll", "--lam", "0.5"])[0].cells()
+    plain = grid_of(["--name", "g", "--prefix", "", "--seeds", "0", "1", "2", "--", *BASE, "--reg", "nll",
+                     "--lam", "0.5"])[0].cells()
+    assert [c.run_id for c in seeds] == ["g-s0", "g-s1", "g-s2"]
+    assert seeds == same
+    got = [(c.run_id, c.flags, c.cfg) for c in seeds]
+    assert got == [(c.run_id, c.flags, c.cfg) for c in plain]
+    assert [(c.cfg.seed, c.cfg.reg, c.cfg.lam, c.cfg.model) for c in seeds] == [(s, "nll", 0.5, "tiny-random")
+                                                                               for s in range(3)]
+
+
+def test_study_is_one_seeds_grid_per_arm():
+    from steer_heal import repeat
+    from steer_heal.sweep.__main__ import grid_of
+
+    cells = [c for g in repeat.study_grids(["kl_rev", "c0"]) for c in g.cells()]
+    assert [c.run_id for c in cells] == [f"study-{a}-s{s}" for a in ("kl_rev", "c0") for s in range(3)]
+    assert {(c.cfg.reg, c.cfg.control) for c in cells} == {("kl_rev", "none"), ("kl_rev", "c0")}
+    c0 = grid_of(["--name", "study-c0", "--prefix", "", "--recipe", "small-run", "--seeds", "0", "1", "2", "--",
+                  "--reg", "kl_rev", "--control", "c0"])[0].cells()
+    assert c0 == cells[3:]
+
+
+def test_a_local_launch_skips_the_finished_starts_the_new_and_resumes_the_rest(tmp_path):
+    """The local faces decide from the store as the pool does; a plain grid runs `python -m steer_heal`, a
+    resume with the cell's flags so the run checks it is the same experiment."""
+    import sys
+
+    from steer_heal.sweep.launch import command, launch
+
+    g = Grid("loc", axes={"lam": ["0.5", "1"]}, seeds=[0], base=BASE)
+    a, b = g.cells()
+    log = RunLog(tmp_path, a.run_id)
+    log.append("run_info", dict(seed=0, config=a.cfg.to_dict()))
+    log.append("status", dict(status="interrupted"))
+    rows = launch("loc", [a, b], tmp_path, "procs", dry_run=True)
+    assert rows == [(a.run_id, "would resume", ""), (b.run_id, "would start", "")]
+    assert command(a, tmp_path, "resume") == [sys.executable, "-m", "steer_heal", "--resume", a.run_id, *a.flags,
+                                              "--out", str(tmp_path)]
+    assert command(b, tmp_path, "start")[3:5] == ["--run-id", b.run_id]
+    log.append("status", dict(status="stopped"))
+    assert launch("loc", [a], tmp_path, "inline")[0][1] == "skip"
+    with pytest.raises(UserError, match="--on 'moon'"):
+        launch("loc", [a], tmp_path, "moon")
+
+
+def test_sweep_help_lists_the_knobs_and_the_faces(capsys):
+    """`just sweep --help` printed a traceback: a knob's help holds a literal % ("95% interval")."""
+    from steer_heal.sweep.__main__ import submit_parser
+
+    with pytest.raises(SystemExit) as e:
+        submit_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--boot" in out and "95% interval" in out and "--on" in out
+
+
+@pytest.mark.slow
+def test_two_cells_run_inline_one_after_another_and_a_relaunch_skips_them(tmp_path):
+    """`--on inline`: the pool's cell body (cell.run_cell) twice in one process, each run done, and the process
+    exits (Prefect's events client, bound to the first run's server, made it wait minutes on the second's
+    events); the same launch again leaves both alone."""
+    import subprocess
+    import sys
+
+    from steer_heal.sweep.launch import launch
+
+    flags = [*BASE, "--n-rounds", "1"]
+    r = subprocess.run([sys.executable, "-m", "steer_heal.sweep", "submit", "--name", "il", "--lam", "0.5", "1",
+                        "--seeds", "0", "--on", "inline", "--", *flags, "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells = Grid("il", axes={"lam": ["0.5", "1"]}, seeds=[0], base=flags).cells()
+    assert [RunLog(tmp_path, c.run_id).read("status")[-1]["status"] for c in cells] == ["done", "done"]
+    assert [r[1:] for r in launch("il", cells, tmp_path, "inline")] == [("skip", "done")] * 2

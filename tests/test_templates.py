@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from tokenizers.processors import TemplateProcessing
 
-from steer_heal.config import ConfigError
+from steer_heal.errors import UserError
 from steer_heal.generate import StopAt, cut, generate
 from steer_heal.tokens import CHATML, PLAIN, USER_TURN, chat, stop_strings, use_template
 
@@ -34,7 +34,7 @@ def test_own_template_is_kept_and_recorded(tok):
 
 def test_no_template_is_refused_naming_the_flag(tok):
     tok.chat_template = None
-    with pytest.raises(ConfigError, match="has no chat template") as e:
+    with pytest.raises(UserError, match="has no chat template") as e:
         use_template(tok, "auto", "base-model")
     assert "--chat-template plain" in str(e.value) and "\n" not in str(e.value)
     assert use_template(tok, "plain")["name"] == "plain"
@@ -46,7 +46,7 @@ def test_template_from_a_file_or_a_dict(tok, tmp_path):
     f = tmp_path / "t.jinja"
     f.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}>")
     assert use_template(tok, str(f))["name"] == str(f) and chat(tok, "Hi", "S") == "[system] S [user] Hi >"
-    with pytest.raises(ConfigError, match="not auto, chatml, plain or an existing Jinja file"):
+    with pytest.raises(UserError, match="not auto, chatml, plain or an existing Jinja file"):
         use_template(tok, str(tmp_path / "missing.jinja"))
     tok.chat_template = {"default": PLAIN, "tool_use": CHATML}
     use_template(tok, "auto")
@@ -56,7 +56,7 @@ def test_template_from_a_file_or_a_dict(tok, tmp_path):
 def test_a_template_refusing_the_system_turn_fails_early(tok):
     tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
                          "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(ConfigError, match="System role not supported.*--chat-template plain"):
+    with pytest.raises(UserError, match="System role not supported.*--chat-template plain"):
         use_template(tok, "auto", "gemma-2-it")
 
 

@@ -27,7 +27,8 @@ import torch
 
 from . import mfv as builtin_mfv
 from . import steering
-from .config import FOUNDATIONS, ConfigError
+from .config import FOUNDATIONS
+from .errors import UserError
 from .models import evaluating, get_layers
 
 TINYMFV_URL = "https://github.com/wassname/tinymfv"
@@ -60,10 +61,10 @@ def mfv_fn(cfg) -> Mfv:
     if cfg.evaluator == "builtin":
         return builtin_mfv.mfv if cfg.reuse_prefix else functools.partial(builtin_mfv.mfv, reuse_prefix=False)
     if cfg.evaluator != "tinymfv":
-        raise ConfigError(f"evaluator={cfg.evaluator!r} is not one of: builtin, tinymfv")
+        raise UserError(f"evaluator={cfg.evaluator!r} is not one of: builtin, tinymfv")
     mm = _import_tinymfv()
     if cfg.eval in ("mfv", "both") and cfg.think_tokens < 1:
-        raise ConfigError(_THINK_MSG.format(k=cfg.think_tokens))
+        raise UserError(_THINK_MSG.format(k=cfg.think_tokens))
     return _tinymfv_mfv(mm)
 
 
@@ -87,7 +88,7 @@ def _import_tinymfv():
         if not lacking:
             return mod
         tried.append(f"{name} ({dist}) is too old: its evaluate() lacks {', '.join(lacking)}")
-    raise ConfigError("--evaluator tinymfv needs the tinymfv package, which is not on PyPI; install it from its "
+    raise UserError("--evaluator tinymfv needs the tinymfv package, which is not on PyPI; install it from its "
                       f"repository: {install_command(TINYMFV_URL)}  (it installs as moral-maps, module moralmaps)"
                       "\n  " + "\n  ".join(tried))
 
@@ -124,7 +125,7 @@ def _tinymfv_condition(vignettes: list[dict]) -> str:
     tinymfv's default, other_violate, when the frame could not be told."""
     frames = {v.get("frame") or "other_violate" for v in vignettes}
     if len(frames) != 1:
-        raise ConfigError(f"vignettes mix frames {sorted(frames)}: evaluate one frame at a time")
+        raise UserError(f"vignettes mix frames {sorted(frames)}: evaluate one frame at a time")
     return frames.pop()
 
 
@@ -159,9 +160,9 @@ def _tinymfv_mfv(mm) -> Mfv:
         is filled in for it. If no vignette is scorable, profile/nats/coherence/top1_agree are None.
         """
         if not vignettes:
-            raise ConfigError("mfv needs at least one vignette")
+            raise UserError("mfv needs at least one vignette")
         if think_tokens < 1:
-            raise ConfigError(_THINK_MSG.format(k=think_tokens))
+            raise UserError(_THINK_MSG.format(k=think_tokens))
         t = _WithSystem(tok, system) if system else tok
         saved = (tok.padding_side, tok.pad_token)  # tinymfv sets left padding (and a pad token) on the tokenizer
         try:
@@ -177,7 +178,7 @@ def _tinymfv_mfv(mm) -> Mfv:
                 tok.pad_token = saved[1]
         order = [str(f) for f in rep["table"]["foundation"]]  # the order of each row's p vector
         if sorted(order) != sorted(FOUNDATIONS):
-            raise ConfigError(f"tinymfv reports foundations {order}; this adapter maps only {list(FOUNDATIONS)}")
+            raise UserError(f"tinymfv reports foundations {order}; this adapter maps only {list(FOUNDATIONS)}")
         rows = []
         for v, r in zip(vignettes, rep["per_row"], strict=True):
             if r["id"] != v["id"]:
@@ -211,7 +212,7 @@ def steer_fn(cfg) -> Steer:
     if cfg.steerer == "builtin":
         return steering.steer
     if cfg.steerer != "steering-lite":
-        raise ConfigError(f"steerer={cfg.steerer!r} is not one of: builtin, steering-lite")
+        raise UserError(f"steerer={cfg.steerer!r} is not one of: builtin, steering-lite")
     return _steering_lite_steer(_import_steering_lite())
 
 
@@ -221,7 +222,7 @@ def _import_steering_lite():
         for sub in ("attach", "target", "variants.mean_diff"):
             importlib.import_module(f"steering_lite.{sub}")
     except ImportError as e:
-        raise ConfigError("--steerer steering-lite needs the steering-lite package, which is not on PyPI; install "
+        raise UserError("--steerer steering-lite needs the steering-lite package, which is not on PyPI; install "
                           f"it from its repository: {install_command(STEERING_LITE_URL)}\n  import steering_lite: {e}"
                           ) from e
     return sl
@@ -257,7 +258,7 @@ def _steering_lite_steer(sl) -> Steer:
                         coeff=1.0 if per_row else float(coef))
         root = _steering_lite_root(model, layers, cfg, find_targets)
         if getattr(root, attached_attr, None) is not None:
-            raise ConfigError("a steering-lite steer is already open on this model; steering-lite keeps one "
+            raise UserError("a steering-lite steer is already open on this model; steering-lite keeps one "
                               "attachment per model, so its steers cannot nest (the builtin steerer can)")
         state = {}
         for i in idx:
@@ -286,6 +287,6 @@ def _steering_lite_root(model, layers, cfg, find_targets):
             continue
         if targets and all(mod is layers[i] for _, mod, i in targets):
             return root
-    raise ConfigError(f"steering-lite cannot find the decoder layers of {type(model).__name__} (it looks at "
+    raise UserError(f"steering-lite cannot find the decoder layers of {type(model).__name__} (it looks at "
                       "model.layers, language_model.layers and language_model.model.layers under .model); "
                       "use --steerer builtin for this model")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import UserError
 from .files import atomic_write_bytes
 
 # /proc/cpuinfo flags that mean bf16 matrix hardware (x86: AVX512-BF16, AMX; arm64: the BF16 extension)
@@ -125,7 +126,7 @@ def rates(out: str | Path) -> dict:
 
 def choose(cfg: Config, device) -> dict:
     """The bf16 choice for this run on `device`, for run_info.resolved.bf16. On a CPU, --bf16 eval|heal|both
-    where bf16 matmul is slower than fp32 is refused (ConfigError, one line) unless cfg.bf16_force."""
+    where bf16 matmul is slower than fp32 is refused (UserError, one line) unless cfg.bf16_force."""
     rec = dict(asked=cfg.bf16, eval=cfg.bf16 in ("eval", "both"), heal=cfg.bf16 in ("heal", "both"),
                device=device.type, forced=cfg.bf16_force)
     if device.type != "cpu":  # any recent GPU has bf16 units; auto keeps its old choice there (heal on cuda)
@@ -148,6 +149,6 @@ def choose(cfg: Config, device) -> dict:
         return dict(rec, why=f"bf16 {ratio:.2f}x fp32's rate here")
     slow = f"--bf16 {cfg.bf16} would slow this run down: {says}, {1 / ratio:.1f}x slower"
     if not cfg.bf16_force:
-        raise ConfigError(f"{slow}. Pass --bf16 off (or --bf16-force to run it anyway; rates in {r['path']})")
+        raise UserError(f"{slow}. Pass --bf16 off (or --bf16-force to run it anyway; rates in {r['path']})")
     logger.warning(f"{slow}; running it anyway (--bf16-force)")
     return dict(rec, why=f"forced: bf16 is {1 / ratio:.1f}x slower here")

@@ -12,8 +12,9 @@ from dataclasses import MISSING, fields
 
 from loguru import logger
 
-from .config import Config, ConfigError
+from .config import Config
 from .console import Parser, one_line, setup_logging
+from .errors import UserError
 from .presets import PRESETS, REAL, preset, preset_table, source_table
 
 
@@ -85,7 +86,7 @@ def to_argv(cfg: Config) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, explicit, name = parse(argv, with_preset=True)
-    except ConfigError as e:
+    except UserError as e:
         print(f"steer-heal: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(cfg, explicit, preset=name)
-    except ConfigError as e:
+    except UserError as e:
         logger.error(str(e))
         return 2
     except OSError as e:  # a full disk, a read-only store: what failed where, in one line

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .errors import UserError
 from .files import safe_name
 
 REGS = ("nll", "kl_fwd", "kl_rev")
@@ -37,10 +38,6 @@ MAX_INT = 2**63
 MAX_ALPHA = 1e3
 # Fewer tokens than this cannot hold a chat prompt and a completion; preflight checks the real prompts.
 MIN_MAX_LEN = 16
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the field, the value and what is allowed."""
 
 
 def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -175,7 +172,7 @@ class Config:
         names = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}")
+            raise UserError(f"unknown config field(s) {unknown}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         if "collect_size" not in kw and "gen_batch" in kw:  # stored before collect_size: gen_batch set it
             kw["collect_size"] = kw["gen_batch"]
@@ -193,7 +190,7 @@ class Config:
         """Every knob checked in one place: its type, finite, in range. The CLI, a stored config read back
         and a diagnostic's grid all come through here, so NaN, inf or a typo never reaches a stage."""
         def bad(name: str, allowed: str) -> None:
-            raise ConfigError(f"config {name}={getattr(self, name)!r} is invalid: must be {allowed}")
+            raise UserError(f"config {name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
         hints = typing.get_type_hints(Config)
         for f in fields(self):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from .config import ConfigError
+from .errors import UserError
 
 # Offline and quiet by default; a user's own setting of any of these still wins.
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
@@ -61,7 +61,7 @@ def script(prog: str, body: Callable[[list[str] | None], int], argv: list[str] |
         before = None
     try:
         return body(argv)
-    except ConfigError as e:
+    except UserError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ConfigError
+from .errors import UserError
 from .models import evaluating
 from .tokens import branch_logits, chat, completion_logprobs, full_attention, pack
 
@@ -16,10 +16,10 @@ def contrast(model, tok, items: list[dict], system: str = "", batch: int = 16, r
     """trait_nats = mean over items of (mean log-prob of the trait reply - that of the opposite reply). With
     reuse_prefix (and a full-attention model) each prompt runs once for both replies (tokens.branch_logits)."""
     if not items:
-        raise ConfigError("contrast needs at least one dilemma")
+        raise UserError("contrast needs at least one dilemma")
     for it in items:
         if not (it["trait"].strip() and it["opposite"].strip()):
-            raise ConfigError(f"dilemma {it['prompt'][:40]!r}: empty trait or opposite continuation")
+            raise UserError(f"dilemma {it['prompt'][:40]!r}: empty trait or opposite continuation")
     scores: dict[tuple, float] = {}
     with evaluating(model):
         if reuse_prefix and full_attention(model):

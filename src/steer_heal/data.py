@@ -16,7 +16,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from .config import FOUNDATIONS, ConfigError
+from .config import FOUNDATIONS
+from .errors import UserError
 
 DATA = Path(__file__).parent / "data"
 SMOKE_VIGNETTES = DATA / "vignettes_smoke.jsonl"
@@ -30,7 +31,7 @@ DIRECTIONS = ("down", "up")
 def _bundled(name: str):
     path = DATA / name
     if not path.is_file():
-        raise ConfigError(f"bundled data file missing: {path} (reinstall steer-heal)")
+        raise UserError(f"bundled data file missing: {path} (reinstall steer-heal)")
     return json.loads(path.read_text())
 
 
@@ -48,22 +49,22 @@ def persona(cfg) -> dict:
     """The persona pair of `cfg`, with its text/target/direction overrides applied ('' = the pair's)."""
     table = _bundled("personas.json")
     if cfg.persona not in table:
-        raise ConfigError(f"config persona={cfg.persona!r} is not a bundled pair: use one of {', '.join(table)}")
+        raise UserError(f"config persona={cfg.persona!r} is not a bundled pair: use one of {', '.join(table)}")
     p = {"name": cfg.persona, **copy.deepcopy(table[cfg.persona])}
     missing = [k for k in PERSONA_KEYS if k not in p]
     if missing:
-        raise ConfigError(f"persona pair {cfg.persona!r} in personas.json lacks {missing}")
+        raise UserError(f"persona pair {cfg.persona!r} in personas.json lacks {missing}")
     for key, override in (("pos", cfg.persona_pos), ("neg", cfg.persona_neg),
                           ("target", cfg.target), ("direction", cfg.direction)):
         if override.strip():
             p[key] = override.strip()
     for key in ("pos", "neg"):
         if not str(p[key]).strip():
-            raise ConfigError(f"persona {cfg.persona!r} has empty {key} text: pass --persona-{key} TEXT")
+            raise UserError(f"persona {cfg.persona!r} has empty {key} text: pass --persona-{key} TEXT")
     if p["target"] not in FOUNDATIONS:
-        raise ConfigError(f"persona {cfg.persona!r} target={p['target']!r}: must be one of {', '.join(FOUNDATIONS)}")
+        raise UserError(f"persona {cfg.persona!r} target={p['target']!r}: must be one of {', '.join(FOUNDATIONS)}")
     if p["direction"] not in DIRECTIONS:
-        raise ConfigError(f"persona {cfg.persona!r} direction={p['direction']!r}: must be down or up")
+        raise UserError(f"persona {cfg.persona!r} direction={p['direction']!r}: must be down or up")
     return p
 
 
@@ -82,15 +83,15 @@ def suffix_contexts(path: str, n: int) -> list[tuple[str, str]]:
     every category in it is drawn (S1 and S3 extract over 256 such pairs; the file has 550)."""
     f = Path(path).expanduser()
     if not f.is_file():
-        raise ConfigError(f"--suffix-file {path}: no such file (from {Path.cwd()}); pass the branching-suffix JSON, "
+        raise UserError(f"--suffix-file {path}: no such file (from {Path.cwd()}); pass the branching-suffix JSON, "
                           "or --n-extract-pairs 0 for the bundled contexts")
     try:
         rows = json.loads(f.read_text())
         got = [(str(r["user_msg"]), str(r["suffix"])) for r in rows]
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"--suffix-file {path}: not a JSON list of {{user_msg, suffix}} rows ({e!r})") from None
+        raise UserError(f"--suffix-file {path}: not a JSON list of {{user_msg, suffix}} rows ({e!r})") from None
     if len(got) < n:
-        raise ConfigError(f"--n-extract-pairs {n}: {path} has only {len(got)} rows")
+        raise UserError(f"--n-extract-pairs {n}: {path} has only {len(got)} rows")
     return [got[i * len(got) // n] for i in range(n)]
 
 
@@ -111,12 +112,12 @@ def dilemmas(pair: str) -> list[dict]:
     scores text the student was trained on. Its prompts also seed the free-text generations."""
     table = _bundled(DILEMMAS)
     if pair not in table:
-        raise ConfigError(f"no dilemmas for persona pair {pair!r}: {DILEMMAS} has {', '.join(table)}")
+        raise UserError(f"no dilemmas for persona pair {pair!r}: {DILEMMAS} has {', '.join(table)}")
     items = copy.deepcopy(table[pair])
     for i, it in enumerate(items):
         missing = [k for k in DILEMMA_KEYS if not str(it.get(k, "")).strip()]
         if missing:
-            raise ConfigError(f"{DILEMMAS} {pair!r} item {i} lacks {missing}")
+            raise UserError(f"{DILEMMAS} {pair!r} item {i} lacks {missing}")
     return items
 
 
@@ -128,7 +129,7 @@ def _foundation(name: str, where: str) -> str:
     for f in FOUNDATIONS:
         if f.lower() == key:
             return f
-    raise ConfigError(f"{where}: unknown foundation {name!r}: must be one of {', '.join(FOUNDATIONS)}")
+    raise UserError(f"{where}: unknown foundation {name!r}: must be one of {', '.join(FOUNDATIONS)}")
 
 
 # tinymfv's older files: percent strings under the foundation's own name, "Not Wrong" for SocialNorms
@@ -143,15 +144,15 @@ def _share(x, where: str, col: str) -> float | None:
     if x is None or str(x).strip() == "":
         return None
     if isinstance(x, bool):
-        raise ConfigError(f"{where}: column {col!r} is boolean {x!r}, not a percentage from 0 to 100")
+        raise UserError(f"{where}: column {col!r} is boolean {x!r}, not a percentage from 0 to 100")
     try:
         v = float(str(x).strip().removesuffix("%")) if isinstance(x, str) else float(x)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: column {col!r} is {x!r}, not a number or a percentage") from None
+        raise UserError(f"{where}: column {col!r} is {x!r}, not a number or a percentage") from None
     if math.isnan(v):
-        raise ConfigError(f"{where}: column {col!r} is NaN, not a percentage from 0 to 100")
+        raise UserError(f"{where}: column {col!r} is NaN, not a percentage from 0 to 100")
     if not 0.0 <= v <= 100.0:
-        raise ConfigError(f"{where}: column {col!r} is {x!r}, outside the percentages 0 to 100")
+        raise UserError(f"{where}: column {col!r} is {x!r}, outside the percentages 0 to 100")
     return v
 
 
@@ -164,7 +165,7 @@ def _labels(row: dict, where: str) -> dict[str, float]:
     vals = {f: _share(row.get(c), where, c) for c, f in cols.items()}
     lack = [c for c, f in cols.items() if vals[f] is None]
     if 0 < len(lack) < len(cols):
-        raise ConfigError(f"{where}: missing column(s) {lack} (give all seven label columns or none)")
+        raise UserError(f"{where}: missing column(s) {lack} (give all seven label columns or none)")
     return {} if lack else {f: vals[f] for f in FOUNDATIONS}
 
 
@@ -173,14 +174,14 @@ def _parse_line(line: str, where: str, default_id: str, column: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     text = str(row.get("text") or row.get(column) or "").strip()
     if not text:
-        raise ConfigError(f"{where}: missing column 'text'" + (f" (or {column!r})" if column in row else ""))
+        raise UserError(f"{where}: missing column 'text'" + (f" (or {column!r})" if column in row else ""))
     if not str(row.get("foundation_coarse") or "").strip():
-        raise ConfigError(f"{where}: missing column 'foundation_coarse'")
+        raise UserError(f"{where}: missing column 'foundation_coarse'")
     return {"id": str(row.get("id") or default_id), "text": text,
             "foundation": _foundation(row["foundation_coarse"], where), "human": _labels(row, where),
             "packed": "text" not in row}
@@ -197,7 +198,7 @@ def _frame(p: Path, texts: list[str], packed: bool, frame: str) -> tuple[str | N
     named = _named(p)
     if frame:
         if named and named != FRAMES[frame]:
-            raise ConfigError(f"--frame {frame} contradicts the vignette file {p.name} ({named}): drop --frame "
+            raise UserError(f"--frame {frame} contradicts the vignette file {p.name} ({named}): drop --frame "
                               "or pass the other file")
         return FRAMES[frame], "--frame"
     if named:
@@ -218,17 +219,17 @@ def _read_vignettes(path: str, _mtime_ns: int, frame: str) -> tuple[tuple, str]:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         line = p.read_bytes()[: e.start].count(b"\n") + 1
-        raise ConfigError(f"vignette file {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} on line {line}): "
+        raise UserError(f"vignette file {path} is not UTF-8 (byte 0x{e.object[e.start]:02x} on line {line}): "
                           "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
     lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
-        raise ConfigError(f"vignette file {path} is empty: it needs one JSON object per line with text and foundation_coarse")
+        raise UserError(f"vignette file {path} is empty: it needs one JSON object per line with text and foundation_coarse")
     column = FRAMES.get(frame) or _named(p) or "other_violate"
     rows = [_parse_line(line, f"{path} line {i}", f"{p.stem}-{i}", column) for i, line in lines]
     first: dict[str, int] = {}
     for (i, _), r in zip(lines, rows):  # one id standing for two texts would pair the wrong items
         if r["id"] in first:
-            raise ConfigError(f"vignette file {path}: repeated vignette id {r['id']!r} on lines {first[r['id']]} and "
+            raise UserError(f"vignette file {path}: repeated vignette id {r['id']!r} on lines {first[r['id']]} and "
                               f"{i}: give each vignette its own id")
         first[r["id"]] = i
     packed = [r.pop("packed") for r in rows]
@@ -282,10 +283,10 @@ def vignette_info(path: str | Path = "", n: int = 0, frame: str = "") -> dict:
 
 def _vignette_rows(path: str | Path, n: int, frame: str) -> tuple[list[dict], str]:
     if n < 0:
-        raise ConfigError(f"n_vignettes={n} is invalid: must be an integer >= 0")
+        raise UserError(f"n_vignettes={n} is invalid: must be an integer >= 0")
     p = Path(path) if str(path) else SMOKE_VIGNETTES
     if not p.is_file():
-        raise ConfigError(f"vignette file not found: {p}; pass an existing JSONL file with --vignettes PATH"
+        raise UserError(f"vignette file not found: {p}; pass an existing JSONL file with --vignettes PATH"
                           " (or leave --vignettes empty for the bundled smoke set)")
     rows, how = _read_vignettes(str(p.resolve()), p.stat().st_mtime_ns, frame)
     return (stratified(list(rows), n) if n else list(rows)), how

@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError
 from .console import Parser, script
+from .errors import UserError
 from .student import open_student, run_log, stored_config
 
 PROG = "just export"
@@ -18,13 +18,13 @@ def target(d: str) -> Path:
     """DIR as an empty directory to write into, refused (before any model work) when it cannot be one."""
     p = Path(d)
     if p.exists() and not p.is_dir():
-        raise ConfigError(f"export target {d} is a file: pass a new or empty directory")
+        raise UserError(f"export target {d} is a file: pass a new or empty directory")
     if p.is_dir() and any(p.iterdir()):
-        raise ConfigError(f"export target {d} is not empty: pass a new or empty directory, so the export does "
+        raise UserError(f"export target {d} is not empty: pass a new or empty directory, so the export does "
                           "not mix with other files")
     parent = next(q for q in [p, *p.parents] if q.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"export target {d}: {parent} is not a writable directory")
+        raise UserError(f"export target {d}: {parent} is not a writable directory")
     return p
 
 

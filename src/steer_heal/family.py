@@ -10,7 +10,8 @@ from __future__ import annotations
 from loguru import logger
 
 from .bake import lora_config
-from .config import Config, ConfigError
+from .config import Config
+from .errors import UserError
 from .models import attn_for, get_layers, meta_copy, read_part, resolve
 from .tokens import check_room, longest_prompt, use_template
 
@@ -33,10 +34,10 @@ def check(cfg: Config) -> dict:
     try:  # peft must accept every target (a module type it cannot adapt fails here, not in heal)
         adapted = sum(isinstance(m, LoraLayer) for m in get_peft_model(meta, lora).modules())
     except (ValueError, TypeError, RuntimeError) as e:
-        raise ConfigError(f"peft cannot adapt the --lora-targets of {cfg.model} ({str(e).splitlines()[0]}): "
+        raise UserError(f"peft cannot adapt the --lora-targets of {cfg.model} ({str(e).splitlines()[0]}): "
                           "pass --lora-targets with other module names") from None
     if adapted != len(names):
-        raise ConfigError(f"peft adapted {adapted} of the {len(names)} --lora-targets modules of {cfg.model}")
+        raise UserError(f"peft adapted {adapted} of the {len(names)} --lora-targets modules of {cfg.model}")
     per_layer = targets_by_name(names, prefix)
     # logged once every check has passed: a refused model's output is its one error line
     logger.info(f"chat template: {template['name']} (sha256 {template['sha256'][:12]}, BOS {template['bos']})")

@@ -1,6 +1,6 @@
 """Ground floor: durable file writes and hashes, used by the store and by the stages alike.
 
-Nothing here imports from the package, so any module may use it.
+Nothing here imports from the package but errors.py, so any module may use it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import os
 import re
 import tempfile
 from pathlib import Path
+
+from .errors import CorruptArtifact
 
 TMP_SUFFIX = ".tmp"
 # A run or diagnostic id is one path component: no separators, no leading dot ("..", hidden files).
@@ -72,3 +74,17 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
+    """The bytes of a stored artifact whose recorded sha256 they must match (the one hash check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptArtifact(f"{what} is missing: {path}. Restore the file; a run cannot resume past a lost "
+                             "artifact.")
+    data = path.read_bytes()
+    if (got := sha256_bytes(data)) != sha256:
+        raise CorruptArtifact(f"{what} at {path} does not match its recorded sha256 (file {got[:12]}..., store "
+                             f"{sha256[:12]}...): the file is corrupt or was replaced. Restore it; resume will "
+                             "not trust it.")
+    return data

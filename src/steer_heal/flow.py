@@ -22,7 +22,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from . import backends, data, intervals, memory, metrics, prefect_ui, seeds, student
-from .bake import Stack, bake, lora_config
+from .bake import bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, collect_at, dose_walk
 from .evaluate import Probe, StageEval, evaluate
@@ -31,11 +31,13 @@ from .filter import drop_counts, foils, score
 from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
-from .report import dose_table, round_table, write_report
+from .report import write_report
+from .stack import Stack
 from .stage import BAKE_TASK, Done, Ledger, StageName, Write, crash_point, run_stage, store
 from .status import Outcome, RunStatus
 from .steering import control_vector, save_vector
 from .store import RunLog
+from .tables import dose_table, round_table
 from .tokens import check_room
 
 

@@ -19,8 +19,8 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from .bake import Stack
 from .config import Config
+from .stack import Stack
 from .tokens import chat, completion_rows, pack, turn_end_id
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ConfigError
+from .errors import UserError
 
 GIB = 2**30
 SAFETY = 0.85  # of the free memory: allocator fragmentation and what the estimate leaves out
@@ -132,7 +132,7 @@ def resolve_batches(cfg, model, band_layers: int, prompt: int):
             continue
         b = FALLBACK_BATCH if free is None else auto_batch(free, stage, **kw)
         if b == 0:
-                raise ConfigError(f"{free / GIB:.1f} GiB free on {p.device} does not hold one {stage} row of this model "
+                raise UserError(f"{free / GIB:.1f} GiB free on {p.device} does not hold one {stage} row of this model "
                               f"(estimate: memory.py): pass --{name.replace('_', '-')} 1 to try anyway, or a smaller --max-len")
         got[name] = b
     where = "no device memory to read: the fallback" if free is None else f"{free / GIB:.1f} GiB free on {p.device}"

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .config import FOUNDATIONS, ConfigError
+from .config import FOUNDATIONS
+from .errors import UserError
 from .models import evaluating
 from .tokens import branch_logits, chat, common_prefix, full_attention, left_pad
 
@@ -53,7 +54,7 @@ def answer_options(tok) -> Options:
         if len(set(first.values())) == len(first):
             return Options(slot, shown, first)
         tried.append(" ".join(f"{s!r}->{tok.convert_ids_to_tokens(first[f])!r}" for f, s in shown.items()))
-    raise ConfigError("the seven answer options share first tokens under this tokenizer, so their probabilities "
+    raise UserError("the seven answer options share first tokens under this tokenizer, so their probabilities "
                       "cannot be told apart; tried:\n  " + "\n  ".join(tried))
 
 
@@ -174,7 +175,7 @@ def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int =
     vignettes whose argmax p is the humans' argmax; None without human columns), n, rows.
     """
     if not vignettes:
-        raise ConfigError("mfv needs at least one vignette")
+        raise UserError("mfv needs at least one vignette")
     scored = score_orders(model, tok, vignettes, (FOUNDATIONS, FOUNDATIONS[::-1]), system, think_tokens, batch,
                           reuse_prefix)
     rows = []

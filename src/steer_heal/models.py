@@ -24,7 +24,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from .config import ConfigError
+from .errors import UserError
 from .tiny import build_tiny, publish, tiny_arch
 from .tokens import use_template
 
@@ -37,7 +37,7 @@ ATTN_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_at
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"})
 
 
-class ModelError(ConfigError):
+class ModelError(UserError):
     """A model that cannot be loaded, with the fix in the message."""
 
 

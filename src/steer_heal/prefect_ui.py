@@ -21,9 +21,9 @@ from loguru import logger
 
 from .console import one_line
 from .filter import drop_counts
-from .report import ROUND_COLS, round_cells
 from .status import Outcome
 from .store import RunLog
+from .tables import ROUND_COLS, round_cells
 
 
 def api_in_use() -> bool:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import UserError
 
 Sourced = dict[str, tuple[Any, str]]
 
@@ -148,9 +149,9 @@ REAL = ("s2-headline", "s4-next", "s1-journal", "small")  # the real-model prese
 
 def preset(name: str) -> dict[str, Any]:
     if name in RETIRED:
-        raise ConfigError(f"preset {name!r} was retired: {RETIRED[name]}")
+        raise UserError(f"preset {name!r} was retired: {RETIRED[name]}")
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}: must be one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}: must be one of {', '.join(PRESETS)}")
     return dict(PRESETS[name])
 
 

@@ -1,9 +1,15 @@
-"""`just seeds N RECIPE [FLAGS]`: one config over seeds 0..N-1, then `just stages` on the group.
+"""`just seeds N RECIPE [FLAGS]` and `just study [ARMS]`: grids of seeds (sweep/grid.py), launched as a sweep is
+(sweep/launch.py), then `just stages` on them.
 
-Each seed runs as `just RECIPE --seed s --run-id GROUP-s<s> FLAGS` in its own process (a run owns its
-Prefect home and its model). GROUP is --run-id when given, else made from the time and reg. A seed whose
-run has ended (done, stopped, starved) is skipped and one that did not end (a crash, Ctrl-C, failed) is
-resumed, so the same command picks a study up where it stopped. The runs differ only in seed, so
+seeds: one config over seeds 0..N-1, the runs GROUP-s0 .. GROUP-s<N-1> (GROUP is --run-id when given, else
+made from the time). It is the grid `just sweep --name GROUP --prefix '' --recipe RECIPE --seeds 0 .. N-1 --
+FLAGS`. study: the SmolLM2 question (spec.md "Controls"), 3 seeds x each arm over `small-run`, the runs
+study-ARM-s<s>, then `just stages` and `just pareto --by config`.
+
+By default each run goes through its `just` recipe in a process of its own (--on procs); --on inline runs
+them in this process, --on pool submits them to the work pool (`just server`, `just worker`). A run that
+has ended (done, stopped, starved) is skipped and one that did not end (a crash, Ctrl-C, failed) is resumed,
+so the same command picks a study up where it stopped. The runs differ only in seed (and arm), so
 `just stages` prints each cell's mean and 95% interval over them.
 """
 
@@ -12,26 +18,43 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 from loguru import logger
 
 from .console import script
-from .status import RunStatus, finished
-from .store import RunLog
+from .status import finished
+from .sweep.grid import RECIPES, Cell, Grid
+from .sweep.launch import ON, launch
+from .sweep.state import StoreState
 
-RECIPES = ("run", "small-run", "fast-dev-run")
+# The arms of `just study`: flags on top of `small-run`.
+ARMS = {"kl_rev": ["--reg", "kl_rev"], "nll": ["--reg", "nll"], "c0": ["--reg", "kl_rev", "--control", "c0"],
+        "random": ["--reg", "kl_rev", "--control", "random"], "c0-nll": ["--reg", "nll", "--control", "c0"]}
+STUDY_SEEDS = 3
+
+
+def ended(st: StoreState, cell: Cell) -> bool:
+    """A seed is left alone once its run ended (status.finished), whatever its round count: a seed's run has
+    no other target to meet, where a sweep cell's n_rounds may ask for more."""
+    return finished(st.status)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out", help="store root (passed on to every run)")
+    p.add_argument("--on", choices=ON, default="procs", help="where the runs execute: a process each (default), "
+                   "this process, or the work pool")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="just seeds", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, help="seeds 0..N-1")
-    p.add_argument("recipe", choices=RECIPES, help="the run recipe each seed runs")
+    p.add_argument("recipe", choices=tuple(RECIPES), help="the run recipe each seed runs")
     p.add_argument("--run-id", default="", help="group name: the runs are GROUP-s0 .. GROUP-s<N-1>")
-    p.add_argument("--out", default="out", help="store root (passed on to every run)")
+    _common(p)
     a, rest = p.parse_known_args(argv)
     if a.n < 1:
         p.error("N must be >= 1")
@@ -40,39 +63,60 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return a, rest
 
 
-def status(out: str, run_id: str) -> RunStatus | None:
-    """The run's latest status, None when it never started."""
-    log = RunLog(out, run_id)
-    if not log.read("run_info"):
-        return None
-    return RunStatus(((log.read("status") or [{}])[-1]).get("status") or RunStatus.RUNNING)
+def seeds_grid(a: argparse.Namespace, rest: list[str]) -> Grid:
+    group = a.run_id or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return Grid(name=group, seeds=list(range(a.n)), base=list(rest), prefix="", recipe=a.recipe)
+
+
+def study_grids(arms: list[str]) -> list[Grid]:
+    return [Grid(name=f"study-{arm}", seeds=list(range(STUDY_SEEDS)), base=ARMS[arm], prefix="", recipe="small-run")
+            for arm in arms]
 
 
 def main(argv: list[str] | None = None) -> int:
-    a, rest = parse(sys.argv[1:] if argv is None else argv)
-    group = a.run_id or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    just = os.environ.get("JUST", "just")
-    ids, bad = [], []
-    for s in range(a.n):
-        run_id = f"{group}-s{s}"
-        st = status(a.out, run_id)
-        if finished(st):  # its own target: a seed's run has no other round count to meet
-            logger.info(f"seed {s}: {run_id} already {st}, skipped")
-        else:
-            cmd = ([just, "resume", run_id, "--out", a.out] if st else
-                   [just, a.recipe, "--seed", str(s), "--run-id", run_id, "--out", a.out, *rest])
-            logger.info(f"seed {s}: {' '.join(cmd)}")
-            rc = subprocess.run(cmd).returncode
-            if rc != 0:
-                bad.append(f"{run_id} (exit {rc})")
-        if status(a.out, run_id) is not None:
-            ids.append(run_id)
-    if ids:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["study"]:
+        return study(argv[1:])
+    a, rest = parse(argv)
+    g = seeds_grid(a, rest)
+    return run_grids(g.name, [g], a.out, a.on, stages_after=True)
+
+
+def study(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="just study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("arms", nargs="*", default=["kl_rev", "nll", "c0"], help=f"of {', '.join(ARMS)}")
+    _common(p)
+    a = p.parse_args(argv)
+    unknown = [x for x in a.arms if x not in ARMS]
+    if unknown:
+        p.error(f"unknown arm(s) {' '.join(unknown)}: one of {', '.join(ARMS)}")
+    rc = run_grids("study", study_grids(a.arms), a.out, a.on, stages_after=True)
+    if a.on != "pool":
+        from .diag.pareto import main as pareto
+
+        script("just pareto", pareto, ["--by", "config", "--out", a.out])
+    return rc
+
+
+def run_grids(name: str, grids: list[Grid], out: str, on: str, stages_after: bool) -> int:
+    """Launch the grids' cells; locally, then `just stages` over the runs that exist."""
+    cells = [c for g in grids for c in g.cells()]
+    rows = launch(name, cells, out, on, finished=ended, just=os.environ.get("JUST", "just"))
+    if on == "pool":
+        from .sweep.pool import workers_note
+
+        logger.info(f"{name}: {sum(act == 'submitted' for _, act, _ in rows)} of {len(cells)} runs submitted "
+                    f"({workers_note()}); `just stages` once they are done")
+        return 0
+    ids = [c.run_id for c in cells if (Path(out) / "runs" / c.run_id / "run_info.jsonl").is_file()]
+    if ids and stages_after:
         from .diag.stages import main as stages
 
-        script("just stages", stages, [*ids, "--out", a.out])
+        script("just stages", stages, [*ids, "--out", out])
+    bad = [f"{rid} ({why})" for rid, act, why in rows if act == "failed"]
     if bad:
-        logger.error(f"{len(bad)} of {a.n} seeds did not finish: {', '.join(bad)}; rerun the same command to "
+        logger.error(f"{len(bad)} of {len(cells)} runs did not finish: {', '.join(bad)}; rerun the same command to "
                      "resume them")
         return 1
     return 0

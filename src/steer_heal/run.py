@@ -18,8 +18,9 @@ from pathlib import Path
 from loguru import logger
 
 from . import student
-from .config import RUNTIME_FIELDS, Config, ConfigError
+from .config import RUNTIME_FIELDS, Config
 from .console import one_line, quiet_env
+from .errors import UserError
 from .files import remove_stray_tmp
 from .server import serve
 from .status import EXIT_CODE, Outcome, RunStatus, finished
@@ -109,12 +110,12 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
     changed = sorted(k for k, v in explicit.items()
                      if k not in RUNTIME_FIELDS and k != "trust_remote_code" and v != getattr(stored, k))
     if changed:
-        raise ConfigError(f"resume of {cfg.resume} refuses overrides that change the experiment: "
+        raise UserError(f"resume of {cfg.resume} refuses overrides that change the experiment: "
                           + ", ".join(f"--{k.replace('_', '-')} (stored {getattr(stored, k)!r}, given {explicit[k]!r})"
                                       for k in changed) + ". Start a new run instead.")
     n_rounds = explicit.get("n_rounds", stored.n_rounds)
     if n_rounds < stored.n_rounds:
-        raise ConfigError(f"--n-rounds {n_rounds} is below the stored {stored.n_rounds}: it may only grow on resume")
+        raise UserError(f"--n-rounds {n_rounds} is below the stored {stored.n_rounds}: it may only grow on resume")
     stored = student.allow_remote_code(stored, cfg.trust_remote_code, f"just resume {cfg.resume} --trust-remote-code")
     return stored.replace(n_rounds=n_rounds, run_id=cfg.resume, out=cfg.out,
                           device=explicit.get("device", stored.device), log_level=cfg.log_level,
@@ -152,7 +153,7 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
     last = Outcome.of_row((log.read("status") or [None])[-1])
     done = {r["round"] for r in log.read("rounds")}
     if sorted(done) != list(range(len(done))):  # a resume from the first gap would redo the rounds after it twice
-        raise ConfigError(f"run {cfg.run_id}: its rounds table holds rounds {sorted(done)}, not 0..{len(done) - 1}: "
+        raise UserError(f"run {cfg.run_id}: its rounds table holds rounds {sorted(done)}, not 0..{len(done) - 1}: "
                           f"rows were removed by hand; `just fsck {cfg.run_id}` checks the run")
     # only a done run is left alone: a resume retries a starved, stopped or failed run's round
     if last is not None and last.status == RunStatus.DONE and finished(last, len(done), cfg.n_rounds):
@@ -181,7 +182,7 @@ def _resumed_info(cfg: Config, log: RunLog, resolved: dict, where: str) -> None:
 def start(cfg: Config, log: RunLog, resolved: dict, preset: str = "") -> None:
     """Under the writer lock: a new run's files and its run_info row."""
     if log.read("run_info"):
-        raise ConfigError(f"run {cfg.run_id} exists already: resume it with --resume {cfg.run_id}")
+        raise UserError(f"run {cfg.run_id} exists already: resume it with --resume {cfg.run_id}")
     log.touch_all()
     log.append("run_info", dict(model=cfg.model, preset=preset, control=cfg.control, reg=cfg.reg, seed=cfg.seed,
                                 n_rounds=cfg.n_rounds, config_hash=cfg.hash(), config=cfg.to_dict(),
@@ -225,7 +226,7 @@ def run(cfg: Config, explicit: dict, preset: str = "") -> int:
         try:
             log = RunLog(cfg.out, cfg.run_id)
         except OSError as e:
-            raise ConfigError(f"store root {cfg.out!r} is not writable ({e.strerror}): pass --out DIR") from None
+            raise UserError(f"store root {cfg.out!r} is not writable ({e.strerror}): pass --out DIR") from None
     with WriterLock(log.dir):  # one writer per run, held until it ends: a second one is refused at once
         if resumed and not resume_checks(cfg, log):
             return 0
@@ -292,10 +293,10 @@ def _run_flow(cfg: Config, log: RunLog, resumed: bool) -> int:
     except BaseException as e:
         if server is not None and server.died:  # its watcher interrupted the flow: a failure, not a Ctrl-C
             record(log, RunStatus.FAILED, server.died)
-            raise ConfigError(f"{server.died}. `just resume {run_id}` retries the round") from None
+            raise UserError(f"{server.died}. `just resume {run_id}` retries the round") from None
         if not (ctrl_c.hit or isinstance(e, KeyboardInterrupt)):
             if isinstance(e, Exception):
-                record(log, RunStatus.FAILED, one_line(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}")
+                record(log, RunStatus.FAILED, one_line(e) if isinstance(e, (UserError, OSError)) else f"{type(e).__name__}: {e}")
             else:  # SIGTERM in a sweep cell (Prefect's TerminationSignal), SystemExit: stopped, not broken
                 record(log, RunStatus.INTERRUPTED, type(e).__name__)
             raise

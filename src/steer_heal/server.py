@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import UserError
 
 API_HINT = ("start that server (`just server` serves http://127.0.0.1:4200/api) or unset PREFECT_API_URL, "
             "and the run starts a server of its own")
@@ -47,7 +47,7 @@ def check_api(timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError, ValueError) as e:
         why = getattr(e, "reason", e)
         why = getattr(why, "strerror", None) or str(why) or type(why).__name__
-        raise ConfigError(f"PREFECT_API_URL={url} does not answer ({why}): {API_HINT}") from None
+        raise UserError(f"PREFECT_API_URL={url} does not answer ({why}): {API_HINT}") from None
 
 
 # Run in the server process: SIGTERM itself (uvicorn then shuts down cleanly) once stdin reaches EOF,
@@ -94,14 +94,14 @@ def _server_class():
                     if code == 3 and "while attempting to bind" in news:  # the port was taken meanwhile
                         self.port = self.find_available_port()
                         continue
-                    raise ConfigError(f"the run's Prefect server exited with code {code} while starting: "
+                    raise UserError(f"the run's Prefect server exited with code {code} while starting: "
                                       f"{cause(news)} (its log: {self.log})")
             except BaseException:
                 self.stop()  # a server still starting goes too
                 raise
 
         def _wait_healthy(self, deadline: float) -> int | None:
-            """None once /health answers 200, else the server's exit code; past the deadline a ConfigError."""
+            """None once /health answers 200, else the server's exit code; past the deadline a UserError."""
             import urllib.request
 
             local = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
@@ -113,7 +113,7 @@ def _server_class():
                 except OSError:  # not listening yet (URLError is an OSError)
                     pass
                 if time.monotonic() > deadline:
-                    raise ConfigError(f"the run's Prefect server did not answer within its startup timeout "
+                    raise UserError(f"the run's Prefect server did not answer within its startup timeout "
                                       f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); its log: {self.log}")
                 time.sleep(0.1)
             return code

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import memory
-from .config import Config, ConfigError
+from .config import Config
+from .errors import UserError
 from .files import safe_name
 from .store import RunLog
 
@@ -17,9 +18,9 @@ from .store import RunLog
 def run_log(root: str | Path, run_id: str) -> RunLog:
     """The run's log; a clear error (and no empty folder left behind) when there is no such run."""
     if not safe_name(run_id):
-        raise ConfigError(f"run id {run_id!r} is not a plain name (letters, digits, . _ + = -; no '/', no leading '.')")
+        raise UserError(f"run id {run_id!r} is not a plain name (letters, digits, . _ + = -; no '/', no leading '.')")
     if not (Path(root) / "runs" / run_id / "run_info.jsonl").is_file():
-        raise ConfigError(f"no run {run_id!r} under {root}/runs: see `just runs` for run ids (or pass --out)")
+        raise UserError(f"no run {run_id!r} under {root}/runs: see `just runs` for run ids (or pass --out)")
     return RunLog(root, run_id)
 
 
@@ -28,13 +29,13 @@ def stored_config(log: RunLog) -> Config:
     round target of its newest run_info row (a resume with more --n-rounds stores the extended target)."""
     info = log.read("run_info")
     if not info:
-        raise ConfigError(f"no run {log.run_id!r} under {log.root}/runs: see `just runs` for run ids")
+        raise UserError(f"no run {log.run_id!r} under {log.root}/runs: see `just runs` for run ids")
     try:
         cfg = Config.from_dict(info[0]["config"])
         target = info[-1]["n_rounds"]
         return (cfg if target is None else cfg.replace(n_rounds=target)).validate()
-    except ConfigError as e:
-        raise ConfigError(f"run {log.run_id}: its stored {e}; the store was edited or is damaged") from None
+    except UserError as e:
+        raise UserError(f"run {log.run_id}: its stored {e}; the store was edited or is damaged") from None
 
 
 def allow_remote_code(cfg: Config, flag: bool, fix: str) -> Config:
@@ -42,7 +43,7 @@ def allow_remote_code(cfg: Config, flag: bool, fix: str) -> Config:
     execution by itself (a copied store's model dir could run anything). A run that used it is refused without;
     `fix` is the command with the flag."""
     if cfg.trust_remote_code and not flag:
-        raise ConfigError(f"run {cfg.run_id} was started with --trust-remote-code: its model {cfg.model!r} runs its "
+        raise UserError(f"run {cfg.run_id} was started with --trust-remote-code: its model {cfg.model!r} runs its "
                           f"own Python code, which a stored run never enables by itself. Pass the flag only if you "
                           f"trust that code: {fix}")
     return cfg.replace(trust_remote_code=flag)
@@ -50,7 +51,7 @@ def allow_remote_code(cfg: Config, flag: bool, fix: str) -> Config:
 
 def check_artifacts(log: RunLog) -> None:
     """Every stored adapter and vector file exists and matches its recorded sha256 (before any work)."""
-    from .bake import read_verified
+    from .files import read_verified
 
     for table in ("adapters", "vectors"):
         for rec in log.read(table):
@@ -94,7 +95,8 @@ class Student:
 
 def open_student(root: str | Path, run_id: str, upto: int | None = None, device: str = "cpu",
                  trust_remote_code: bool = False, fix: str = "add --trust-remote-code") -> Student:
-    from .bake import Stack, lora_config
+    from .bake import lora_config
+    from .stack import Stack
 
     log = run_log(root, run_id)
     cfg = allow_remote_code(stored_config(log), trust_remote_code, fix)
@@ -122,7 +124,7 @@ def stage_done(log: RunLog, r: int, stage: str) -> bool:
 
 def vector_record(log: RunLog, r: int) -> dict | None:
     """Round r's `vectors` row (path, sha256); None while the round has not extracted its vector."""
-    from .bake import CorruptArtifact
+    from .errors import CorruptArtifact
 
     rec = next((x for x in log.read("vectors") if x["round"] == r), None)
     if rec is None and stage_done(log, r, "extract"):
@@ -133,7 +135,7 @@ def vector_record(log: RunLog, r: int) -> dict | None:
 
 def stored_vector(log: RunLog, r: int):
     """Round r's steering vector, checked against its recorded sha256; None while the round has not extracted it."""
-    from .bake import read_verified
+    from .files import read_verified
     from .steering import load_vector
 
     rec = vector_record(log, r)
@@ -153,7 +155,7 @@ def stored_dose(log: RunLog, r: int, cfg: Config):
 def stored_kept(log: RunLog, r: int, cfg: Config) -> list[dict]:
     """The completions round r healed on; refuses a round whose dose stage has not finished."""
     if not stage_done(log, r, "dose"):
-        raise ConfigError(f"run {log.run_id} round {r} has not finished its dose stage: no kept completions yet")
+        raise UserError(f"run {log.run_id} round {r} has not finished its dose stage: no kept completions yet")
     return stored_dose(log, r, cfg).kept
 
 

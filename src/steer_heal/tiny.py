@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from .config import ConfigError
+from .errors import UserError
 from .tokens import CHATML
 
 DATA = Path(__file__).parent / "data"
@@ -39,7 +39,7 @@ def tiny_arch(name: str) -> str | None:
         return None
     arch = name.removeprefix("tiny-random").lstrip("-") or "qwen3"
     if arch not in TINY_ARCHS:
-        raise ConfigError(f"unknown tiny-random arch {arch!r}: use one of {', '.join(TINY_ARCHS)}")
+        raise UserError(f"unknown tiny-random arch {arch!r}: use one of {', '.join(TINY_ARCHS)}")
     return arch
 
 

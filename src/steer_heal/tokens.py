@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from .config import ConfigError
+from .errors import UserError
 
 MIN_COMPLETION = 8  # completion tokens a heal/filter row must keep at least (n-gram checks go to 4)
 
@@ -26,7 +26,7 @@ def check_room(tok, prompts: list[str], system: str, max_len: int, max_new_token
     silently train on and score stubs; under prompt + max_new_tokens completions are cut (said once: `warn`)."""
     longest = longest_prompt(tok, prompts, system)
     if max_len < longest + MIN_COMPLETION:
-        raise ConfigError(f"config max_len={max_len} is too small: the longest chat prompt is {longest} tokens and a "
+        raise UserError(f"config max_len={max_len} is too small: the longest chat prompt is {longest} tokens and a "
                           f"completion needs at least {MIN_COMPLETION} more; pass --max-len {longest + max_new_tokens} "
                           "(prompt + --max-new-tokens)")
     if warn and max_len < longest + max_new_tokens:
@@ -66,7 +66,7 @@ def use_template(tok, choice: str = "auto", model: str = "the model") -> dict:
     own = tok.chat_template.get("default") if isinstance(tok.chat_template, dict) else tok.chat_template
     if choice == "auto":
         if not (isinstance(own, str) and own.strip()):
-            raise ConfigError(
+            raise UserError(
                 f"{model} has no chat template (its tokenizer defines none), so its prompts would be guessed: "
                 "pass --chat-template plain (User:/Assistant: lines, for a base model), chatml (<|im_start|> "
                 "turns, for a model trained on them) or PATH (a Jinja template file)")
@@ -76,12 +76,12 @@ def use_template(tok, choice: str = "auto", model: str = "the model") -> dict:
     elif Path(choice).is_file():
         text = Path(choice).read_text()
     else:
-        raise ConfigError(f"--chat-template {choice!r} is not auto, chatml, plain or an existing Jinja file")
+        raise UserError(f"--chat-template {choice!r} is not auto, chatml, plain or an existing Jinja file")
     sample = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     try:
         rendered = tok.apply_chat_template(sample, chat_template=text, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja errors, a template's own raise_exception ("System role not supported")
-        raise ConfigError(f"the chat template ({choice}) of {model} cannot render a system + user turn, which every "
+        raise UserError(f"the chat template ({choice}) of {model} cannot render a system + user turn, which every "
                           f"stage needs ({type(e).__name__}: {str(e).splitlines()[0]}): pass --chat-template "
                           "plain, chatml or PATH") from None
     bos = "none"

@@ -32,7 +32,7 @@ class Clock:
         self.s = time.perf_counter() - self.t0
 
 def show(title: str, cols: list[str], rows: list[list], note: str = "") -> None:
-    from ..report import format_table
+    from ..tables import format_table
 
     fmt = [[round(v, 4) if isinstance(v, float) else v for v in r] for r in rows]
     print(f"\n== {title}  (load now {load1()})")

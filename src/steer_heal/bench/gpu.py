@@ -98,11 +98,12 @@ def stages(model, tok, dev, *, gen_batch: int, eval_batch: int, new: int, heal_t
            with_heal: bool = True) -> list[dict]:
     """generate, eval (completion log-probs) and a heal (kl_rev, 1 epoch, batch 3, LoRA r 32 on 0.2-0.8)."""
     from .. import data
-    from ..bake import Stack, lora_config
+    from ..bake import lora_config
     from ..config import Config, preset
     from ..generate import generate
     from ..heal import heal
     from ..models import band, get_layers
+    from ..stack import Stack
     from ..tokens import chat, completion_logprobs, pack
 
     prompts = (data.prompts(64) * 4)[:rows]

@@ -28,7 +28,8 @@ def _stacks(model, n: int):
     """Yield (k, gated, folded) after k = 0..n baked adapters (random B, as a trained one would move the logits)."""
     import torch
 
-    from ..bake import Stack, lora_config
+    from ..bake import lora_config
+    from ..stack import Stack
 
     stacks = [Stack(copy.deepcopy(model), fold=f) for f in (False, True)]
     lora = lora_config(model, 8, 16.0, (0.0, 1.0))

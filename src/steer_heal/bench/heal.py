@@ -37,9 +37,10 @@ def heal_worker(args) -> dict:
 
     from .. import data
     from .. import heal as heal_mod
-    from ..bake import Stack, lora_config
+    from ..bake import lora_config
     from ..config import Config
     from ..models import load_model
+    from ..stack import Stack
     from ..tokens import chat, pack
 
     if args.threads:

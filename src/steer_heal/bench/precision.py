@@ -35,9 +35,10 @@ def _eval(ctx, bf16: bool) -> tuple[dict, float]:
 
 def _heal(ctx, bf16: bool) -> tuple[float | None, float]:
     from .. import data
-    from ..bake import Stack, lora_config
+    from ..bake import lora_config
     from ..config import Config, preset
     from ..heal import heal
+    from ..stack import Stack
     from .heal import _heal_inputs
 
     cfg = Config.from_dict(dict(preset("small"), val_frac=0.25, bf16="heal" if bf16 else "off"))

@@ -34,9 +34,10 @@ def eval_seconds(model, tok, probe) -> float:
 
 def heal_seconds(model, tok, n: int) -> float:
     from .. import data
-    from ..bake import Stack, lora_config
+    from ..bake import lora_config
     from ..config import Config, preset
     from ..heal import heal
+    from ..stack import Stack
     from .heal import _heal_inputs
 
     cfg = Config.from_dict(dict(preset("small")))

@@ -31,9 +31,9 @@ from pathlib import Path
 from .. import data, metrics, seeds
 from ..console import Parser, script
 from ..evaluate import measure
-from ..report import table
 from ..server import serve
 from ..student import run_log, stored_config, stored_evals, stored_kept
+from ..tables import table
 from .model import RoundModel, devices, open_round, trial_adapter
 from .record import Diagnostic
 from .runs import check_history, delta

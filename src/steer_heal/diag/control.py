@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .. import intervals, seeds
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import UserError
 from ..evaluate import stage_order
-from ..report import table
+from ..tables import table
 from .runs import family
 from .stats import mean_ci
 
@@ -42,7 +43,7 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
     for run_id, cfg in cfgs.items():
         got = arms[(family(cfg), cfg.control)].setdefault(cfg.seed, run_id)
         if got != run_id:
-            raise ConfigError(f"runs {got} and {run_id} are the same arm (control {cfg.control}) with the same seed "
+            raise UserError(f"runs {got} and {run_id} are the same arm (control {cfg.control}) with the same seed "
                               f"{cfg.seed}: beyond control pairs arms by seed; pass only one of them")
     out = []
     for (fam, control), ctrl in sorted(arms.items()):

@@ -15,12 +15,12 @@ import argparse
 import sys
 
 from .. import data, seeds
-from ..config import ConfigError
 from ..console import Parser, script
+from ..errors import UserError
 from ..evaluate import measure
 from ..generate import generate
-from ..report import table
 from ..steering import random_like
+from ..tables import table
 from . import plots
 from .model import RoundModel, open_round
 from .record import Diagnostic
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     rm = open_round(a.out, a.run_id, a.round, a.device, a.trust_remote_code)
     if rm.vector is None:
-        raise ConfigError(f"run {a.run_id} round {rm.round} has no stored vector yet")
+        raise UserError(f"run {a.run_id} round {rm.round} has no stored vector yet")
     coefs = sorted(set(a.coefs) | ({rm.coef} if rm.coef is not None else set()))
     rseeds = [seeds.random_vector(rm.cfg.seed, rm.round, k) for k in range(a.random)]
     diag = Diagnostic(a.out, "csweep", a.run_id, rm.round,

@@ -27,12 +27,13 @@ import sys
 import duckdb
 
 from .. import data
-from ..config import Config, ConfigError
+from ..config import Config
 from ..console import Parser, script
+from ..errors import UserError
 from ..evaluate import StageEval
 from ..metrics import broken
-from ..report import table
 from ..store import RunLog, check_read_only
+from ..tables import table
 from . import plots
 from .record import Diagnostic
 from .runs import connect_meta, sql_rows
@@ -120,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             con.executemany("INSERT INTO stage_broken VALUES (?, ?, ?, ?)", stage_broken(a.out, ids))
         rows = sql_rows(con, sql)
     except duckdb.Error as e:
-        raise ConfigError(f"the query failed: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"the query failed: {str(e).strip().splitlines()[0]}") from None
     finally:
         con.close()
     lacking = [c for c in NEED if rows and c not in rows[0]]
     if lacking:
-        raise ConfigError(f"the query must return the columns {', '.join(NEED)}; it lacks {', '.join(lacking)}")
+        raise UserError(f"the query must return the columns {', '.join(NEED)}; it lacks {', '.join(lacking)}")
     panels = facets(rows)
     diag = Diagnostic(a.out, "pareto", None, None, dict(sql=sql, by=None if a.sql else a.by))
     diag.add([{k: v for k, v in p.items() if k not in ("x", "y")} for pts in panels.values() for p in pts])

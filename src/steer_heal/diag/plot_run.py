@@ -12,9 +12,9 @@ import sys
 from .. import data, metrics
 from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
-from ..report import table
 from ..store import connect
 from ..student import run_log, stored_config
+from ..tables import table
 from . import plots
 from .record import Diagnostic
 from .runs import sql_rows

@@ -11,7 +11,8 @@ from typing import Any
 import duckdb
 
 from .. import data
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import UserError
 from ..store import RunLog, connect
 from ..store.views import fetch
 
@@ -95,7 +96,7 @@ def latest_round(log: RunLog) -> int:
     """The newest round whose vector is stored: the default round of a diagnostic."""
     done = [r["round"] for r in log.read("stages") if r["stage"] == "extract"]
     if not done:
-        raise ConfigError(f"run {log.run_id} has no extracted round yet")
+        raise UserError(f"run {log.run_id} has no extracted round yet")
     return max(done)
 
 
@@ -104,7 +105,7 @@ def check_history(log: RunLog, r: int) -> None:
     baked = {a["round"] for a in log.read("adapters")}
     n = next(i for i in range(len(baked) + 1) if i not in baked)  # rounds 0..n-1 are baked
     if not 0 <= r <= n:
-        raise ConfigError(f"run {log.run_id} has no round {r} to start from: {n} round(s) baked, so the student "
+        raise UserError(f"run {log.run_id} has no round {r} to start from: {n} round(s) baked, so the student "
                           f"that starts a round exists for rounds 0..{n}; pick one of those")
 
 

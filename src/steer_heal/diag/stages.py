@@ -26,8 +26,9 @@ from collections import defaultdict
 from .. import data, intervals, metrics, seeds
 from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
-from ..report import DELTAS, table
+from ..report import DELTAS
 from ..student import run_log, stored_config
+from ..tables import table
 from . import control
 from .record import Diagnostic
 from .runs import config_key, config_labels, delta, family, seedless

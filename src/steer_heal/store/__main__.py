@@ -12,9 +12,9 @@ from pathlib import Path
 
 import duckdb
 
-from ..config import ConfigError
 from ..console import Parser
-from ..report import format_table
+from ..errors import UserError
+from ..tables import format_table
 from .log import RunLog
 from .schema import DEFAULT_ROOT, KINDS
 from .views import QueryTimeout, query, write_catalog
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steer-heal sql: interrupted (Ctrl-C); the query was stopped", file=sys.stderr)
         return 130
-    except ConfigError as e:  # a refused statement, a damaged store (file:line)
+    except UserError as e:  # a refused statement, a damaged store (file:line)
         print(f"steer-heal sql: {e}", file=sys.stderr)
         return 2
     except duckdb.PermissionException as e:
@@ -93,7 +93,7 @@ def _fsck(root: str, run_id: str, fix: bool) -> int:
         return 1 if rep.damage else 0
     try:
         print("\n".join(fsck.fix(log, rep)))
-    except ConfigError as e:
+    except UserError as e:
         print(f"steer-heal fsck: {e}", file=sys.stderr)
         return 2
     return 0

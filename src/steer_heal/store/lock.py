@@ -25,14 +25,14 @@ import platform
 import threading
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import UserError
 
 LOCK_FILE = "writer.lock"
 HEARTBEAT_S = 10
 STALE_S = 60  # six missed beats: a loaded machine may delay a beat, not six
 
 
-class RunLocked(ConfigError):
+class RunLocked(UserError):
     """Another live process writes this run."""
 
 

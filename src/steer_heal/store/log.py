@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import UserError
 from ..files import atomic_write_bytes, safe_name
 from .schema import AUTO_NOW, KINDS, MAX_LINE_BYTES, TABLES, tables_of, utcnow
 
@@ -101,7 +101,7 @@ def _convert(table: str, col: str, typ: str, v: Any) -> Any:
 ASIDE = ".aside"
 
 
-class StoreDamaged(ConfigError):
+class StoreDamaged(UserError):
     """A line other than the last is not a row: the file was changed after it was written."""
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import duckdb
 
-from ..config import ConfigError
+from ..errors import UserError
 from .lock import LOCK_FILE, STALE_S
 from .log import StoreDamaged, first_damage
 from .schema import DEFAULT_ROOT, KINDS, MAX_LINE_BYTES, TABLES
@@ -22,7 +22,7 @@ from .schema import DEFAULT_ROOT, KINDS, MAX_LINE_BYTES, TABLES
 READS = "one SELECT (also WITH ... SELECT, FROM ..., VALUES, PIVOT, DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one"
 
 
-class SqlRefused(ConfigError):
+class SqlRefused(UserError):
     """A statement the read-only query path does not run (it could write files or change settings)."""
 
 

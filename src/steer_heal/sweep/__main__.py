@@ -3,6 +3,7 @@
 
     just sweep --name lam --reg kl_rev nll --lam 0.3 1 --seeds 0 1 2 -- --preset fast-dev --out out
     just sweep grid.toml            # the same grid from a file (docs/scaling.md)
+    just sweep --name lam --lam 0.3 1 --seeds 0 1 --on procs -- --preset fast-dev   # here, not on the pool
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
 from ..console import quiet_env, script
-from ..report import format_table
-from .grid import AXES, FIELDS, Grid, load_toml
-from .pool import POOL, connect_server, enqueue, submit, workers_note
+from ..errors import UserError
+from ..tables import format_table
+from .grid import AXES, FIELDS, RECIPES, Grid, load_toml
+from .launch import ON, launch
+from .pool import POOL, connect_server, enqueue, workers_note
 from .state import STALE_AFTER
 
 
@@ -37,6 +39,12 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of every cell")
     p.add_argument("--plus", nargs="+", action="append", metavar="KNOB=VALUE",
                    help="an extra cell (a control, say --plus control=c0), crossed with the seeds only; repeatable")
+    p.add_argument("--prefix", help="of every run id (default sw; '' names the runs NAME-...-s<seed>, as "
+                   "`just seeds` does)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="start each run through this `just` recipe (its flags "
+                   "lead the cell's), as `just seeds` does")
+    p.add_argument("--on", choices=ON, default="pool", help="where the runs execute: the work pool (default), "
+                   "here one process each, or here in this process, one after another")
     p.add_argument("--pool", default=POOL)
     p.add_argument("--stale-after", type=float, default=STALE_AFTER,
                    help="seconds without a sign of life after which a `running` cell counts as dead and is resumed")
@@ -44,27 +52,39 @@ def submit_parser() -> argparse.ArgumentParser:
     axes = p.add_argument_group("knobs to cross (any experiment field of python -m steer_heal)")
     for name in AXES:
         axes.add_argument("--" + name.replace("_", "-"), dest="axis_" + name, nargs="+", metavar="V",
-                          help=FIELDS[name].metadata["help"])
+                          help=FIELDS[name].metadata["help"].replace("%", "%%"))  # argparse %-formats help
     return p
 
 
-def cmd_submit(argv: list[str]) -> int:
+def grid_of(argv: list[str]) -> tuple[Grid, argparse.Namespace]:
+    """The grid `just sweep ARGV` launches: the file's, with the flags on top."""
     own, base = _split(argv)
     a = submit_parser().parse_args(own)
     g = load_toml(a.file) if a.file else Grid(name="")
     g.name = a.name or g.name
     g.seeds = a.seeds if a.seeds is not None else g.seeds
+    g.prefix = a.prefix if a.prefix is not None else g.prefix
+    g.recipe = a.recipe or g.recipe
     g.axes.update({k[5:]: v for k, v in vars(a).items() if k.startswith("axis_") and v})
     for cell in a.plus or []:
         if not all("=" in kv for kv in cell):
-            raise ConfigError(f"--plus takes KNOB=VALUE pairs, got {cell}")
+            raise UserError(f"--plus takes KNOB=VALUE pairs, got {cell}")
         g.plus.append(dict(kv.split("=", 1) for kv in cell))
     g.base = [*g.base, *base]
+    return g, a
+
+
+def cmd_submit(argv: list[str]) -> int:
+    g, a = grid_of(argv)
     cells = g.cells()
     root = Path(cells[0].cfg.out).resolve()  # absolute: a flow run starts in a throwaway temp dir
-    connect_server()
-    got = submit(g.name, cells, root, a.pool, a.stale_after, a.dry_run)
+    got = launch(g.name, cells, root, a.on, pool=a.pool, stale_after=a.stale_after, dry_run=a.dry_run)
     print(format_table(["run_id", "action", "why"], got))
+    if a.on != "pool":
+        bad = [rid for rid, act, _ in got if act == "failed"]
+        print(f"sweep {g.name}: {len(cells)} cells, {len(bad)} failed, store {root}" +
+              (f"; rerun the same command to resume {', '.join(bad)}" if bad else ""))
+        return 1 if bad else 0
     n = sum(1 for _, act, _ in got if act == "submitted")
     print(f"sweep {g.name}: {len(cells)} cells, {n} submitted to pool {a.pool!r} ({workers_note(a.pool)}), "
           f"store {root}. Follow: just sweep-status {g.name} --out {shlex.quote(str(root))}")
@@ -125,11 +145,11 @@ def cmd_enqueue(argv: list[str]) -> int:
     p.add_argument("--pool", default=POOL)
     a = p.parse_args(own)
     if not command:
-        raise ConfigError("enqueue: give the command after `--`")
+        raise UserError("enqueue: give the command after `--`")
     try:
         connect_server()
-    except ConfigError as e:
-        raise ConfigError(f"pueue is not installed and {e}; or install pueue (https://github.com/Nukesor/pueue, "
+    except UserError as e:
+        raise UserError(f"pueue is not installed and {e}; or install pueue (https://github.com/Nukesor/pueue, "
                           f"cargo install pueue); or run `{shlex.join(command)}` directly") from None
     fr = enqueue(command, a.cwd, a.label, a.pool)
     print(f"queued `{shlex.join(command)}` on pool {a.pool!r} as flow run {fr.name} ({fr.id}); "

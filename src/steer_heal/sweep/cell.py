@@ -22,6 +22,15 @@ def cell(run_id: str, flags: list[str], out: str) -> str:
     """One sweep cell = one run: start it, or resume it when the store has it already, so a re-submit
     continues from the last baked round. The run executes in this process, as a subflow of the cell,
     and `out` is absolute (a flow run starts in a throwaway temp dir)."""
+    rc, last = run_cell(run_id, flags, out)
+    if rc not in OUTCOMES:
+        raise RuntimeError(f"run {run_id} ended {last.get('status')} (exit {rc}): {last.get('reason', '')}")
+    return str(last.get("status"))
+
+
+def run_cell(run_id: str, flags: list[str], out: str) -> tuple[int, dict]:
+    """Start or resume the cell's run in this process (a worker's cell, or `--on inline`): its exit code and
+    its last status row."""
     from ..cli import parse
     from ..console import setup_logging
     from ..run import run
@@ -32,10 +41,7 @@ def cell(run_id: str, flags: list[str], out: str) -> str:
     cfg, explicit, preset = parse([*argv, *flags, "--out", out], with_preset=True)
     setup_logging(cfg.log_level)
     rc = run(cfg, explicit, preset=preset)  # fast-dev sizes its max_len in a cell as on the command line
-    last = (RunLog(out, run_id).read("status") or [{}])[-1]
-    if rc not in OUTCOMES:
-        raise RuntimeError(f"run {run_id} ended {last.get('status')} (exit {rc}): {last.get('reason', '')}")
-    return str(last.get("status"))
+    return rc, (RunLog(out, run_id).read("status") or [{}])[-1]
 
 
 @flow(name="steer-heal-command", log_prints=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import UserError
 from .grid import Cell
 from .state import STALE_AFTER, StoreState, run_alive, store_states
 
@@ -32,7 +32,7 @@ def connect_server() -> str:
     try:
         urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10).close()
     except OSError as e:
-        raise ConfigError(f"no Prefect server answers at {url} ({getattr(e, 'reason', e)}): start one with "
+        raise UserError(f"no Prefect server answers at {url} ({getattr(e, 'reason', e)}): start one with "
                           "`just server` (and workers with `just worker`), or export PREFECT_API_URL="
                           "http://HOST:4200/api") from None
     return url
@@ -148,10 +148,10 @@ def check_existing(name: str, cells: list[Cell], root: Path, states: dict[str, S
         if states[cell.run_id].status is not None:
             try:
                 resume_config(*parse(["--resume", cell.run_id, *cell.flags, "--out", str(root)]))
-            except ConfigError as e:
+            except UserError as e:
                 bad.append(str(e))
     if bad:
-        raise ConfigError(f"sweep {name}: {len(bad)} cell(s) name runs that exist with another config, e.g. "
+        raise UserError(f"sweep {name}: {len(bad)} cell(s) name runs that exist with another config, e.g. "
                           f"{bad[0]} Give this grid another --name (or resubmit the grid that made them).")
 
 
