@@ -203,7 +203,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
                          loop_tau=cfg.loop_tau, loop_window=cfg.loop_window)
 
     try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
-        res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)
+        dc = cfg.part("dose")
+        res = collect_at(dc, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(dc, run.prompts, sample)
     except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
         return Stop("starved", str(e))
     completions, steps = res.rows()
@@ -237,7 +238,7 @@ def heal_task(run: Run, r: int, kept: list[dict]) -> HealResult | Stop:
     t = time.time()
     run.stack.add(f"r{r}", run.lora, seed=seeds.lora_init(cfg.seed, r))
     try:
-        out = heal(run.stack, run.tok, kept, cfg, r, seeds.heal_shuffle(cfg.seed, r), run.system,
+        out = heal(run.stack, run.tok, kept, cfg.part("heal"), r, seeds.heal_shuffle(cfg.seed, r), run.system,
                    on_step=lambda step: crash_point(f"heal:r{r}:step{step}"))
     except HealError as e:
         return Stop("failed", str(e))

@@ -46,7 +46,7 @@ def _heal(ctx, bf16: bool) -> tuple[float | None, float]:
     stack.add("r0", lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers, cfg.lora_targets), seed=0)
     kept = [dict(k, ended=True) for k in _heal_inputs(ctx.tok, 16, 48)]
     with Clock() as c:
-        res = heal(stack, ctx.tok, kept, cfg, 0, seed=0, system=data.persona(cfg)["neutral"])
+        res = heal(stack, ctx.tok, kept, cfg.part("heal"), 0, seed=0, system=data.persona(cfg)["neutral"])
     return res.val_nll, c.s
 
 

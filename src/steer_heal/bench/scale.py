@@ -45,7 +45,7 @@ def heal_seconds(model, tok, n: int) -> float:
     stack.add("r0", lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers, cfg.lora_targets), seed=0)
     kept = [dict(k, ended=True) for k in _heal_inputs(tok, n, 48)]
     with Clock() as c:
-        heal(stack, tok, kept, cfg, 0, seed=0, system=data.persona(cfg)["neutral"])
+        heal(stack, tok, kept, cfg.part("heal"), 0, seed=0, system=data.persona(cfg)["neutral"])
     return c.s
 
 
