@@ -68,3 +68,19 @@ def test_no_import_cycles_at_module_level():
 
     for m in graph:
         visit(m, [])
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_over_80_lines():
+    """A function longer than a screen hides its steps: split it (issue 26). Counted from `def` to its last
+    line, nested functions inside their parent's count."""
+    long = {}
+    for m, p in MODULES.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{m}.{node.name}"] = n
+    assert not long, long
