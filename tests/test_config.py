@@ -105,6 +105,10 @@ def test_every_field_sits_in_one_group_and_exec_is_left_out_of_the_hash():
     h = a.replace(lr=0.5, bf16="heal").part("heal")
     assert isinstance(h, HealCfg) and (h.lr, h.bf16, h.max_len) == (0.5, "heal", a.max_len)
     assert not hasattr(h, "persona") and a.exec.reuse_prefix is True
+    from steer_heal.evaluate import Probe
+
+    b = a.replace(reuse_prefix=False, eval_batch=3, target="Care")
+    assert Probe.of(b.part("probes")) == Probe.of(b) and Probe.of(b).reuse_prefix is False
     with pytest.raises(AttributeError):
         h.lr = 1.0  # frozen
 

@@ -55,6 +55,8 @@ UNHASHED = frozenset(EXEC_FIELDS) | {"n_rounds"}
 PARTS = {
     "dose": GROUPS["dose"] + ("alphas", "n_keep", "min_train", "ppl_tau", "rep_tau", "rel_tau"),
     "heal": GROUPS["heal"] + ("max_len", "bf16", "ref_cache_mb", "gnorm_every"),
+    "probes": GROUPS["probes"] + ("persona", "persona_pos", "persona_neg", "gen_system", "eval_batch", "reuse_prefix",
+                                  "bf16"),
     "exec": EXEC_FIELDS,
 }
 # Exec fields whose change moves the numbers by more than float rounding: a resume that changes one warns.
@@ -347,9 +349,9 @@ def _part_type(name: str, names: tuple[str, ...]) -> type:
     return cls
 
 
-_PART_TYPES = {"dose": _part_type("DoseCfg", PARTS["dose"]), "heal": _part_type("HealCfg", PARTS["heal"]),
-               "exec": _part_type("Exec", PARTS["exec"])}
-DoseCfg, HealCfg, Exec = _PART_TYPES["dose"], _PART_TYPES["heal"], _PART_TYPES["exec"]
+_PART_TYPES = {name: _part_type(cls, PARTS[name]) for name, cls in
+               (("dose", "DoseCfg"), ("heal", "HealCfg"), ("probes", "ProbeCfg"), ("exec", "Exec"))}
+DoseCfg, HealCfg, ProbeCfg, Exec = (_PART_TYPES[n] for n in ("dose", "heal", "probes", "exec"))
 
 
 def _is_num(v: Any) -> bool:

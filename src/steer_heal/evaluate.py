@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import FOUNDATIONS, Config
+from .config import FOUNDATIONS, ProbeCfg
 
 STAGES = ("base", "prompted", "steered", "healed")
 
@@ -44,7 +44,8 @@ class Probe:
     bf16: bool = False         # each probe under bf16 autocast (passed in its call)
 
     @classmethod
-    def of(cls, cfg: Config) -> Probe:
+    def of(cls, cfg: ProbeCfg) -> Probe:
+        """From the run's probes part (Config.part("probes"); a whole Config reads the same)."""
         from . import backends, data
         from .freetext import spread
 

@@ -63,7 +63,7 @@ class Run:
         self.cfg, note = memory.resolve_for(cfg, model, self.tok)
         if note:
             logger.info(note)
-        self.probe = Probe.of(self.cfg)
+        self.probe = Probe.of(self.cfg.part("probes"))
         self.system = self.probe.system
         self.contexts = data.extract_contexts(cfg)
         check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)

@@ -23,7 +23,7 @@ def _eval(ctx, bf16: bool) -> tuple[dict, float]:
     from ..evaluate import Probe, measure
 
     cfg = Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, bf16="eval" if bf16 else "off"))
-    probe = Probe.of(cfg)
+    probe = Probe.of(cfg.part("probes"))
     probe.texts = []  # the free-text generations are not under autocast
     out, secs = {}, 0.0
     for stage, system in (("base", None), ("prompted", cfg.steer_system.format(persona=data.persona(cfg)["pos"]))):

@@ -19,7 +19,7 @@ def _probe(ctx, n: int):
     from ..config import Config, preset
     from ..evaluate import Probe
 
-    p = Probe.of(Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, n_vignettes=n)))
+    p = Probe.of(Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, n_vignettes=n)).part("probes"))
     p.texts = []
     return p
 
