@@ -18,8 +18,17 @@ from .. import mfv as builtin_mfv
 from .. import steering
 from ..config import ConfigError
 from .steering_lite import STEERING_LITE_URL, Steer, _import_steering_lite, _steering_lite_steer
-from .tinymfv import (_THINK_MSG, TINYMFV_FORMAT, TINYMFV_MODULES, TINYMFV_URL, Mfv, _import_tinymfv,
-                      _tinymfv_condition, _tinymfv_mfv, _tinymfv_row)
+from .tinymfv import (
+    _THINK_MSG,
+    TINYMFV_FORMAT,
+    TINYMFV_MODULES,
+    TINYMFV_URL,
+    Mfv,
+    _import_tinymfv,
+    _tinymfv_condition,
+    _tinymfv_mfv,
+    _tinymfv_row,
+)
 
 __all__ = ["STEERING_LITE_URL", "TINYMFV_FORMAT", "TINYMFV_MODULES", "TINYMFV_URL", "Mfv", "Steer",
            "_tinymfv_condition", "_tinymfv_row", "install_command", "mfv_fn", "steer_fn"]
