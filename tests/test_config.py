@@ -178,3 +178,22 @@ def test_a_run_stored_before_exec_existed_reads_back_and_resumes(tmp_path):
     _resumed_info(got, log, {}, "round 2 (done)")
     rows = log.read("run_info")
     assert rows[1]["config_hash"] == row["config_hash"] and rows[1]["config"]["reuse_prefix"] is False
+
+
+def test_a_resume_on_another_device_than_the_start_is_said(tmp_path):
+    """--device auto started on a GPU and resumed on a CPU changes no flag: the start's resolved device says it."""
+    from loguru import logger
+
+    from steer_heal.run import _same_device
+    from steer_heal.store import RunLog
+
+    log = RunLog(tmp_path, "d")
+    log.append("run_info", dict(model="m", config=Config().to_dict(), resolved={"bf16": {"device": "cuda"}}))
+    said, hid = _said()
+    try:
+        _same_device(log, {"bf16": {"device": "cuda"}})
+        assert not said
+        _same_device(log, {"bf16": {"device": "cpu"}})
+    finally:
+        logger.remove(hid)
+    assert len(said) == 1 and said[0].startswith("WARNING run started on cuda, resume runs on cpu")
