@@ -78,3 +78,19 @@ def test_store_imports_no_config_and_nothing_above_it():
             continue
         bad = {n for n in imports(p) if n.split(".")[0] in {*ABOVE, *STAGES, "config"} - {"store", "intervals"}}
         assert not bad, f"{m} imports {sorted(bad)}"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_over_80_lines():
+    """A function longer than a screen hides its steps: split it (issue 26). Counted from `def` to its last
+    line, nested functions inside their parent's count."""
+    long = {}
+    for m, p in MODULES.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{m}.{node.name}"] = n
+    assert not long, long

@@ -246,6 +246,29 @@ def test_tinymfv_gets_the_system_prompt_on_the_opening_turn(tiny, vignettes, mon
 
 
 @needs_tinymfv
+def test_tinymfv_says_once_that_it_cannot_reuse_the_prefix_and_takes_bf16_in_its_call(tiny, vignettes):
+    """One route per knob (issue 26): reuse_prefix and bf16 come in the probe's own call; tinymfv honours bf16
+    (its forwards under autocast move its numbers) and says once per process that it cannot reuse a prefix."""
+    from loguru import logger
+
+    from steer_heal.backends import tinymfv as tm
+
+    model, tok = tiny
+    tm._SAID.discard("reuse_prefix")
+    said: list[str] = []
+    hid = logger.add(lambda m: said.append(m.record["message"]), level="INFO")
+    try:
+        mfv = backends.mfv_fn(Config(evaluator="tinymfv", think_tokens=1))
+        a = mfv(model, tok, vignettes[:2], think_tokens=1, reuse_prefix=True)
+        mfv(model, tok, vignettes[:2], think_tokens=1, reuse_prefix=True)
+        b = mfv(model, tok, vignettes[:2], think_tokens=1, reuse_prefix=False, bf16=True)
+    finally:
+        logger.remove(hid)
+    assert sum("--reuse-prefix does not reach" in s for s in said) == 1
+    assert [r["p"] for r in a["rows"]] != [r["p"] for r in b["rows"]]
+
+
+@needs_tinymfv
 def test_tinymfv_unscorable_rows_are_not_filled_in(tiny, vignettes):
     """A broken forward (steered to non-finite logits) gives rows tinymfv marks NaN: kept as None, out of n."""
     model, tok = tiny

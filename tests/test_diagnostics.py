@@ -569,3 +569,16 @@ def test_every_recipe_execs_its_python():
     lines = [x.strip() for x in text.splitlines() if x.startswith("    @") and "{{python}}" in x]
     lax = [x for x in lines if "exec {{python}}" not in x and "||" not in x]  # smollm2's check-then-install
     assert lines and not lax, lax
+
+
+def test_seeds_of_one_config_pool_over_exec_knobs_but_not_over_bf16():
+    """Exec is not the experiment (issue 26): seeds run with other batch sizes or reuse_prefix are repeats of
+    one config; bf16 moves the numbers ~0.01 nats, so its runs are a config of their own."""
+    from steer_heal.diag.runs import config_key, config_labels, family, seedless
+
+    a = Config(reg="kl_rev")
+    assert config_key(a) == config_key(a.replace(seed=3, eval_batch=4, reuse_prefix=False, device="cpu"))
+    assert config_key(a) != config_key(a.replace(bf16="eval")) != config_key(a.replace(lam=0.5))
+    assert family(a) == family(a.replace(control="c0")) != family(a.replace(bf16="both"))
+    labels = config_labels({"x": seedless(a), "y": seedless(a.replace(bf16="eval"))})
+    assert labels == {"x": "bf16=auto", "y": "bf16=eval"}

@@ -171,6 +171,32 @@ def test_stage_means_are_the_means_of_their_items(tiny, vignettes):
     assert len(rows) == len(vignettes) + len(ITEMS) and all(r["round"] == 0 and r["stage"] == "healed" for r in rows)
 
 
+def test_reuse_prefix_and_bf16_reach_every_probe_in_its_own_call(tiny, vignettes):
+    """One route per knob (issue 26): the seven-way probe is never pre-bound to a reuse_prefix, and measure
+    hands the probe's reuse_prefix and bf16 to each evaluator's call; bf16 moves the numbers, reuse does not."""
+    from steer_heal import backends
+    from steer_heal.config import Config
+    from steer_heal.evaluate import Probe, measure
+
+    assert backends.mfv_fn(Config(reuse_prefix=False)) is E.mfv  # no partial: the knob is not bound here
+    model, tok = tiny
+    seen = []
+
+    def spy(*a, **k):
+        seen.append({x: k[x] for x in ("reuse_prefix", "bf16")})
+        return E.mfv(*a, **k)
+
+    got = {}
+    for reuse, bf16 in ((True, False), (False, False), (False, True)):
+        probe = Probe(vignettes[:4], ITEMS, "", "Authority", -1, "both", mfv=spy, reuse_prefix=reuse, bf16=bf16)
+        got[reuse, bf16] = measure(model, tok, probe)
+    assert seen == [dict(reuse_prefix=True, bf16=False), dict(reuse_prefix=False, bf16=False),
+                    dict(reuse_prefix=False, bf16=True)]
+    a, b, c = got[True, False], got[False, False], got[False, True]
+    assert a.trait_nats == pytest.approx(b.trait_nats, abs=1e-5) and a.nats == pytest.approx(b.nats, abs=1e-5)
+    assert c.trait_nats != b.trait_nats and c.nats != b.nats  # bf16 reached both probes
+
+
 def test_free_text_is_scored_under_base_and_empty_text_has_no_perplexity(tiny):
     from contextlib import nullcontext
 

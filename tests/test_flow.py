@@ -146,8 +146,10 @@ def test_resume_refuses_changed_experiment_and_accepts_more_rounds(ref, tmp_path
     shutil.copytree(ref / "runs" / "ref", tmp_path / "runs" / "ref")
     rc, _, se = steer_heal(tmp_path, "--resume", "ref", "--reg", "nll", "--lam", "2")
     assert rc == 2 and "--reg" in se and "--lam" in se and "Traceback" not in se
-    rc, _, se = steer_heal(tmp_path, "--resume", "ref", "--n-rounds", "3")
+    # how it computes may change on resume (Exec), and is said: here the probes' shared-prefix pass goes
+    rc, _, se = steer_heal(tmp_path, "--resume", "ref", "--n-rounds", "3", "--no-reuse-prefix", "--eval-batch", "8")
     assert rc == 0, se[-3000:]
+    assert "changes how it computes (not the experiment): --eval-batch 16 -> 8, --reuse-prefix True -> False" in se
     got = rounds(tmp_path, "ref")
     assert [r["round"] for r in got] == [0, 1, 2]
     assert_same_rounds(rounds(ref, "ref"), got[:2])
@@ -156,6 +158,7 @@ def test_resume_refuses_changed_experiment_and_accepts_more_rounds(ref, tmp_path
     assert [x["n_rounds"] for x in info] == [2, 3] and info[0].get("resumed_from") is None
     assert info[1]["resumed_from"] == "round 2 (done)" and info[1]["config"]["n_rounds"] == 3
     assert info[1]["config_hash"] == info[0]["config_hash"]  # the same experiment, a longer target
+    assert info[1]["config"]["reuse_prefix"] is False and info[0]["config"]["reuse_prefix"] is True
     assert query(tmp_path, "SELECT n_rounds, resumed_from, rounds_done, status FROM runs")[1] == [
         (3, "round 2 (done)", 3, "done")]
     rc, _, se = steer_heal(tmp_path, "--resume", "ref")  # a plain resume of a finished extension: nothing to do

@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 
 from loguru import logger
 
-from .config import Config
+from .config import GROUPS, Config
 from .console import Parser, one_line, setup_logging
 from .errors import UserError
 from .presets import PRESETS, REAL, preset, preset_table, source_table
@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply a preset before the other flags (s2-headline: S2's coherent 8-round loop, what `just "
                         "run` uses; s4-next: S4's proposed next loop; s1-journal: S1's, with the generation guards; "
                         "small: SmolLM2 on CPU; fast-dev: a tiny random model; tables below)")
+    # flags stay flat; --help lists them under the experiment's stages (hashed, fixed for a run) and execution
+    # (how it computes: a resume may change these, config.GROUPS)
+    groups = {g: p.add_argument_group("execution (a resume may change these; not part of the experiment)" if g == "exec"
+                                      else f"experiment: {g}") for g in GROUPS}
+    group_of = {n: g for g, names in GROUPS.items() for n in names}
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
         t = hints[f.name]
@@ -53,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = t
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
-        p.add_argument(_flag(f.name), **kw)
+        groups[group_of[f.name]].add_argument(_flag(f.name), **kw)
     return p
 
 

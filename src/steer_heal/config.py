@@ -26,9 +26,45 @@ FOUNDATIONS = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty"
 EVALS = ("mfv", "contrast", "both")
 CONTROLS = ("none", "c0", "random")
 
-# Fields that say where/how a run executes, not what the experiment is. They are
-# left out of the config hash and may change on resume (n_rounds may only grow).
+# Fields that say where and how long a run executes: the same for every cell of a sweep (sweep/grid.py).
 RUNTIME_FIELDS = ("out", "run_id", "device", "n_rounds", "resume", "log_level", "bf16_force")
+# The experiment, grouped by the stage that reads it (`--help` shows these groups), then Exec: how it is
+# computed. Exec is left out of the config hash and a resume may change it (run.resume_config logs what
+# changed, loudly where the numbers move: bf16 by ~0.01 nats; the rest by float rounding, docs/usage.md).
+# n_rounds is the run's length: unhashed, and it may only grow on resume.
+GROUPS = {
+    "model": ("model", "gguf_file", "dtype", "chat_template"),
+    "persona": ("persona", "persona_pos", "persona_neg", "steer_system", "gen_system"),
+    "steering": ("steer_layers", "n_extract_pairs", "suffix_file", "normalize", "alphas", "control", "steerer"),
+    "dose": ("dose_target", "probe_size", "kappa_min", "bisect_steps", "max_batches", "collect_size"),
+    "data": ("n_prompts", "n_keep", "min_train", "max_new_tokens", "max_len", "temperature", "top_p",
+             "repetition_penalty", "no_repeat_ngram"),
+    "filter": ("ppl_tau", "rep_tau", "ppl_window", "loop_tau", "loop_window", "rel_tau"),
+    "heal": ("reg", "kl_agg", "barrier_ref", "lam", "tau", "lam_round_pow", "weight_decay", "spectral_lam", "lora_r",
+             "lora_alpha", "lora_layers", "lora_targets", "epochs", "batch_size", "grad_accum", "lr", "warmup", "betas",
+             "grad_clip", "val_frac"),
+    "probes": ("vignettes", "frame", "n_vignettes", "think_tokens", "target", "direction", "eval", "evaluator", "n_demo",
+               "demo_tokens", "coh_floor_rel", "boot"),
+    "loop": ("n_rounds", "coh_floor", "seed"),
+    "exec": ("device", "attn_impl", "trust_remote_code", "gen_batch", "eval_batch", "reuse_prefix", "bf16",
+             "bf16_force", "fold_history", "ref_cache_mb", "gnorm_every", "out", "run_id", "resume", "log_level"),
+}
+EXEC_FIELDS = GROUPS["exec"]
+UNHASHED = frozenset(EXEC_FIELDS) | {"n_rounds"}
+# A stage function's part: its group plus what it reads from elsewhere (Exec included: the part says what the
+# stage reads; whether a field is hashed is its group's business).
+PARTS = {
+    "dose": GROUPS["dose"] + ("alphas", "n_keep", "min_train", "ppl_tau", "rep_tau", "rel_tau"),
+    "heal": GROUPS["heal"] + ("max_len", "bf16", "ref_cache_mb", "gnorm_every"),
+    "probes": GROUPS["probes"] + ("persona", "persona_pos", "persona_neg", "gen_system", "eval_batch", "reuse_prefix",
+                                  "bf16"),
+    "exec": EXEC_FIELDS,
+}
+# Exec fields whose change moves the numbers by more than float rounding: a resume that changes one warns.
+MOVES_NUMBERS = {"bf16": "bf16 autocast moves a stage delta by up to ~0.01 nats and a heal's val nll by ~2% "
+                         "(docs/performance.md, part p)",
+                 "device": "another device computes other float roundings, and --dtype auto picks bfloat16 "
+                           "weights on a GPU, float32 on a CPU"}
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # Integers go to BIGINT columns; a seed or size past 2**63 would read back as NULL.
@@ -179,8 +215,21 @@ class Config:
         return cls(**kw)
 
     def experiment(self) -> dict:
-        """The fields that define the experiment (what resume must not change)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The fields that define the experiment (what resume must not change): all but Exec and n_rounds."""
+        return {k: v for k, v in self.to_dict().items() if k not in UNHASHED}
+
+    def grouped(self) -> dict[str, dict]:
+        """{group: {field: value}}: the experiment by stage, then exec (GROUPS)."""
+        return {g: {k: getattr(self, k) for k in names} for g, names in GROUPS.items()}
+
+    def part(self, name: str) -> Any:
+        """The frozen slice of this config a stage function takes (PARTS): heal() gets part("heal")."""
+        return _PART_TYPES[name](**{k: getattr(self, k) for k in PARTS[name]})
+
+    @property
+    def exec(self) -> Any:
+        """How this run computes (Exec): unhashed, free to change on resume."""
+        return self.part("exec")
 
     def hash(self) -> str:
         blob = json.dumps(self.experiment(), sort_keys=True, default=list)
@@ -189,85 +238,117 @@ class Config:
     def validate(self) -> Config:
         """Every knob checked in one place: its type, finite, in range. The CLI, a stored config read back
         and a diagnostic's grid all come through here, so NaN, inf or a typo never reaches a stage."""
-        def bad(name: str, allowed: str) -> None:
-            raise UserError(f"config {name}={getattr(self, name)!r} is invalid: must be {allowed}")
-
-        hints = typing.get_type_hints(Config)
-        for f in fields(self):
-            v, t = getattr(self, f.name), hints[f.name]
-            if typing.get_origin(t) is tuple:
-                args = typing.get_args(t)
-                each = (lambda x: isinstance(x, str)) if args[0] is str else _is_num
-                ok = isinstance(v, tuple) and all(each(x) for x in v) and (args[-1] is Ellipsis or len(v) == len(args))
-                if not ok:
-                    what = "strings" if args[0] is str else "finite numbers"
-                    bad(f.name, f"{'one or more' if args[-1] is Ellipsis else len(args)} {what}")
-            elif t is float and not _is_num(v):
-                bad(f.name, "a finite number")
-            elif t is int and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT):
-                bad(f.name, "an integer in [0, 2**63)")
-            elif t in (bool, str) and type(v) is not t:
-                bad(f.name, "true or false" if t is bool else "a string")
-            ch = f.metadata.get("choices")
-            if ch and v not in ch:
-                bad(f.name, "one of " + ", ".join(repr(c) for c in ch))
-        for name in ("steer_layers", "lora_layers"):
-            band = getattr(self, name)
-            if not (0.0 <= band[0] <= band[1] <= 1.0):
-                bad(name, "two fractions lo <= hi inside [0, 1], e.g. 0.4 0.6")
-        if not self.alphas or any(not 0 < a <= MAX_ALPHA for a in self.alphas):
-            bad("alphas", f"one or more positive numbers up to {MAX_ALPHA:g}")
-        if not self.lora_targets or ("auto" in self.lora_targets and len(self.lora_targets) > 1):
-            bad("lora_targets", "auto, or module-name suffixes such as q_proj v_proj (not both)")
-        if not self.model.strip():
-            bad("model", "a model id, path or preset")
-        for name in ("run_id", "resume"):
-            if getattr(self, name) and not safe_name(getattr(self, name)):
-                bad(name, "a plain name: letters, digits and . _ + = - (no '/', not starting with '.')")
-        if self.log_level.upper() not in LOG_LEVELS:
-            bad("log_level", "one of " + ", ".join(LOG_LEVELS) + " (any case)")
-        for name in ("dose_target", "top_p", "coh_floor"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                bad(name, "a fraction in [0, 1]")
-        for name in ("val_frac", "warmup"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                bad(name, "a fraction in [0, 1)")
-        if not 0.0 <= self.coh_floor_rel <= 1.0:
-            bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "a number > 0 (1 = off; S1 used 1.3)")
-        if self.loop_tau > 1.0:
-            bad("loop_tau", "a distinct-token ratio in [0, 1] (0 = off)")
-        if self.loop_tau > 0 and self.loop_window < 8:
-            bad("loop_window", "an integer >= 8 while --loop-tau is on (a shorter tail cannot show a loop)")
-        if not 0.0 < self.kappa_min <= 1.0:
-            bad("kappa_min", "in (0, 1]")
-        for name in ("probe_size", "collect_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "lora_r",
-                     "epochs", "batch_size", "grad_accum", "n_rounds"):
-            if getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        if self.max_len < MIN_MAX_LEN:
-            bad("max_len", f"an integer >= {MIN_MAX_LEN} (a chat prompt plus some completion tokens)")
-        for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "rel_tau", "loop_tau"):
-            if getattr(self, name) < 0:
-                bad(name, "a number >= 0")
-        if self.n_keep < self.min_train:
-            bad("n_keep", f">= min_train ({self.min_train}); lower --min-train or raise --n-keep")
-        for name in ("lr", "ppl_tau", "rep_tau", "lora_alpha", "grad_clip"):
-            if getattr(self, name) <= 0:
-                bad(name, "a number > 0" + (" (a huge value such as 1e9 turns clipping off)" if name == "grad_clip" else ""))
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            bad("betas", "two numbers in [0, 1)")
-        if bool(self.persona_pos.strip()) != bool(self.persona_neg.strip()):
-            bad("persona_neg" if self.persona_pos.strip() else "persona_pos",
-                "non-empty, given together with the other persona text (both or neither)")
-        try:
-            ok = "\0" in self.steer_system.format(persona="\0")
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            bad("steer_system", "a template containing {persona} and no other {field} (write {{ }} for braces)")
+        _check_types(self)
+        _check_ranges(self)
+        _check_texts(self)
         return self
+
+
+def _bad(cfg: Config, name: str, allowed: str) -> None:
+    raise UserError(f"config {name}={getattr(cfg, name)!r} is invalid: must be {allowed}")
+
+
+def _check_types(cfg: Config) -> None:
+    """Each field's type (tuples element by element), finite numbers, and its closed set of choices."""
+    hints = typing.get_type_hints(Config)
+    for f in fields(cfg):
+        v, t = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(t) is tuple:
+            args = typing.get_args(t)
+            each = (lambda x: isinstance(x, str)) if args[0] is str else _is_num
+            ok = isinstance(v, tuple) and all(each(x) for x in v) and (args[-1] is Ellipsis or len(v) == len(args))
+            if not ok:
+                what = "strings" if args[0] is str else "finite numbers"
+                _bad(cfg, f.name, f"{'one or more' if args[-1] is Ellipsis else len(args)} {what}")
+        elif t is float and not _is_num(v):
+            _bad(cfg, f.name, "a finite number")
+        elif t is int and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT):
+            _bad(cfg, f.name, "an integer in [0, 2**63)")
+        elif t in (bool, str) and type(v) is not t:
+            _bad(cfg, f.name, "true or false" if t is bool else "a string")
+        ch = f.metadata.get("choices")
+        if ch and v not in ch:
+            _bad(cfg, f.name, "one of " + ", ".join(repr(c) for c in ch))
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers inside what the method can use (fractions, positive sizes, a band lo <= hi), and plain names."""
+    bad = lambda name, allowed: _bad(cfg, name, allowed)  # noqa: E731
+    for name in ("steer_layers", "lora_layers"):
+        band = getattr(cfg, name)
+        if not (0.0 <= band[0] <= band[1] <= 1.0):
+            bad(name, "two fractions lo <= hi inside [0, 1], e.g. 0.4 0.6")
+    if not cfg.alphas or any(not 0 < a <= MAX_ALPHA for a in cfg.alphas):
+        bad("alphas", f"one or more positive numbers up to {MAX_ALPHA:g}")
+    if not cfg.lora_targets or ("auto" in cfg.lora_targets and len(cfg.lora_targets) > 1):
+        bad("lora_targets", "auto, or module-name suffixes such as q_proj v_proj (not both)")
+    if not cfg.model.strip():
+        bad("model", "a model id, path or preset")
+    for name in ("run_id", "resume"):
+        if getattr(cfg, name) and not safe_name(getattr(cfg, name)):
+            bad(name, "a plain name: letters, digits and . _ + = - (no '/', not starting with '.')")
+    if cfg.log_level.upper() not in LOG_LEVELS:
+        bad("log_level", "one of " + ", ".join(LOG_LEVELS) + " (any case)")
+    for name in ("dose_target", "top_p", "coh_floor"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            bad(name, "a fraction in [0, 1]")
+    for name in ("val_frac", "warmup"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            bad(name, "a fraction in [0, 1)")
+    if not 0.0 <= cfg.coh_floor_rel <= 1.0:
+        bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
+    if cfg.repetition_penalty <= 0:
+        bad("repetition_penalty", "a number > 0 (1 = off; S1 used 1.3)")
+    if cfg.loop_tau > 1.0:
+        bad("loop_tau", "a distinct-token ratio in [0, 1] (0 = off)")
+    if cfg.loop_tau > 0 and cfg.loop_window < 8:
+        bad("loop_window", "an integer >= 8 while --loop-tau is on (a shorter tail cannot show a loop)")
+    if not 0.0 < cfg.kappa_min <= 1.0:
+        bad("kappa_min", "in (0, 1]")
+    for name in ("probe_size", "collect_size", "n_prompts", "n_keep", "min_train", "max_new_tokens", "lora_r",
+                 "epochs", "batch_size", "grad_accum", "n_rounds"):
+        if getattr(cfg, name) < 1:
+            bad(name, "an integer >= 1")
+    if cfg.max_len < MIN_MAX_LEN:
+        bad("max_len", f"an integer >= {MIN_MAX_LEN} (a chat prompt plus some completion tokens)")
+    for name in ("lam", "tau", "weight_decay", "spectral_lam", "temperature", "rel_tau", "loop_tau"):
+        if getattr(cfg, name) < 0:
+            bad(name, "a number >= 0")
+    if cfg.n_keep < cfg.min_train:
+        bad("n_keep", f">= min_train ({cfg.min_train}); lower --min-train or raise --n-keep")
+    for name in ("lr", "ppl_tau", "rep_tau", "lora_alpha", "grad_clip"):
+        if getattr(cfg, name) <= 0:
+            bad(name, "a number > 0" + (" (a huge value such as 1e9 turns clipping off)" if name == "grad_clip" else ""))
+    if not all(0.0 <= b < 1.0 for b in cfg.betas):
+        bad("betas", "two numbers in [0, 1)")
+
+
+def _check_texts(cfg: Config) -> None:
+    """Names, persona texts and the steer_system template."""
+    bad = lambda name, allowed: _bad(cfg, name, allowed)  # noqa: E731
+    if bool(cfg.persona_pos.strip()) != bool(cfg.persona_neg.strip()):
+        bad("persona_neg" if cfg.persona_pos.strip() else "persona_pos",
+            "non-empty, given together with the other persona text (both or neither)")
+    try:
+        ok = "\0" in cfg.steer_system.format(persona="\0")
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        bad("steer_system", "a template containing {persona} and no other {field} (write {{ }} for braces)")
+
+
+def _part_type(name: str, names: tuple[str, ...]) -> type:
+    """A frozen dataclass of Config's fields `names`, with their types, defaults and help."""
+    by = {f.name: f for f in fields(Config)}
+    cls = dataclasses.make_dataclass(name, [(n, by[n].type, field(default=by[n].default, metadata=by[n].metadata))
+                                            for n in names], frozen=True)
+    cls.__module__ = __name__  # its string annotations resolve here (typing.get_type_hints)
+    return cls
+
+
+_PART_TYPES = {name: _part_type(cls, PARTS[name]) for name, cls in
+               (("dose", "DoseCfg"), ("heal", "HealCfg"), ("probes", "ProbeCfg"), ("exec", "Exec"))}
+DoseCfg, HealCfg, ProbeCfg, Exec = (_PART_TYPES[n] for n in ("dose", "heal", "probes", "exec"))
 
 
 def _is_num(v: Any) -> bool:

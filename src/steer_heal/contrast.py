@@ -12,16 +12,18 @@ from .models import evaluating
 from .tokens import branch_logits, chat, completion_logprobs, full_attention, pack
 
 
-def contrast(model, tok, items: list[dict], system: str = "", batch: int = 16, reuse_prefix: bool = True) -> dict:
+def contrast(model, tok, items: list[dict], system: str = "", batch: int = 16, reuse_prefix: bool = True,
+             bf16: bool = False) -> dict:
     """trait_nats = mean over items of (mean log-prob of the trait reply - that of the opposite reply). With
-    reuse_prefix (and a full-attention model) each prompt runs once for both replies (tokens.branch_logits)."""
+    reuse_prefix (and a full-attention model) each prompt runs once for both replies (tokens.branch_logits);
+    bf16: the forwards under bf16 autocast."""
     if not items:
         raise UserError("contrast needs at least one dilemma")
     for it in items:
         if not (it["trait"].strip() and it["opposite"].strip()):
             raise UserError(f"dilemma {it['prompt'][:40]!r}: empty trait or opposite continuation")
     scores: dict[tuple, float] = {}
-    with evaluating(model):
+    with evaluating(model, bf16):
         if reuse_prefix and full_attention(model):
             scores = _branched(model, tok, items, system, batch)
         else:  # each distinct (prompt, reply) once: identical replies then differ by exactly 0.0

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from .config import Config
+from .config import DoseCfg
 
 BRACKET = 1.05  # stop bisecting once hi / lo is below this (the method's resolution)
 STEP_COLS = ("step", "phase", "kappa", "n", "n_kept", "rate", "accepted")
@@ -103,7 +103,7 @@ Sampler = Callable[[list[dict], int], list[dict]]
 class _Batches:
     """Builds and runs the batches of one dose stage: prompts and alphas cycle across batches."""
 
-    def __init__(self, cfg: Config, prompts: list[str], sample: Sampler):
+    def __init__(self, cfg: DoseCfg, prompts: list[str], sample: Sampler):
         self.cfg, self.prompts, self.sample, self.cursor = cfg, prompts, sample, 0
         self.res = DoseResult(kappa=cfg.kappa_min, kept=[], scored=[])
 
@@ -143,7 +143,7 @@ class _Batches:
         return res
 
 
-def dose_walk(cfg: Config, prompts: list[str], sample: Sampler) -> DoseResult:
+def dose_walk(cfg: DoseCfg, prompts: list[str], sample: Sampler) -> DoseResult:
     """`sample(items, step)` generates and scores items [{prompt, alpha, kappa, coef, phase, step, idx}],
     returning them with `keep`. The caller owns the model, the vector and the seeds; this owns the walk."""
     run = _Batches(cfg, prompts, sample)
@@ -172,7 +172,7 @@ def dose_walk(cfg: Config, prompts: list[str], sample: Sampler) -> DoseResult:
     return run.collect()
 
 
-def collect_at(cfg: Config, prompts: list[str], sample: Sampler, kappa: float) -> DoseResult:
+def collect_at(cfg: DoseCfg, prompts: list[str], sample: Sampler, kappa: float) -> DoseResult:
     """No walk: batches at a fixed kappa until n_keep are banked (the c0 control collects at kappa 0)."""
     run = _Batches(cfg, prompts, sample)
     run.res.kappa = kappa

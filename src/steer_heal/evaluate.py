@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import FOUNDATIONS, Config
+from .config import FOUNDATIONS, Config, ProbeCfg
 
 STAGES = ("base", "prompted", "steered", "healed")
 
@@ -41,11 +41,12 @@ class Probe:
     batch: int = 16
     mfv: Callable[..., dict] | None = None  # the seven-way probe (builtin or a backend's)
     texts: list[str] = field(default_factory=list)  # held-out prompts of the free-text generations
-    reuse_prefix: bool = True  # contrast: both replies on one pass of the prompt (the mfv callable is bound already)
-    bf16: bool = False         # the probes under bf16 autocast
+    reuse_prefix: bool = True  # each probe scores a prompt's answers on one pass of the prompt (passed in its call)
+    bf16: bool = False         # each probe under bf16 autocast (passed in its call)
 
     @classmethod
-    def of(cls, cfg: Config) -> Probe:
+    def of(cls, cfg: ProbeCfg) -> Probe:
+        """From the run's probes part (Config.part("probes"); a whole Config reads the same)."""
         from . import backends, data
         from .freetext import spread
 
@@ -144,10 +145,9 @@ class StageEval:
 
 
 def measure(model, tok, probe: Probe, system: str | None = None, coef: float = 0.0) -> StageEval:
-    """Evaluate the model as it is now with the probe's evaluators; `system` overrides the probe's prompt."""
-    sys_ = probe.system if system is None else system
-    with autocast(model, probe.bf16):
-        return _measure(model, tok, probe, sys_, coef)
+    """Evaluate the model as it is now with the probe's evaluators; `system` overrides the probe's prompt.
+    How they compute (reuse_prefix, bf16) goes to each evaluator in its own call: one route per knob."""
+    return _measure(model, tok, probe, probe.system if system is None else system, coef)
 
 
 def evaluate(model, tok, probe: Probe, cfg: Config, *, base, steerer, system: str | None = None, coef: float = 0.0,
@@ -176,26 +176,21 @@ def evaluate(model, tok, probe: Probe, cfg: Config, *, base, steerer, system: st
     return ev, demo
 
 
-def autocast(model, on: bool):
-    """bf16 autocast on the model's device when on (probe logits are read in float32 either way)."""
-    import torch
-
-    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on)
-
-
 def _measure(model, tok, probe: Probe, sys_: str, coef: float) -> StageEval:
     from .contrast import contrast
 
     out = StageEval(coef=coef)
     if probe.evaluators in ("mfv", "both"):
-        m = probe.mfv(model, tok, probe.vignettes, system=sys_, think_tokens=probe.think_tokens, batch=probe.batch)
+        m = probe.mfv(model, tok, probe.vignettes, system=sys_, think_tokens=probe.think_tokens, batch=probe.batch,
+                      reuse_prefix=probe.reuse_prefix, bf16=probe.bf16)
         out.nats, out.prob, out.coherence = m["nats"], m["profile"], m["coherence"]
         out.top1_agree, out.n = m["top1_agree"], m["n"]
         out.items += [dict(evaluator="mfv", item=str(v["id"]), frame=v.get("frame"), option_order="both",
                            p=r["p"], p_target=r["p"][probe.target] if r["p"] else None, pmass=r["pmass"])
                       for v, r in zip(probe.vignettes, m["rows"], strict=True)]
     if probe.evaluators in ("contrast", "both"):
-        c = contrast(model, tok, probe.dilemmas, system=sys_, batch=probe.batch, reuse_prefix=probe.reuse_prefix)
+        c = contrast(model, tok, probe.dilemmas, system=sys_, batch=probe.batch, reuse_prefix=probe.reuse_prefix,
+                     bf16=probe.bf16)
         out.trait_nats, out.n_trait = c["trait_nats"], c["n"]
         out.items += [dict(evaluator="contrast", item=str(i), trait_lp=r["trait_lp"], opposite_lp=r["opposite_lp"],
                            diff=r["diff"]) for i, r in enumerate(c["rows"])]

@@ -56,7 +56,7 @@ class Run:
         self.cfg, note = memory.resolve_for(cfg, model, self.tok)
         if note:
             logger.info(note)
-        self.probe = Probe.of(self.cfg)
+        self.probe = Probe.of(self.cfg.part("probes"))
         self.system = self.probe.system
         self.contexts = data.extract_contexts(cfg)
         check_room(self.tok, self.prompts, self.system, cfg.max_len, cfg.max_new_tokens)
@@ -154,7 +154,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Outcome:
 
     def work() -> Done | Outcome:
         try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
-            res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)
+            dc = cfg.part("dose")
+            res = collect_at(dc, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(dc, run.prompts, sample)
         except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
             return Outcome(RunStatus.STARVED, str(e))
         completions, steps = res.rows()
@@ -181,7 +182,7 @@ def heal_task(run: Run, r: int, kept: list[dict]) -> HealResult | Outcome:
         t = time.time()
         run.stack.add(f"r{r}", run.lora, seed=seeds.lora_init(cfg.seed, r))
         try:
-            out = heal(run.stack, run.tok, kept, cfg, r, seeds.heal_shuffle(cfg.seed, r), run.system,
+            out = heal(run.stack, run.tok, kept, cfg.part("heal"), r, seeds.heal_shuffle(cfg.seed, r), run.system,
                        on_step=lambda step: crash_point(f"heal:r{r}:step{step}"))
         except HealError as e:
             return Outcome(RunStatus.FAILED, str(e))

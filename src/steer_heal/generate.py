@@ -94,7 +94,7 @@ def generate(model, tok, prompts: list[str], *, system: str = "", vec: Vector | 
     sampled from its own generator seeded seeds[i] (seeds.slot); without seeds, greedy.
 
     temperature/top_p of 0 keep the model's own generation_config defaults; `steerer` is the
-    hook context manager (steering.steer, or an optional backend's, see backends.py).
+    hook context manager (steering.steer, or an optional backend's, see backends/).
     repetition_penalty (1 = off) and no_repeat_ngram (0 = off): the generation guards (`Guards`), greedy or not.
     with_ended: return (texts, ended), ended[i] True when row i stopped by itself (emitted a stop
     token) rather than being cut at max_new_tokens.

@@ -19,7 +19,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import HealCfg
 from .stack import Stack
 from .tokens import chat, completion_rows, pack, turn_end_id
 
@@ -88,10 +88,11 @@ def spectral_norm(model) -> torch.Tensor:
     return total / max(1, n)
 
 
-def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: int, system: str,
+def heal(stack: Stack, tok, kept: list[dict], cfg: HealCfg, round_: int, seed: int, system: str,
          on_step=None) -> HealResult:
     """Train the stack's current adapter on `kept` ({prompt, completion, ended}): the rows and their summary.
-    A row without `ended` (stored before it was recorded) gets no turn-end token."""
+    `cfg` is the run's heal part (Config.part("heal"); a whole Config reads the same). A row without `ended`
+    (stored before it was recorded) gets no turn-end token."""
     model = stack.model
     dev = next(model.parameters()).device
     rng = random.Random(seed)
@@ -100,55 +101,13 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
     rng.shuffle(data)
     n_val = int(round(cfg.val_frac * len(data))) if len(data) >= 4 else 0
     val, train = data[:n_val], data[n_val:]
-    batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = max(1, math.ceil(batches_per_epoch * cfg.epochs / cfg.grad_accum))
-    warm = int(cfg.warmup * total)
+    total = max(1, math.ceil(math.ceil(len(train) / cfg.batch_size) * cfg.epochs / cfg.grad_accum))
     params = stack.trainable()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warm + 1) if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    lam = cfg.lam * (1 + round_) ** cfg.lam_round_pow
-    use_barrier = cfg.reg != "nll" and lam > 0
+    opt, sched = _optimizer(params, cfg, total)
     bf16 = cfg.bf16 in ("heal", "both") or (cfg.bf16 == "auto" and dev.type == "cuda")
-    auto = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-    steps: list[dict] = []
-
-    def packed(rows) -> dict:
-        return pack(tok, [p for p, _, _ in rows], [c for _, c, _ in rows], cfg.max_len, dev,
-                    eos=[ended[i] for _, _, i in rows], eos_id=end_id)
-
-    def nll_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        # [N, V]: only the real completion positions reach the head and the log-softmax (tokens.completion_rows)
-        lp = torch.log_softmax(completion_rows(model, batch), -1)
-        nll = -lp.gather(-1, batch["targets"][batch["cmask"]].unsqueeze(-1)).squeeze(-1)
-        return nll.mean(), lp
-
-    def val_nll() -> float | None:
-        if not val:
-            return None
-        with torch.no_grad(), auto:
-            vals = [float(nll_of(packed(val[s:s + cfg.batch_size]))[0]) for s in range(0, len(val), cfg.batch_size)]
-        return sum(vals) / len(vals)
-
-    # The reference (base or prev) is frozen for the whole heal: its log-probs are computed once per
-    # example and reused in later epochs, as long as they fit in ref_cache_mb ([tokens, vocab] fp32).
-    ref_cache: dict[int, torch.Tensor] = {}
-    room = cfg.ref_cache_mb * 2**20 if cfg.epochs > 1 else 0
-
-    @torch.no_grad()
-    def ref_logprobs(b: dict, ids: list[int]) -> torch.Tensor:
-        """[N, V], rows in completion_rows' order: example after example, each its n real positions."""
-        nonlocal room
-        if all(i in ref_cache for i in ids):
-            return torch.cat([ref_cache[i] for i in ids])
-        with stack.ref(cfg.barrier_ref):  # called inside the step's autocast
-            lq = torch.log_softmax(completion_rows(model, b), -1)
-        for i, rows in zip(ids, lq.split(b["cmask"].sum(-1).tolist())):
-            size = rows.numel() * rows.element_size()
-            if i not in ref_cache and size <= room:
-                ref_cache[i], room = rows.clone(), room - size
-        return lq
-
+    t = _Trainer(stack, tok, cfg, round_, params, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16),
+                 lambda rows: pack(tok, [p for p, _, _ in rows], [c for _, c, _ in rows], cfg.max_len, dev,
+                                   eos=[ended[i] for _, _, i in rows], eos_id=end_id))
     model.train()
     step, micro = 0, 0
     bar = tqdm(total=total, desc=f"heal r{round_} {cfg.reg}", leave=False)
@@ -156,66 +115,128 @@ def heal(stack: Stack, tok, kept: list[dict], cfg: Config, round_: int, seed: in
         for epoch in range(cfg.epochs):
             rng.shuffle(train)
             for s in range(0, len(train), cfg.batch_size):
-                chunk = train[s:s + cfg.batch_size]
-                b = packed(chunk)
-                with auto:
-                    sft, lp = nll_of(b)
-                    div = torch.zeros((), device=dev)
-                    if cfg.reg != "nll":
-                        lq = ref_logprobs(b, [i for _, _, i in chunk])
-                        div = aggregate(divergence(lp, lq, cfg.reg), None, cfg.kl_agg)
-                    barrier = lam * torch.relu(div - cfg.tau) if use_barrier else torch.zeros((), device=dev)
-                    spec = cfg.spectral_lam * spectral_norm(model) if cfg.spectral_lam > 0 else torch.zeros((), device=dev)
-                loss = sft + barrier + spec
-                if not torch.isfinite(loss):
-                    raise HealError(f"non-finite loss at round {round_} epoch {epoch} step {step}: sft={sft.item()}, "
-                                    f"div={div.item()}. Lower --lr or --lam; nothing from this round was baked.")
-                # every gnorm_every micro-batches, two backward passes so the log shows the barrier's gradient
-                # pressure against the sft term's; one backward otherwise (the split costs ~28% of a kl_rev step)
-                extra = use_barrier or cfg.spectral_lam > 0
-                g_sft = g_bar = None
-                if cfg.gnorm_every > 0 and micro % cfg.gnorm_every == 0:
-                    before = [p.grad.clone() if p.grad is not None else None for p in params]
-                    (sft / cfg.grad_accum).backward(retain_graph=extra)
-                    g_sft, g_bar = _delta_norm(params, before), 0.0
-                    if extra:
-                        mid = [p.grad.clone() for p in params]
-                        ((barrier + spec) / cfg.grad_accum).backward()
-                        g_bar = _delta_norm(params, mid)
-                else:
-                    (loss / cfg.grad_accum).backward()
+                row = t.micro_step(train[s:s + cfg.batch_size], epoch, step, micro)
+                row["lr"] = sched.get_last_lr()[0]  # the rate this micro-batch's gradient will be stepped at
                 micro += 1
-                row = dict(step=step, epoch=epoch, nll=sft.item(), div=div.item(), barrier=barrier.item(),
-                           loss=loss.item(), gnorm_sft=g_sft, gnorm_barrier=g_bar, lr=sched.get_last_lr()[0], val_nll=None)
                 if micro % cfg.grad_accum == 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+                    _opt_step(params, opt, sched, cfg.grad_clip)
                     step += 1
                     if on_step is not None:
                         on_step(step)
                     bar.update(1)
                     bar.set_postfix(nll=f"{row['nll']:.3f}", div=f"{row['div']:.4f}")
-                steps.append(row)
+                t.steps.append(row)
             if micro % cfg.grad_accum:  # flush a partial accumulation at the epoch end
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                _opt_step(params, opt, sched, cfg.grad_clip)
                 step += 1
                 micro = 0
             model.eval()
-            v = val_nll()
+            v = t.val_nll(val)
             model.train()
-            if steps:
-                steps[-1]["val_nll"] = v
-            logger.debug(f"heal r{round_} epoch {epoch}: train nll {steps[-1]['nll']:.4f} val nll {v}")
+            if t.steps:
+                t.steps[-1]["val_nll"] = v
+            logger.debug(f"heal r{round_} epoch {epoch}: train nll {t.steps[-1]['nll']:.4f} val nll {v}")
     finally:
         bar.close()
         model.eval()
         opt.zero_grad(set_to_none=True)
-    return HealResult.from_steps(steps, cfg.epochs, n_train=len(train), n_val=len(val))
+    return HealResult.from_steps(t.steps, cfg.epochs, n_train=len(train), n_val=len(val))
+
+
+def _optimizer(params, cfg: HealCfg, total: int):
+    """AdamW and its schedule: linear warmup over the first `warmup` fraction of steps, cosine after."""
+    warm = int(cfg.warmup * total)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warm + 1) if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    return opt, sched
+
+
+def _opt_step(params, opt, sched, clip: float) -> None:
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+class _Trainer:
+    """One heal's micro-batch work: the loss, its backward(s), the reference log-probs and the val nll."""
+
+    def __init__(self, stack: Stack, tok, cfg: HealCfg, round_: int, params, auto, packed):
+        self.stack, self.model, self.cfg, self.round = stack, stack.model, cfg, round_
+        self.params, self.auto, self.packed = params, auto, packed
+        self.dev = next(self.model.parameters()).device
+        self.lam = cfg.lam * (1 + round_) ** cfg.lam_round_pow
+        self.use_barrier = cfg.reg != "nll" and self.lam > 0
+        self.steps: list[dict] = []
+        # The reference (base or prev) is frozen for the whole heal: its log-probs are computed once per
+        # example and reused in later epochs, as long as they fit in ref_cache_mb ([tokens, vocab] fp32).
+        self.ref_cache: dict[int, torch.Tensor] = {}
+        self.room = cfg.ref_cache_mb * 2**20 if cfg.epochs > 1 else 0
+
+    def nll_of(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # [N, V]: only the real completion positions reach the head and the log-softmax (tokens.completion_rows)
+        lp = torch.log_softmax(completion_rows(self.model, batch), -1)
+        nll = -lp.gather(-1, batch["targets"][batch["cmask"]].unsqueeze(-1)).squeeze(-1)
+        return nll.mean(), lp
+
+    def val_nll(self, val) -> float | None:
+        if not val:
+            return None
+        bs = self.cfg.batch_size
+        with torch.no_grad(), self.auto:
+            vals = [float(self.nll_of(self.packed(val[s:s + bs]))[0]) for s in range(0, len(val), bs)]
+        return sum(vals) / len(vals)
+
+    @torch.no_grad()
+    def ref_logprobs(self, b: dict, ids: list[int]) -> torch.Tensor:
+        """[N, V], rows in completion_rows' order: example after example, each its n real positions."""
+        if all(i in self.ref_cache for i in ids):
+            return torch.cat([self.ref_cache[i] for i in ids])
+        with self.stack.ref(self.cfg.barrier_ref):  # called inside the step's autocast
+            lq = torch.log_softmax(completion_rows(self.model, b), -1)
+        for i, rows in zip(ids, lq.split(b["cmask"].sum(-1).tolist())):
+            size = rows.numel() * rows.element_size()
+            if i not in self.ref_cache and size <= self.room:
+                self.ref_cache[i], self.room = rows.clone(), self.room - size
+        return lq
+
+    def micro_step(self, chunk, epoch: int, step: int, micro: int) -> dict:
+        """Loss and backward of one micro-batch; its heal_steps row (the optimizer step is the caller's)."""
+        cfg, dev = self.cfg, self.dev
+        b = self.packed(chunk)
+        with self.auto:
+            sft, lp = self.nll_of(b)
+            div = torch.zeros((), device=dev)
+            if cfg.reg != "nll":
+                lq = self.ref_logprobs(b, [i for _, _, i in chunk])
+                div = aggregate(divergence(lp, lq, cfg.reg), None, cfg.kl_agg)
+            barrier = self.lam * torch.relu(div - cfg.tau) if self.use_barrier else torch.zeros((), device=dev)
+            spec = cfg.spectral_lam * spectral_norm(self.model) if cfg.spectral_lam > 0 else torch.zeros((), device=dev)
+        loss = sft + barrier + spec
+        if not torch.isfinite(loss):
+            raise HealError(f"non-finite loss at round {self.round} epoch {epoch} step {step}: sft={sft.item()}, "
+                            f"div={div.item()}. Lower --lr or --lam; nothing from this round was baked.")
+        g_sft, g_bar = self.backward(sft, barrier + spec, loss, micro)
+        return dict(step=step, epoch=epoch, nll=sft.item(), div=div.item(), barrier=barrier.item(),
+                    loss=loss.item(), gnorm_sft=g_sft, gnorm_barrier=g_bar, lr=None, val_nll=None)
+
+    def backward(self, sft, rest, loss, micro: int) -> tuple[float | None, float | None]:
+        """Every gnorm_every micro-batches, two backward passes so the log shows the barrier's gradient
+        pressure against the sft term's; one backward otherwise (the split costs ~28% of a kl_rev step)."""
+        cfg, params = self.cfg, self.params
+        if not (cfg.gnorm_every > 0 and micro % cfg.gnorm_every == 0):
+            (loss / cfg.grad_accum).backward()
+            return None, None
+        extra = self.use_barrier or cfg.spectral_lam > 0
+        before = [p.grad.clone() if p.grad is not None else None for p in params]
+        (sft / cfg.grad_accum).backward(retain_graph=extra)
+        g_sft, g_bar = _delta_norm(params, before), 0.0
+        if extra:
+            mid = [p.grad.clone() for p in params]
+            (rest / cfg.grad_accum).backward()
+            g_bar = _delta_norm(params, mid)
+        return g_sft, g_bar
 
 
 def _delta_norm(params, before) -> float:

@@ -131,12 +131,14 @@ def _answer(logits: torch.Tensor, opts: Options) -> list[dict]:
 
 
 def score_orders(model, tok, vignettes: list[dict], orders: tuple[tuple[str, ...], ...] = (FOUNDATIONS,),
-                 system: str = "", think_tokens: int = 0, batch: int = 16, reuse_prefix: bool = True) -> list[list[dict]]:
+                 system: str = "", think_tokens: int = 0, batch: int = 16, reuse_prefix: bool = True,
+                 bf16: bool = False) -> list[list[dict]]:
     """Per order, per vignette {p: {F: renormalised prob}, pmass: full-vocab mass on the options}, keyed by
     foundation whatever the listing order. With reuse_prefix (and a full-attention model) the orders' shared
-    prefix (system prompt, vignette, question up to the options) runs once per vignette (tokens.branch_logits)."""
+    prefix (system prompt, vignette, question up to the options) runs once per vignette (tokens.branch_logits).
+    bf16: the forwards under bf16 autocast (the logits are read in float32 either way)."""
     opts = answer_options(tok)
-    with evaluating(model):
+    with evaluating(model, bf16):
         seqs = [_seqs(model, tok, vignettes, order, opts, system, think_tokens, batch) for order in orders]
         res: list[list[dict]] = [[{} for _ in vignettes] for _ in orders]
         if reuse_prefix and full_attention(model):
@@ -168,7 +170,7 @@ def top_foundation(d: dict[str, float]) -> str:
 
 
 def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int = 0, batch: int = 16,
-        reuse_prefix: bool = True) -> dict:
+        reuse_prefix: bool = True, bf16: bool = False) -> dict:
     """Moral-foundations forced choice, scored in both option orders and averaged so position bias cancels.
 
     Returns profile {F: mean p}, nats {F: log profile}, coherence (mean pmass), top1_agree (share of
@@ -177,7 +179,7 @@ def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int =
     if not vignettes:
         raise UserError("mfv needs at least one vignette")
     scored = score_orders(model, tok, vignettes, (FOUNDATIONS, FOUNDATIONS[::-1]), system, think_tokens, batch,
-                          reuse_prefix)
+                          reuse_prefix, bf16)
     rows = []
     for v, a, b in zip(vignettes, *scored, strict=True):
         rows.append({"id": v["id"], "foundation": v["foundation"],

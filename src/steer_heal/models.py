@@ -12,6 +12,7 @@ and the config alone, so preflight can check it before any weights load (family.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -130,17 +131,22 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class evaluating:
-    """no_grad + eval mode (dropout off) for the call, restoring the caller's train/eval state."""
+    """no_grad + eval mode (dropout off) for the call, restoring the caller's train/eval state; with bf16, the
+    call under bf16 autocast on the model's device (every probe takes --bf16 eval through here)."""
 
-    def __init__(self, model):
+    def __init__(self, model, bf16: bool = False):
         self.model, self.was_training, self.grad = model, model.training, torch.no_grad()
+        # off: no autocast context at all, so a caller's own autocast (if any) still applies
+        self.cast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def __enter__(self):
         self.grad.__enter__()
+        self.cast.__enter__()
         self.model.eval()
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
+        self.cast.__exit__(*exc)
         self.grad.__exit__(*exc)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from loguru import logger
 
 from . import student
-from .config import RUNTIME_FIELDS, Config
+from .config import EXEC_FIELDS, MOVES_NUMBERS, UNHASHED, Config
 from .console import one_line, quiet_env
 from .errors import UserError
 from .files import remove_stray_tmp
@@ -104,11 +104,11 @@ def new_run_id(cfg: Config) -> str:
 
 
 def resume_config(cfg: Config, explicit: dict) -> Config:
-    """The stored config of cfg.resume, with only runtime overrides applied. trust_remote_code comes from this
-    command's own flag, never from the store (student.allow_remote_code)."""
+    """The stored config of cfg.resume with this command's Exec flags applied (and logged); a flag that changes
+    the experiment is refused. Exec starts from the run's start, not from an earlier resume. trust_remote_code
+    comes from this command's own flag, never from the store (student.allow_remote_code)."""
     stored = student.stored_config(student.run_log(cfg.out, cfg.resume))
-    changed = sorted(k for k, v in explicit.items()
-                     if k not in RUNTIME_FIELDS and k != "trust_remote_code" and v != getattr(stored, k))
+    changed = sorted(k for k, v in explicit.items() if k not in UNHASHED and v != getattr(stored, k))
     if changed:
         raise UserError(f"resume of {cfg.resume} refuses overrides that change the experiment: "
                           + ", ".join(f"--{k.replace('_', '-')} (stored {getattr(stored, k)!r}, given {explicit[k]!r})"
@@ -117,9 +117,26 @@ def resume_config(cfg: Config, explicit: dict) -> Config:
     if n_rounds < stored.n_rounds:
         raise UserError(f"--n-rounds {n_rounds} is below the stored {stored.n_rounds}: it may only grow on resume")
     stored = student.allow_remote_code(stored, cfg.trust_remote_code, f"just resume {cfg.resume} --trust-remote-code")
-    return stored.replace(n_rounds=n_rounds, run_id=cfg.resume, out=cfg.out,
-                          device=explicit.get("device", stored.device), log_level=cfg.log_level,
-                          bf16_force=cfg.bf16_force)
+    given = {k: v for k, v in explicit.items() if k in EXEC_FIELDS and k not in ("trust_remote_code", "resume")}
+    out = stored.replace(**{**given, "n_rounds": n_rounds, "run_id": cfg.resume, "out": cfg.out,
+                            "log_level": cfg.log_level, "bf16_force": cfg.bf16_force})
+    _log_exec_changes(stored, out)
+    return out
+
+
+def _log_exec_changes(was: Config, now: Config) -> None:
+    """Say which execution knobs this resume changes; warn where that moves the numbers past float rounding."""
+    skip = ("out", "run_id", "resume", "log_level")
+    diff = [k for k in EXEC_FIELDS if k not in skip and getattr(was, k) != getattr(now, k)]
+    if not diff:
+        return
+    logger.info(f"resume of {now.run_id} changes how it computes (not the experiment): "
+                + ", ".join(f"--{k.replace('_', '-')} {getattr(was, k)!r} -> {getattr(now, k)!r}" for k in diff))
+    for k in diff:
+        if k in MOVES_NUMBERS:
+            logger.warning(f"--{k.replace('_', '-')} {getattr(was, k)!r} -> {getattr(now, k)!r} on resume: "
+                           f"{MOVES_NUMBERS[k]}; the rounds after this resume are not bitwise those of an "
+                           "undisturbed run")
 
 
 def preflight(cfg: Config) -> dict:
@@ -164,6 +181,7 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
     for d in (log.dir, log.dir / "adapters", log.dir / "vectors"):
         remove_stray_tmp(d)
     _same_threads(log)
+    _same_device(log, resolved)
     logger.info(f"resuming {cfg.run_id} at round {len(done)} of {cfg.n_rounds}")
     _resumed_info(cfg, log, resolved, f"round {len(done)} ({last.status if last else 'no status'})")
     return True
@@ -172,10 +190,11 @@ def resume_checks(cfg: Config, log: RunLog) -> bool:
 def _resumed_info(cfg: Config, log: RunLog, resolved: dict, where: str) -> None:
     """Each resume writes its own run_info row (docs/store.md): the target it runs to (an extension's
     --n-rounds is stored, so a later plain resume finishes it), where it resumed and this process's env.
-    The experiment (config_hash) is the start's."""
+    The experiment (config_hash) is the start's, as stored (a run stored before Exec was left out of the hash
+    keeps its hash); `config` is this process's, Exec included."""
     first = log.read("run_info")[0]
     log.append("run_info", dict(model=cfg.model, preset=first.get("preset"), control=cfg.control, reg=cfg.reg,
-                                seed=cfg.seed, n_rounds=cfg.n_rounds, config_hash=cfg.hash(),
+                                seed=cfg.seed, n_rounds=cfg.n_rounds, config_hash=first.get("config_hash"),
                                 config=cfg.to_dict(), env=environment(cfg), resolved=resolved, resumed_from=where))
 
 
@@ -200,6 +219,15 @@ def _same_threads(log: RunLog) -> None:
     if was is not None and was != torch.get_num_threads() and not torch.cuda.is_available():
         logger.warning(f"run started on {was} CPU threads, resume runs on {torch.get_num_threads()}: its numbers "
                        f"can differ from an undisturbed run in the last digits (set OMP_NUM_THREADS={was})")
+
+
+def _same_device(log: RunLog, resolved: dict) -> None:
+    """A resume may run on another device (Exec): accepted, and said, since the numbers move with it."""
+    was = (((log.read("run_info") or [{}])[0].get("resolved") or {}).get("bf16") or {}).get("device")
+    now = (resolved.get("bf16") or {}).get("device")
+    if was and now and was != now:
+        logger.warning(f"run started on {was}, resume runs on {now}: {MOVES_NUMBERS['device']}, so the rounds "
+                       f"after this resume are not bitwise those of an undisturbed run")
 
 
 def record(log: RunLog, status: RunStatus, reason: str = "") -> None:

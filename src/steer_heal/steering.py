@@ -1,6 +1,6 @@
 """The built-in steering hooks: add coef * v[layer] to the output of each decoder layer in the band.
 
-A steering vector is {layer index: [hidden] direction}, stored as safetensors. backends.py offers
+A steering vector is {layer index: [hidden] direction}, stored as safetensors. backends/ offers
 steering-lite's hooks as a drop-in for `steer`; both have the signature steer(model, vec, coef).
 """
 

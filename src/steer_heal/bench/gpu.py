@@ -132,7 +132,7 @@ def stages(model, tok, dev, *, gen_batch: int, eval_batch: int, new: int, heal_t
     cfg = Config(**preset("s2-headline")).replace(epochs=1, batch_size=3, grad_accum=1, val_frac=0.0, max_len=4096,
                                                gnorm_every=0, spectral_lam=0.0)
     kept = [dict(prompt=p, completion=c, ended=True) for p, c in zip(prompts, comps)]
-    out.append(measure("heal", dev, lambda: heal(st, tok, kept, cfg, 0, seed=0, system=""), n_comp))
+    out.append(measure("heal", dev, lambda: heal(st, tok, kept, cfg.part("heal"), 0, seed=0, system=""), n_comp))
     st.model.unload()  # the plain model back (peft's layers out) for the batch-1 pass
     return out
 

@@ -79,7 +79,7 @@ def heal_worker(args) -> dict:
     def step() -> dict:
         ev.clear()
         with Clock() as c:
-            steps = len(heal_mod.heal(stack, tok, kept, cfg, 0, seed=0, system=system).steps)
+            steps = len(heal_mod.heal(stack, tok, kept, cfg.part("heal"), 0, seed=0, system=system).steps)
         fwd = sum(s for k, s in ev if k == "fwd") / steps
         ref = sum(s for k, s in ev if k == "ref_fwd") / steps
         bwd = sum(s for k, s in ev if k == "bwd") / steps

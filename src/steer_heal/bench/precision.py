@@ -23,7 +23,7 @@ def _eval(ctx, bf16: bool) -> tuple[dict, float]:
     from ..evaluate import Probe, measure
 
     cfg = Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, bf16="eval" if bf16 else "off"))
-    probe = Probe.of(cfg)
+    probe = Probe.of(cfg.part("probes"))
     probe.texts = []  # the free-text generations are not under autocast
     out, secs = {}, 0.0
     for stage, system in (("base", None), ("prompted", cfg.steer_system.format(persona=data.persona(cfg)["pos"]))):
@@ -47,7 +47,7 @@ def _heal(ctx, bf16: bool) -> tuple[float | None, float]:
     stack.add("r0", lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers, cfg.lora_targets), seed=0)
     kept = [dict(k, ended=True) for k in _heal_inputs(ctx.tok, 16, 48)]
     with Clock() as c:
-        res = heal(stack, ctx.tok, kept, cfg, 0, seed=0, system=data.persona(cfg)["neutral"])
+        res = heal(stack, ctx.tok, kept, cfg.part("heal"), 0, seed=0, system=data.persona(cfg)["neutral"])
     return res.val_nll, c.s
 
 

@@ -19,7 +19,7 @@ def _probe(ctx, n: int):
     from ..config import Config, preset
     from ..evaluate import Probe
 
-    p = Probe.of(Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, n_vignettes=n)))
+    p = Probe.of(Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, n_vignettes=n)).part("probes"))
     p.texts = []
     return p
 
@@ -46,7 +46,7 @@ def heal_seconds(model, tok, n: int) -> float:
     stack.add("r0", lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers, cfg.lora_targets), seed=0)
     kept = [dict(k, ended=True) for k in _heal_inputs(tok, n, 48)]
     with Clock() as c:
-        heal(stack, tok, kept, cfg, 0, seed=0, system=data.persona(cfg)["neutral"])
+        heal(stack, tok, kept, cfg.part("heal"), 0, seed=0, system=data.persona(cfg)["neutral"])
     return c.s
 
 

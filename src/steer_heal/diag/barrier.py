@@ -78,7 +78,7 @@ def heal_cell(rm: RoundModel, kept: list[dict], cell: dict, start: dict, base: d
 
     cfg, r, t = rm.cfg.replace(**cell), rm.round, time.time()
     with trial_adapter(rm.stack, rm.lora, f"r{r}", seeds.lora_init(cfg.seed, r)):
-        h = heal(rm.stack, rm.tok, kept, cfg, r, seeds.heal_shuffle(cfg.seed, r), rm.probe.system)
+        h = heal(rm.stack, rm.tok, kept, cfg.part("heal"), r, seeds.heal_shuffle(cfg.seed, r), rm.probe.system)
         m = measure(rm.stack.model, rm.tok, rm.probe).summary(rm.probe.target)
     row = dict(stage="healed", cell=cell, **cell, run_cell=all(getattr(rm.cfg, k) == v for k, v in cell.items()),
                heal_nll=h.heal_nll, val_nll=h.val_nll, div=h.div, **m,

@@ -45,7 +45,7 @@ def open_round(root: str | Path, run_id: str, round_: int | None = None, device:
         st = open_student(root, run_id, upto=r, device=str(pick_device(device)), trust_remote_code=trust_remote_code,
                           fix="add --trust-remote-code to this command")
     steered = stored_evals(log).get((r, "steered"))
-    return RoundModel(st, r, vector, steered.coef if steered else None, Probe.of(st.cfg))
+    return RoundModel(st, r, vector, steered.coef if steered else None, Probe.of(st.cfg.part("probes")))
 
 
 @contextmanager

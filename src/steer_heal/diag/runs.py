@@ -3,6 +3,7 @@ of one config (and a short label for it), and SQL rows as plain dicts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -23,17 +24,22 @@ def trait_sign(cfg: Config) -> int:
 
 
 def seedless(cfg: Config) -> dict:
-    """The experiment without its seed: runs equal here are repeats of one config."""
-    return {k: v for k, v in cfg.experiment().items() if k != "seed"}
+    """The experiment without its seed, plus the execution knobs that move the numbers past float rounding
+    (bf16: ~0.01 nats; config.MOVES_NUMBERS): runs equal here are repeats of one config."""
+    return {**{k: v for k, v in cfg.experiment().items() if k != "seed"}, "bf16": cfg.bf16}
+
+
+def _key(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def config_key(cfg: Config) -> str:
-    return Config.from_dict(seedless(cfg)).hash()
+    return _key(seedless(cfg))
 
 
 def family(cfg: Config) -> str:
     """The config without seed and control: a treatment and its controls share it."""
-    return Config.from_dict({k: v for k, v in seedless(cfg).items() if k != "control"}).hash()
+    return _key({k: v for k, v in seedless(cfg).items() if k != "control"})
 
 
 def config_labels(exps: dict[str, dict]) -> dict[str, str]:

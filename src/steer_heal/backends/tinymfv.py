@@ -1,50 +1,34 @@
-"""Optional backends: tinymfv's seven-way probe and steering-lite's hooks, in place of the built-in ones.
+"""The tinymfv backend: its seven-way probe behind mfv.mfv's contract (`--evaluator tinymfv`).
 
-Neither package is on PyPI, so `--evaluator builtin` and `--steerer builtin` are the defaults.
-A user who installed one from its repository picks it with `--evaluator tinymfv` or
-`--steerer steering-lite`; the flow then calls
-
-    mfv = mfv_fn(cfg)      # same signature and return dict as mfv.mfv
-    steer = steer_fn(cfg)  # same signature as steering.steer: steer(model, vec, coef) -> context manager
-
-and stores the same metric names. Only this module imports the packages, and only when asked.
-
-tinymfv's repository renamed its package to moral-maps (module `moralmaps`) in July 2026; the
-evaluate() API stayed the same, so either module name is accepted, `moralmaps` first.
+tinymfv is not on PyPI; its repository renamed the package to moral-maps (module `moralmaps`) in July
+2026 and kept the evaluate() API, so either module name is accepted, `moralmaps` first. Only this
+module imports it, and only when asked.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from importlib import metadata
 
-import torch
+from loguru import logger
 
-from . import mfv as builtin_mfv
-from . import steering
-from .config import FOUNDATIONS
-from .errors import UserError
-from .models import evaluating, get_layers
+from .. import mfv as builtin_mfv
+from ..config import FOUNDATIONS
+from ..errors import UserError
+from ..models import evaluating
 
 TINYMFV_URL = "https://github.com/wassname/tinymfv"
-STEERING_LITE_URL = "https://github.com/wassname/steering-lite"
 TINYMFV_MODULES = ("moralmaps", "tinymfv")  # importable names, newest first; their distributions below
 _TINYMFV_DISTS = {"moralmaps": "moral-maps", "tinymfv": "tiny-mfv"}
 # evaluate() keywords this adapter passes; an older tinymfv without them is refused by name
 _TINYMFV_KWARGS = ("vignettes", "conditions", "max_think_tokens", "batch_size", "return_per_row", "verbose")
 TINYMFV_FORMAT = 'tinymfv: JSON enum of 7 option sentences, answer slot {"violation": "<option index 0-6>'
+_SAID: set[str] = set()  # knobs this backend has said it cannot honour (once per process)
 
 Mfv = Callable[..., dict]
-Steer = Callable[..., AbstractContextManager]
-
-
-def install_command(url: str) -> str:
-    return f"pip install git+{url}"
 
 
 def _version(dist: str) -> str:
@@ -54,18 +38,10 @@ def _version(dist: str) -> str:
         return "unknown version"
 
 
-# ---------------------------------------------------------------- the seven-way probe
-
-def mfv_fn(cfg) -> Mfv:
-    """The seven-way probe the config names: mfv.mfv (builtin) or the tinymfv adapter."""
-    if cfg.evaluator == "builtin":
-        return builtin_mfv.mfv if cfg.reuse_prefix else functools.partial(builtin_mfv.mfv, reuse_prefix=False)
-    if cfg.evaluator != "tinymfv":
-        raise UserError(f"evaluator={cfg.evaluator!r} is not one of: builtin, tinymfv")
-    mm = _import_tinymfv()
-    if cfg.eval in ("mfv", "both") and cfg.think_tokens < 1:
-        raise UserError(_THINK_MSG.format(k=cfg.think_tokens))
-    return _tinymfv_mfv(mm)
+def _say_once(knob: str, why: str) -> None:
+    if knob not in _SAID:
+        _SAID.add(knob)
+        logger.info(why)
 
 
 _THINK_MSG = ("think_tokens={k} is invalid with --evaluator tinymfv: its probe always thinks for exactly "
@@ -88,6 +64,8 @@ def _import_tinymfv():
         if not lacking:
             return mod
         tried.append(f"{name} ({dist}) is too old: its evaluate() lacks {', '.join(lacking)}")
+    from . import install_command
+
     raise UserError("--evaluator tinymfv needs the tinymfv package, which is not on PyPI; install it from its "
                       f"repository: {install_command(TINYMFV_URL)}  (it installs as moral-maps, module moralmaps)"
                       "\n  " + "\n  ".join(tried))
@@ -137,7 +115,8 @@ def _tinymfv_row(v: dict, condition: str) -> dict:
 
 
 def _tinymfv_mfv(mm) -> Mfv:
-    def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int = 0, batch: int = 16) -> dict:
+    def mfv(model, tok, vignettes: list[dict], system: str = "", think_tokens: int = 0, batch: int = 16,
+            reuse_prefix: bool = True, bf16: bool = False) -> dict:
         """mfv.mfv's contract, measured by tinymfv's forced-choice probe.
 
         tinymfv asks with its own prompt: the seven Clifford option sentences as a JSON enum, a greedy
@@ -158,15 +137,21 @@ def _tinymfv_mfv(mm) -> Mfv:
         A vignette tinymfv marks unscorable (non-finite logits, or a think closed with no answer
         slot) keeps its row with p and pmass None and is left out of every mean and of n; nothing
         is filled in for it. If no vignette is scorable, profile/nats/coherence/top1_agree are None.
+
+        bf16 is honoured (tinymfv's forwards run under bf16 autocast); reuse_prefix cannot be (tinymfv
+        scores every prompt in full), which is said once per process.
         """
         if not vignettes:
             raise UserError("mfv needs at least one vignette")
         if think_tokens < 1:
             raise UserError(_THINK_MSG.format(k=think_tokens))
+        if reuse_prefix:
+            _say_once("reuse_prefix", "--evaluator tinymfv scores every prompt in full (it has no shared-prefix "
+                      "path): --reuse-prefix does not reach its seven-way probe (--no-reuse-prefix says the same)")
         t = _WithSystem(tok, system) if system else tok
         saved = (tok.padding_side, tok.pad_token)  # tinymfv sets left padding (and a pad token) on the tokenizer
         try:
-            with evaluating(model):
+            with evaluating(model, bf16):
                 cond = _tinymfv_condition(vignettes)
                 rep = mm.evaluate(model, t, vignettes=[_tinymfv_row(v, cond) for v in vignettes],
                                   conditions=(cond,), max_think_tokens=think_tokens,
@@ -203,90 +188,3 @@ def _tinymfv_mfv(mm) -> Mfv:
                 "top1_agree": top1, "n": n, "rows": rows, "answer_format": TINYMFV_FORMAT}
 
     return mfv
-
-
-# ---------------------------------------------------------------- the steering hooks
-
-def steer_fn(cfg) -> Steer:
-    """The steering hooks the config names: steering.steer (builtin) or the steering-lite adapter."""
-    if cfg.steerer == "builtin":
-        return steering.steer
-    if cfg.steerer != "steering-lite":
-        raise UserError(f"steerer={cfg.steerer!r} is not one of: builtin, steering-lite")
-    return _steering_lite_steer(_import_steering_lite())
-
-
-def _import_steering_lite():
-    try:
-        sl = importlib.import_module("steering_lite")
-        for sub in ("attach", "target", "variants.mean_diff"):
-            importlib.import_module(f"steering_lite.{sub}")
-    except ImportError as e:
-        raise UserError("--steerer steering-lite needs the steering-lite package, which is not on PyPI; install "
-                          f"it from its repository: {install_command(STEERING_LITE_URL)}\n  import steering_lite: {e}"
-                          ) from e
-    return sl
-
-
-def _steering_lite_steer(sl) -> Steer:
-    # through the imported module, never a static import: steering-lite is an optional backend off PyPI
-    attach, detach = sl.attach.attach, sl.attach.detach
-    find_targets, MeanDiffC = sl.target.find_targets, sl.variants.mean_diff.MeanDiffC
-    attached_attr = getattr(sl.attach, "_ATTACHED_ATTR", "_steering_lite_attached")
-
-    @contextmanager
-    def steer(model, vec: steering.Vector | None, coef: float | torch.Tensor) -> Iterator[None]:
-        """steering.steer through steering-lite: its `mean_diff` method hooked on the same decoder layers,
-        which adds coeff * state["v"] to each layer's output -- the builtin's h + coef * v[layer].
-
-        The raw vector goes in as the method's state as it is (steering-lite's own extract, which
-        unit-normalises, is not used). A scalar coef is steering-lite's coeff. A per-row [batch]
-        coef has no coeff of its own there, so each layer's state becomes coef[:, None, None] * v
-        ([batch, 1, hidden]) with coeff 1.0, the same sum per row. Hooks sit on the model's
-        decoder-layer modules, so a PEFT wrapper is steered through its base model. Only one
-        steering-lite steer may be open on a model at a time (steering-lite keeps one attachment
-        per model); while open, its state is a buffer of the hooked layers (in state_dict too).
-        """
-        if vec is None:
-            yield
-            return
-        layers = get_layers(model)
-        idx = sorted(vec)
-        dtype = vec[idx[0]].dtype
-        per_row = torch.is_tensor(coef) and coef.dim() > 0
-        cfg = MeanDiffC(layers=tuple(idx), normalize=False, dtype=dtype,
-                        coeff=1.0 if per_row else float(coef))
-        root = _steering_lite_root(model, layers, cfg, find_targets)
-        if getattr(root, attached_attr, None) is not None:
-            raise UserError("a steering-lite steer is already open on this model; steering-lite keeps one "
-                              "attachment per model, so its steers cannot nest (the builtin steerer can)")
-        state = {}
-        for i in idx:
-            dev = next(layers[i].parameters()).device
-            v = vec[i].to(dev)
-            state[i] = {"v": coef.detach().reshape(-1, 1, 1).to(dev, v.dtype) * v if per_row else v}
-        attach(root, cfg, state)
-        try:
-            yield
-        finally:
-            detach(root)
-
-    return steer
-
-
-def _steering_lite_root(model, layers, cfg, find_targets):
-    """The module steering-lite should attach to: the model itself, or a PEFT wrapper's base model, whichever
-    makes its block finder return exactly our decoder layers."""
-    base = getattr(model, "get_base_model", None)
-    for root in (model, base() if callable(base) else None):
-        if root is None:
-            continue
-        try:
-            targets = find_targets(root, cfg)
-        except (RuntimeError, ValueError, AttributeError):
-            continue
-        if targets and all(mod is layers[i] for _, mod, i in targets):
-            return root
-    raise UserError(f"steering-lite cannot find the decoder layers of {type(model).__name__} (it looks at "
-                      "model.layers, language_model.layers and language_model.model.layers under .model); "
-                      "use --steerer builtin for this model")
