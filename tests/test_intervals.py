@@ -165,8 +165,58 @@ def test_pairs_refuses_a_repeated_item_id():
     """A repeated id would pair one item's value with another's (issue 23 item 6, issue 30)."""
     a = [dict(item="x", nats=1.0), dict(item="x", nats=2.0), dict(item="y", nats=3.0)]
     b = [dict(item="x", nats=0.0), dict(item="y", nats=0.0)]
-    with pytest.raises(ValueError, match="repeated item id 'x'"):
+    with pytest.raises(ValueError, match="repeated item id 'x' in one stage's items: each item must appear once per"):
         I.pairs(a, b, "nats")
     with pytest.raises(ValueError, match="repeated item id 'x'"):
         I.pairs(b, a, "nats")
     assert I.pairs(b, b, "nats") == ([0.0, 0.0], [0.0, 0.0])
+
+
+def test_paired_defaults_level_and_one_resample_against_numpy():
+    """The defaults are the tables' (2000 resamples, seed 0, 95%); `level` sets the percentiles; one resample is
+    an interval of zero width at that resample's delta (only boot < 1 gives none)."""
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(0.2, 1.0, 30), rng.normal(0.0, 1.0, 30)
+    assert I.paired(x, y) == I.paired(x, y, "mean", 2000, 0, 0.95)
+    idx = np.random.default_rng(4).integers(0, 30, (400, 30))
+    d = x[idx].mean(-1) - y[idx].mean(-1)
+    got = I.paired(x, y, boot=400, seed=4, level=0.8)
+    assert (got["lo"], got["hi"]) == pytest.approx(tuple(np.quantile(d, [0.1, 0.9])), rel=1e-12)
+    one = I.paired(x, y, boot=1, seed=4)
+    i1 = np.random.default_rng(4).integers(0, 30, (1, 30))
+    assert one["lo"] == one["hi"] == pytest.approx(float(x[i1].mean() - y[i1].mean()), rel=1e-12)
+    assert one["delta"] == pytest.approx(x.mean() - y.mean())
+
+
+def test_paired_withholds_each_non_finite_end_and_keeps_the_finite_one():
+    """log_mean of items with zero probability: a third of the resamples draw only zeros, so that end is -inf
+    (or +inf for the reference) and is withheld, while the delta and the other end stay numbers."""
+    lo_inf = I.paired([0.0, 0.0, 0.0, 1.0], [1.0] * 4, "log_mean", boot=500, seed=0)
+    assert lo_inf["delta"] == pytest.approx(math.log(0.25)) and lo_inf["lo"] is None
+    assert lo_inf["hi"] is not None and math.isfinite(lo_inf["hi"])
+    hi_inf = I.paired([1.0] * 4, [0.0, 0.0, 0.0, 1.0], "log_mean", boot=500, seed=0)
+    assert hi_inf["delta"] == pytest.approx(-math.log(0.25)) and hi_inf["hi"] is None
+    assert hi_inf["lo"] is not None and math.isfinite(hi_inf["lo"])
+    assert I.paired([0.0, 0.0], [1.0, 1.0], "log_mean", boot=50) == dict(delta=float("-inf"), lo=None, hi=None, n=2)
+
+
+def test_stage_intervals_rows_name_their_stage_and_use_the_runs_seed_stream():
+    """Each row says its round and stage; its interval is paired() on seeds.bootstrap(seed, round, '<stage>-vs-
+    <ref stage><ref round>.<metric>'), so the run's seed reaches it; round -1 has no previous student; without
+    base nothing is compared, even where the previous student is there."""
+    rng = np.random.default_rng(2)
+    vals = {k: rng.normal(m, 0.3, 8) for k, m in (((-1, "base"), 0.0), ((-1, "prompted"), 0.1), ((0, "healed"), 0.2),
+                                                   ((1, "healed"), 0.4))}
+    items = {k: _items("contrast", "diff", v) for k, v in vals.items()}
+    got = I.stage_intervals(items, 1, "healed", seed=7, boot=300)
+    assert [(x["round"], x["stage"], x["ref"], x["ref_round"]) for x in got] == [(1, "healed", "base", -1),
+                                                                                  (1, "healed", "prev", 0)]
+    for x, ref in zip(got, [(-1, "base"), (0, "healed")], strict=True):
+        want = I.paired(vals[(1, "healed")], vals[ref], "mean", 300,
+                        seeds.bootstrap(7, 1, f"healed-vs-{ref[1]}{ref[0]}.trait"))
+        assert {k: x[k] for k in want} == want
+    assert got != I.stage_intervals(items, 1, "healed", seed=8, boot=300)
+    pr = I.stage_intervals(items, -1, "prompted", seed=7, boot=300)
+    assert [(x["round"], x["stage"], x["ref"]) for x in pr] == [(-1, "prompted", "base")]
+    no_base = {k: v for k, v in items.items() if k != (-1, "base")}
+    assert I.stage_intervals(no_base, 1, "healed", seed=7, boot=300) == []
