@@ -87,6 +87,24 @@ def test_order_reversed_twice_gives_identical_scores(tiny, vignettes):
         E.score_order(model, tok, vignettes, FOUNDATIONS[:6])
 
 
+def test_mfv_rows_coherence_and_agreement_are_the_two_orders_averaged(tiny, vignettes):
+    """Each row keeps its vignette's id and foundation and the mean of the two orders' option mass; coherence is
+    the rows' mean mass; top1_agree is the share of judged vignettes whose top foundation is the humans'."""
+    model, tok = tiny
+    fwd = E.score_order(model, tok, vignettes, FOUNDATIONS)
+    rev = E.score_order(model, tok, vignettes, FOUNDATIONS[::-1])
+    res = E.mfv(model, tok, vignettes)
+    for r, v, a, b in zip(res["rows"], vignettes, fwd, rev, strict=True):
+        assert (r["id"], r["foundation"]) == (v["id"], v["foundation"])
+        assert math.isclose(r["pmass"], (a["pmass"] + b["pmass"]) / 2, rel_tol=1e-6)
+    assert math.isclose(res["coherence"], sum(r["pmass"] for r in res["rows"]) / len(vignettes), rel_tol=1e-12)
+    judged = [(r, v["human"]) for r, v in zip(res["rows"], vignettes, strict=True) if v.get("human")]
+    agree = [max(FOUNDATIONS, key=lambda f: r["p"][f]) == max(FOUNDATIONS, key=lambda f: h[f]) for r, h in judged]
+    assert len(judged) == 7 and res["top1_agree"] == sum(agree) / 7
+    assert res["answer_format"] == E.answer_options(tok).format
+    with pytest.raises(ConfigError, match="mfv needs at least one vignette"):
+        E.mfv(model, tok, [])
+
 def test_think_tokens_keep_probabilities(tiny, vignettes):
     model, tok = tiny
     res = E.mfv(model, tok, vignettes[:3], think_tokens=3, batch=2)
