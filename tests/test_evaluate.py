@@ -102,7 +102,7 @@ def test_mfv_rows_coherence_and_agreement_are_the_two_orders_averaged(tiny, vign
     agree = [max(FOUNDATIONS, key=lambda f: r["p"][f]) == max(FOUNDATIONS, key=lambda f: h[f]) for r, h in judged]
     assert len(judged) == 7 and res["top1_agree"] == sum(agree) / 7
     assert res["answer_format"] == E.answer_options(tok).format
-    with pytest.raises(ConfigError, match="mfv needs at least one vignette"):
+    with pytest.raises(ConfigError, match="^mfv needs at least one vignette$"):
         E.mfv(model, tok, [])
 
 def test_think_tokens_keep_probabilities(tiny, vignettes):
@@ -269,7 +269,7 @@ def test_contrast_refuses_what_it_cannot_score_and_scores_its_own_system_and_lon
     """Empty input and an empty reply are refused by name; both paths score exactly the chat with the given system
     prompt, whole, for a prompt over 100 tokens (the un-branched path packs without truncation)."""
     model, tok = tiny
-    with pytest.raises(ConfigError, match="contrast needs at least one dilemma"):
+    with pytest.raises(ConfigError, match="^contrast needs at least one dilemma$"):
         C.contrast(model, tok, [])
     long = " ".join(["which way now"] * 40)
     with pytest.raises(ConfigError, match=r"dilemma 'which way now which way now which way no': empty trait or"):
@@ -284,3 +284,14 @@ def test_contrast_refuses_what_it_cannot_score_and_scores_its_own_system_and_lon
     for reuse in (False, True):
         got = C.contrast(model, tok, [it], system="Be brief.", reuse_prefix=reuse)["rows"][0]
         assert got["prompt"] == long and abs(got["trait_lp"] - want) < 1e-4, reuse
+
+
+def test_contrast_scores_a_prompt_shared_by_two_dilemmas_alike_on_both_paths(tiny):
+    """Two dilemmas on one prompt give that prompt four replies while the others have two or one: the shared-prefix
+    path pads every prompt to the same number of branches and scores each reply as the plain path does."""
+    model, tok = tiny
+    items = [ITEMS[0], dict(ITEMS[0], trait="I would call a doctor.", opposite="I would keep working."), *ITEMS[1:]]
+    a, b = C.contrast(model, tok, items, batch=4), C.contrast(model, tok, items, batch=4, reuse_prefix=False)
+    assert a["n"] == b["n"] == 4 and a["rows"][0]["diff"] != a["rows"][1]["diff"]
+    for ra, rb in zip(a["rows"], b["rows"], strict=True):
+        assert abs(ra["trait_lp"] - rb["trait_lp"]) < 1e-4 and abs(ra["opposite_lp"] - rb["opposite_lp"]) < 1e-4
