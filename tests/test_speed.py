@@ -55,6 +55,7 @@ def test_sliding_window_models_take_the_full_forward(model_cache):
     assert not full_attention(model)
     vig = load_vignettes(n=3)
     assert E.mfv(model, tok, vig)["rows"] == E.mfv(model, tok, vig, reuse_prefix=False)["rows"]
+    assert C.contrast(model, tok, DILEMMAS)["rows"] == C.contrast(model, tok, DILEMMAS, reuse_prefix=False)["rows"]
 
 
 def _stacks(tiny, n: int) -> tuple[Stack, Stack]:
