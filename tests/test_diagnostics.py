@@ -658,6 +658,11 @@ def test_seed_rows_average_each_cell_over_seeds_two_level_with_items():
     assert two["d_trait_mean"] == pytest.approx(stats.mean_ci([r["d_trait"] for r in cell])["mean"])
     assert two["d_trait_lo"] < two["d_trait_mean"] < two["d_trait_hi"]
     assert (two["d_trait_lo"], two["d_trait_hi"]) != (h["d_trait_lo"], h["d_trait_hi"])
+    from steer_heal import seeds as S  # the seed stream of the cell (round, stage, metric), every seed's items
+
+    want = I.over_seeds([[items[r][(0, "healed")], items[r][(-1, "base")]] for r in ("s0", "s1", "s2")], (1, -1),
+                        "trait", 200, S.bootstrap(0, 0, "seeds-healed.trait"))
+    assert (two["d_trait_mean"], two["d_trait_lo"], two["d_trait_hi"]) == (want["delta"], want["lo"], want["hi"])
 
 
 def test_beyond_control_rows_pair_arms_by_seed_per_cell():
@@ -700,6 +705,14 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
     assert control.beyond(rows, cfgs, {})[0]["family"] == fam  # no label: the family's own name
     assert control.beyond(rows, cfgs, {fam: "lam=1"}, None, 200) == out
     assert control.beyond(rows, cfgs, {fam: "lam=1"}, items) == out  # items without resamples change nothing
+    # two seed pairs with items: two-level, each pair's (treatment - its base) - (control - its base) on shared items
+    st2 = control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[0]
+    lists = [[items[x][k] for x in pair for k in ((0, "steered"), (-1, "base"))]
+             for pair in (("t0", "c0"), ("t1", "c1"))]
+    want2 = I.over_seeds(lists, (1, -1, -1, 1), "target", 150, S.bootstrap(0, 0, "beyond-steered.d_target"))
+    assert st2["beyond_d_target_over"] == "seeds+items"
+    assert (st2["beyond_d_target_mean"], st2["beyond_d_target_lo"], st2["beyond_d_target_hi"]) == \
+        (want2["delta"], want2["lo"], want2["hi"])
     # one seed pair with items: the treatment's stage against the control's, paired over items, on the pair's seed
     one = control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[3]
     assert (one["control"], one["stage"], one["treatment"]) == ("random", "healed", ["t1"])
