@@ -468,6 +468,51 @@ def test_pareto_never_puts_a_broken_point_on_the_front(tmp_path):
     assert "never on the front" in svg  # the legend says what the cross means
 
 
+def test_facets_copy_the_references_into_each_round_and_flag_the_front_without_broken_points():
+    """Round -1's points are drawn in every round's panel (as that round); rows without a number are left out; a
+    broken point is in its panel but neither on the front nor able to push others off it."""
+    from steer_heal.diag.pareto import facets
+
+    def pt(label, r, stage, x, y, broken=""):
+        return dict(label=label, round=r, stage=stage, trait_moved=x, coherence=y, broken=broken)
+
+    rows = [pt("a", -1, "base", 0.0, 0.9), pt("a", -1, "prompted", 0.3, 0.8), pt("a", 0, "steered", 1.0, 0.5),
+            pt("a", 0, "healed", 0.6, 0.85), pt("w", 0, "steered", 2.0, 0.95, "coherence 0.01 < 0.85 x base 0.9"),
+            pt("a", 1, "healed", 0.5, 0.7), pt("n", 1, "healed", None, 0.9), pt("n", 1, "steered", 0.4, None)]
+    got = facets(rows)
+    assert sorted(got) == [0, 1]
+    assert [(p["label"], p["round"], p["stage"], p["x"], p["y"], p["front"]) for p in got[0]] == [
+        ("a", 0, "base", 0.0, 0.9, True), ("a", 0, "prompted", 0.3, 0.8, False), ("a", 0, "steered", 1.0, 0.5, True),
+        ("a", 0, "healed", 0.6, 0.85, True), ("w", 0, "steered", 2.0, 0.95, False)]
+    assert [(p["label"], p["round"], p["stage"], p["front"]) for p in got[1]] == [
+        ("a", 1, "base", True), ("a", 1, "prompted", True), ("a", 1, "healed", True)]
+    assert rows[0]["round"] == -1 and "front" not in rows[0]  # the caller's rows are not changed
+    only_refs = facets(rows[:2] + [pt("a", -1, "x", 0.1, 0.7)])
+    assert list(only_refs) == [-1]
+    assert [(p["round"], p["front"]) for p in only_refs[-1]] == [(-1, True), (-1, True), (-1, False)]
+
+
+def test_stage_broken_checks_every_stored_stage_against_its_runs_base_and_floor(tmp_path):
+    """Each run's stages against its own base, at its own coh_floor_rel (0 = off); base, and a run with no base,
+    are never broken."""
+    from steer_heal.diag.pareto import stage_broken
+
+    _hand_run(tmp_path, "ok", 0, {(0, "steered"): (-0.5, 0.8), (0, "healed"): (-0.3, 0.85)})
+    _hand_run(tmp_path, "wreck", 1, {(0, "steered"): (-2.5, 0.01), (1, "healed"): (-2.0, 0.85)})
+    for run_id, floor, stages in (("lax", 0.0, ((-1, "base", 0.9), (0, "steered", 0.01))),
+                                  ("nobase", 0.85, ((0, "steered", 0.01),))):
+        log = RunLog(tmp_path, run_id)
+        log.append("run_info", dict(seed=0, config=Config(model="tiny-random", coh_floor_rel=floor).to_dict()))
+        for r, stage, coh in stages:
+            log.append("stage_metrics", [dict(round=r, stage=stage, evaluator="mfv", foundation=f, n=7, coherence=coh,
+                                              nats=-2.0) for f in ("Authority", "Care")])
+    got = {(x, r, s): why for x, r, s, why in stage_broken(str(tmp_path), ["ok", "wreck", "lax", "nobase"])}
+    assert sorted(got) == sorted([("ok", -1, "base"), ("ok", 0, "steered"), ("ok", 0, "healed"), ("wreck", -1, "base"),
+                                  ("wreck", 0, "steered"), ("wreck", 1, "healed"), ("lax", -1, "base"),
+                                  ("lax", 0, "steered"), ("nobase", 0, "steered")])
+    assert got[("wreck", 0, "steered")] == "coherence 0.01 < 0.85 x base 0.9"
+    assert all(why == "" for k, why in got.items() if k != ("wreck", 0, "steered"))
+
 def test_stages_tables_mark_a_broken_stage_and_beyond_control_names_it(tmp_path):
     """Delta tables, the over-seed aggregate and the beyond-control row all mark a stage under the floor."""
     for s in range(2):
