@@ -102,6 +102,12 @@ def test_mfv_rows_coherence_and_agreement_are_the_two_orders_averaged(tiny, vign
     agree = [max(FOUNDATIONS, key=lambda f: r["p"][f]) == max(FOUNDATIONS, key=lambda f: h[f]) for r, h in judged]
     assert len(judged) == 7 and res["top1_agree"] == sum(agree) / 7
     assert res["answer_format"] == E.answer_options(tok).format
+    judge = "You are a strict judge of right and wrong."
+    fs, rs = (E.score_order(model, tok, vignettes[:2], o, system=judge) for o in (FOUNDATIONS, FOUNDATIONS[::-1]))
+    sys_rows = E.mfv(model, tok, vignettes[:2], system=judge)["rows"]
+    assert [r["pmass"] for r in sys_rows] != [r["pmass"] for r in res["rows"][:2]]  # the system prompt reaches it
+    assert all(math.isclose(r["pmass"], (a["pmass"] + b["pmass"]) / 2, rel_tol=1e-6)
+               for r, a, b in zip(sys_rows, fs, rs, strict=True))
     with pytest.raises(ConfigError, match="^mfv needs at least one vignette$"):
         E.mfv(model, tok, [])
 
