@@ -301,3 +301,21 @@ def test_contrast_scores_a_prompt_shared_by_two_dilemmas_alike_on_both_paths(tin
     assert a["n"] == b["n"] == 4 and a["rows"][0]["diff"] != a["rows"][1]["diff"]
     for ra, rb in zip(a["rows"], b["rows"], strict=True):
         assert abs(ra["trait_lp"] - rb["trait_lp"]) < 1e-4 and abs(ra["opposite_lp"] - rb["opposite_lp"]) < 1e-4
+
+
+def test_contrast_with_a_tokenizer_that_adds_a_bos_scores_as_without_one(tiny):
+    """A tokenizer whose every encoding starts with a BOS (as Llama's do): the probe tokenises the chat prompt and
+    each reply apart and joins them, so no BOS may land in front of either piece, on either path."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    model, tok = tiny
+    bos, b = copy.deepcopy(tok), "<|im_start|>"
+    bos._tokenizer.post_processor = TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
+                                                       special_tokens=[(b, bos.convert_tokens_to_ids(b))])
+    assert bos("hi")["input_ids"] == [bos.convert_tokens_to_ids(b), *tok("hi")["input_ids"]]
+    plain = C.contrast(model, tok, ITEMS)["rows"]
+    for reuse in (True, False):
+        for rb, rp in zip(C.contrast(model, bos, ITEMS, reuse_prefix=reuse)["rows"], plain, strict=True):
+            assert abs(rb["trait_lp"] - rp["trait_lp"]) < 1e-4 and abs(rb["opposite_lp"] - rp["opposite_lp"]) < 1e-4
