@@ -512,6 +512,17 @@ def test_stage_broken_checks_every_stored_stage_against_its_runs_base_and_floor(
                                   ("lax", 0, "steered"), ("nobase", 0, "steered")])
     assert got[("wreck", 0, "steered")] == "coherence 0.01 < 0.85 x base 0.9"
     assert all(why == "" for k, why in got.items() if k != ("wreck", 0, "steered"))
+    # the option-mass test reads the stored items (the mean holds, most items collapsed); base is never flagged,
+    # not even with a number missing
+    b_sm, b_items, _ = _hand_stage(-1, "base", [0.2] * 6, [0.0] * 6, [0.8] * 4 + [0.3] * 2, [10.0] * 6)
+    s_sm, s_items, _ = _hand_stage(0, "steered", [0.1] * 6, [0.1] * 6, [0.04] * 4 + [0.99] * 2, [11.0] * 6)
+    log = RunLog(tmp_path, "mass")
+    log.append("run_info", dict(seed=0, config=Config(model="tiny-random", coh_floor_rel=0.5).to_dict()))
+    log.append("stage_metrics", [dict(x, nats=None) if x["evaluator"] == "contrast" and x["round"] < 0 else x
+                                 for x in b_sm + s_sm])
+    log.append("eval_items", b_items + s_items)
+    got = {(r, s): why for _, r, s, why in stage_broken(str(tmp_path), ["mass"])}
+    assert got[(-1, "base")] == "" and "option mass collapsed" in got[(0, "steered")]
 
 def test_stages_tables_mark_a_broken_stage_and_beyond_control_names_it(tmp_path):
     """Delta tables, the over-seed aggregate and the beyond-control row all mark a stage under the floor."""
@@ -708,6 +719,13 @@ def test_seed_rows_average_each_cell_over_seeds_two_level_with_items():
     want = I.over_seeds([[items[r][(0, "healed")], items[r][(-1, "base")]] for r in ("s0", "s1", "s2")], (1, -1),
                         "trait", 200, S.bootstrap(0, 0, "seeds-healed.trait"))
     assert (two["d_trait_mean"], two["d_trait_lo"], two["d_trait_hi"]) == (want["delta"], want["lo"], want["hi"])
+    # s2's healed stage scored on other items (unpaired): the two-level interval is over the two paired seeds
+    flip = [dict(r, paired=False) if (r["run_id"], r["round"], r["stage"]) == ("s2", 0, "healed") else r for r in rows]
+    two2 = {(a["round"], a["stage"]): a for a in seed_rows(flip, groups, labels, items, boot=200)}[(0, "healed")]
+    want2 = I.over_seeds([[items[r][(0, "healed")], items[r][(-1, "base")]] for r in ("s0", "s1")], (1, -1),
+                         "trait", 200, S.bootstrap(0, 0, "seeds-healed.trait"))
+    assert two2["d_trait_over"] == "seeds+items"
+    assert (two2["d_trait_lo"], two2["d_trait_hi"]) == (want2["lo"], want2["hi"])
 
 
 def test_beyond_control_rows_pair_arms_by_seed_per_cell():
@@ -721,7 +739,9 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
     from steer_heal.diag.runs import family
     from steer_heal.diag.stages import run_rows
 
-    arms = dict(t0=(0, "none", 0), t1=(1, "none", 1), c0=(0, "c0", 2), c1=(1, "c0", 3), r1=(1, "random", 4))
+    # each arm's two seeds scored alike (same hand data): the pairs share their item effects, so the two-level
+    # interval's item term, and with it its bootstrap seed, counts
+    arms = dict(t0=(0, "none", 0), t1=(1, "none", 0), c0=(0, "c0", 2), c1=(1, "c0", 2), r1=(1, "random", 4))
     rows, items, cfgs = [], {}, {}
     for run, (seed, ctl, data_seed) in arms.items():
         sm, it, _ = _hand_stages(seed=data_seed)
@@ -758,6 +778,16 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
     assert st2["beyond_d_target_over"] == "seeds+items"
     assert (st2["beyond_d_target_mean"], st2["beyond_d_target_lo"], st2["beyond_d_target_hi"]) == \
         (want2["delta"], want2["lo"], want2["hi"])
+    assert want2["item_hw"] > 0 and want2["lo"] != I.over_seeds(lists, (1, -1, -1, 1), "target", 150, 1)["lo"]
+    # a run missing from items, or pairs sharing a single item: no two-level interval, the t over seed pairs
+    assert control.beyond(rows, cfgs, {fam: "lam=1"}, {k: v for k, v in items.items() if k != "c1"}, 150)[0] == out[0]
+    one_item = {run: {k: [x for x in v if x["item"] in ("v0", "d0", "0")] for k, v in by.items()}
+                for run, by in items.items()}
+    assert control.beyond(rows, cfgs, {fam: "lam=1"}, one_item, 150)[0]["beyond_d_target_over"] == "seeds"
+    # one seed pair whose stage has no items on one side: no interval over items for it
+    for side in ("t1", "r1"):
+        holes = dict(items, **{side: {k: v for k, v in items[side].items() if k != (0, "healed")}})
+        assert control.beyond(rows, cfgs, {fam: "lam=1"}, holes, 150)[3]["beyond_d_trait_items"] is None
     # one seed pair with items: the treatment's stage against the control's, paired over items, on the pair's seed
     one = control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[3]
     assert (one["control"], one["stage"], one["treatment"]) == ("random", "healed", ["t1"])
