@@ -249,6 +249,16 @@ def _full_eval(coef: float):
     return ev
 
 
+def test_add_text_appends_one_freetext_item_per_generation():
+    """The stage's other items stay; each generation is an item named by its index, NaN kept as scored; the mean
+    and count are over the finite ones."""
+    ev = _full_eval(0.0)
+    assert [x["evaluator"] for x in ev.items] == ["mfv", "contrast", "freetext", "freetext", "freetext", "kl", "kl"]
+    text = ev.items[2:5]
+    assert [(x["item"], x["ppl"]) for x in text[:2]] == [("0", 12.0), ("1", 18.0)]
+    assert text[2]["item"] == "2" and math.isnan(text[2]["ppl"]) and all(len(x) == 3 for x in text)
+    assert (ev.adapter_ppl, ev.n_text) == (15.0, 2)
+
 def test_a_stage_eval_reads_back_equal_from_its_own_rows():
     """rows() and item_rows() as the store holds them (run_id added) read back by by_stage to the same StageEval:
     every evaluator's mean, n and coef; items of a stage that has no rows are ignored; NULL columns dropped."""
