@@ -220,3 +220,48 @@ def test_stage_intervals_rows_name_their_stage_and_use_the_runs_seed_stream():
     assert [(x["round"], x["stage"], x["ref"]) for x in pr] == [(-1, "prompted", "base")]
     no_base = {k: v for k, v in items.items() if k != (-1, "base")}
     assert I.stage_intervals(no_base, 1, "healed", seed=7, boot=300) == []
+
+
+def test_compare_lookup_and_crosses_zero_by_hand():
+    """compare's rows carry their resample count; lookup keys them by (round, stage, metric, ref); an interval
+    that ends exactly at 0 holds it, one above 0 does not; a zero-probability stage warns nothing."""
+    import warnings
+
+    rows = I.compare(_items("contrast", "diff", [0.1, 0.3, 0.2]), _items("contrast", "diff", [0.0] * 3), 40,
+                     lambda m: 5)
+    assert [(x["metric"], x["boot"], x["n"]) for x in rows] == [("trait", 40, 3)]
+    ivs = [dict(round=1, stage="healed", metric="trait", ref="prev", delta=0.2), dict(round=0, stage="steered",
+                                                                                      metric="coh", ref="base")]
+    assert I.lookup(ivs) == {(1, "healed", "trait", "prev"): ivs[0], (0, "steered", "coh", "base"): ivs[1]}
+    assert I.crosses_zero(-1.0, 0.0) is True and I.crosses_zero(0.0, 2.0) is True
+    assert I.crosses_zero(0.5, 2.0) is False and I.crosses_zero(-2.0, -0.5) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert I.paired([0.0, 0.0], [1.0, 1.0], "log_mean", boot=20)["delta"] == float("-inf")
+
+
+def test_over_seeds_edges_its_statistic_and_its_ns():
+    """No seed or no shared item: None; one seed, or one shared item: the delta without an interval; the target's
+    statistic is the log of the mean; `ns` says whether the interval holds 0; ids shared by every stage of every
+    seed, whichever stage lists the most."""
+    def rows(evaluator, col, vals):
+        return [dict(evaluator=evaluator, item=i, **{col: v}) for i, v in vals.items()]
+
+    assert I.over_seeds([], (1, -1), "trait", 50, 0) is None
+    s = [rows("contrast", "diff", {"a": 1.0, "b": 3.0}), rows("contrast", "diff", {"a": 0.0, "b": 0.0})]
+    one = I.over_seeds([s], (1, -1), "trait", 50, 0)
+    assert one["delta"] == 2.0 and one["lo"] is None and one["ns"] is None and one["n_seeds"] == 1
+    single = [rows("contrast", "diff", {"a": 1.0}), rows("contrast", "diff", {"a": 0.5})]
+    got = I.over_seeds([single, single], (1, -1), "trait", 50, 0)
+    assert got["delta"] == 0.5 and got["n"] == 1 and got["lo"] is None
+    t = [[rows("mfv", "p_target", {"a": 0.1, "b": 0.3}), rows("mfv", "p_target", {"a": 0.2, "b": 0.2})],
+         [rows("mfv", "p_target", {"a": 0.2, "b": 0.4}), rows("mfv", "p_target", {"a": 0.2, "b": 0.2})]]
+    tgt = I.over_seeds(t, (1, -1), "target", 100, 0)
+    assert tgt["delta"] == pytest.approx((math.log(0.2 / 0.2) + math.log(0.3 / 0.2)) / 2)
+    assert tgt["ns"] == I.crosses_zero(tgt["lo"], tgt["hi"]) and tgt["ns"] is not None
+    up = [[rows("contrast", "diff", {"a": 1.0 + k, "b": 1.1 + k, "c": 0.9 + k}),
+           rows("contrast", "diff", {"a": 0.0, "b": 0.0, "c": 0.0})] for k in (0.0, 0.1, 0.2)]
+    assert I.over_seeds(up, (1, -1), "trait", 100, 0)["ns"] is False
+    # the last stage lists an item the others lack: only the shared ones are aligned
+    wide = [rows("contrast", "diff", {"a": 1.0, "b": 2.0}), rows("contrast", "diff", {"a": 0.0, "b": 0.0, "z": 5.0})]
+    assert [p.tolist() for p in I.aligned([wide, wide], "contrast", "diff")] == [[[1.0, 2.0], [0.0, 0.0]]] * 2
