@@ -265,3 +265,47 @@ def test_over_seeds_edges_its_statistic_and_its_ns():
     # the last stage lists an item the others lack: only the shared ones are aligned
     wide = [rows("contrast", "diff", {"a": 1.0, "b": 2.0}), rows("contrast", "diff", {"a": 0.0, "b": 0.0, "z": 5.0})]
     assert [p.tolist() for p in I.aligned([wide, wide], "contrast", "diff")] == [[[1.0, 2.0], [0.0, 0.0]]] * 2
+
+
+def _two_level_by_hand(per, signs, kind, boot, seed, level=0.95):
+    """docs/diagnostics.md "Two-level intervals", step by step with numpy and scipy."""
+    from scipy.stats import t
+
+    stat = (lambda a: np.log(a.mean(-1))) if kind == "log_mean" else (lambda a: a.mean(-1))
+    sg, k, n = np.asarray(signs, dtype=float), len(per), per[0].shape[1]
+    est = np.array([sg @ stat(x) for x in per])
+    s2k = est.var(ddof=1) / k
+    idx = np.random.default_rng(seed).integers(0, n, (boot, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.array([[sg @ stat(x[:, i]) for i in idx] for x in per])  # [seed, resample]
+    b = b[:, np.isfinite(b).all(0)]
+    item = max(0.0, (k * b.mean(0).var(ddof=1) - b.var(axis=1, ddof=1).mean()) / (k - 1))
+    q = 1 - (1 - level) / 2
+    s_hw, i_hw = t.ppf(q, k - 1) * math.sqrt(s2k), t.ppf(q, n - 1) * math.sqrt(item)
+    var = s2k + item
+    df = var ** 2 / (s2k ** 2 / (k - 1) + item ** 2 / (n - 1))
+    hw = (t.ppf(q, df) * math.sqrt(var) + math.hypot(s_hw, i_hw)) / 2
+    return dict(delta=est.mean(), lo=est.mean() - hw, hi=est.mean() + hw, n_seeds=k, n=n, seed_hw=s_hw, item_hw=i_hw)
+
+
+def test_two_level_is_the_documented_recipe_step_by_step():
+    """Seed, item and seed x item noise (both terms > 0), mean and log-mean statistics, three signs, another level:
+    every number is the recipe's; one resample (or none) leaves the item term out."""
+    rng = np.random.default_rng(5)
+    item = rng.normal(0, 0.2, 12)
+    per = [np.stack([1.0 + 0.3 * j + item + rng.normal(0, 0.1, 12), 0.5 + rng.normal(0, 0.1, 12),
+                     rng.normal(0, 0.1, 12)]) for j in range(3)]
+    for kind, signs, level in (("mean", (1, -1, 0), 0.95), ("log_mean", (1, -1, 0), 0.95), ("mean", (1, -1, 2), 0.8)):
+        xs = [np.abs(x) for x in per] if kind == "log_mean" else per
+        got, want = I.two_level(xs, signs, kind, 300, 9, level), _two_level_by_hand(xs, signs, kind, 300, 9, level)
+        assert want["item_hw"] > 0 and want["seed_hw"] > 0
+        assert got == pytest.approx(want, rel=1e-9), (kind, signs, level)
+    for boot in (0, 1):
+        one = I.two_level(per, (1, -1, 0), "mean", boot, 9)
+        seeds_only = 4.302653 * np.array([p[0].mean() - p[1].mean() for p in per]).std(ddof=1) / math.sqrt(3)
+        assert one["item_hw"] == 0.0 and one["hi"] - one["delta"] == pytest.approx(seeds_only, rel=1e-6)
+    # a resample that draws only zero-probability items has no log mean: it is left out, not the interval
+    z = [np.array([[0.0, 0.2, 0.3, 0.0], [0.1, 0.1, 0.1, 0.1]]) * (1 + j / 10) for j in range(3)]
+    got = I.two_level(z, (1, -1), "log_mean", 200, 3)
+    assert got == pytest.approx(_two_level_by_hand(z, (1, -1), "log_mean", 200, 3), rel=1e-9)
+    assert math.isfinite(got["lo"]) and math.isfinite(got["hi"])
