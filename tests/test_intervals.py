@@ -309,3 +309,31 @@ def test_two_level_is_the_documented_recipe_step_by_step():
     got = I.two_level(z, (1, -1), "log_mean", 200, 3)
     assert got == pytest.approx(_two_level_by_hand(z, (1, -1), "log_mean", 200, 3), rel=1e-9)
     assert math.isfinite(got["lo"]) and math.isfinite(got["hi"])
+
+
+def test_two_level_edges_defaults_and_quiet_numpy():
+    """No seed, no item, one seed, a seed whose statistic is not finite: the delta or None, no interval, every key
+    there and no numpy warning; the defaults are 2000 resamples on seed 0; two resamples already measure the item
+    term; two identical seeds with nothing varying give a zero-width interval."""
+    import warnings
+
+    rng = np.random.default_rng(8)
+    item = rng.normal(0, 0.3, 10)
+    per = [np.stack([1.0 + 0.2 * j + item + rng.normal(0, 0.1, 10), np.zeros(10)]) for j in range(3)]
+    empty = dict(lo=None, hi=None, seed_hw=None, item_hw=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert I.two_level([], (1, -1)) == dict(empty, delta=None, n_seeds=0, n=0)
+        assert I.two_level([np.zeros((2, 0))] * 2, (1, -1)) == dict(empty, delta=None, n_seeds=2, n=0)
+        assert I.two_level(per[:1], (1, -1)) == dict(empty, delta=pytest.approx(per[0][0].mean()), n_seeds=1, n=10)
+        dead = [np.array([[0.2, 0.3], [0.1, 0.1]]), np.array([[0.0, 0.0], [0.1, 0.1]])]
+        assert I.two_level(dead, (1, -1), "log_mean", 50, 0) == dict(empty, delta=None, n_seeds=2, n=2)
+        z = [np.array([[0.0, 0.2, 0.3, 0.0], [0.1, 0.1, 0.1, 0.1]]) * (1 + j / 10) for j in range(3)]
+        assert I.two_level(z, (1, -1), "log_mean", 200, 3)["item_hw"] > 0  # resamples of only zeros: no warning
+    assert I.two_level(per, (1, -1)) == I.two_level(per, (1, -1), "mean", 2000, 0)
+    two = I.two_level(per, (1, -1), "mean", 2, 4)
+    want = _two_level_by_hand(per, (1, -1), "mean", 2, 4)
+    assert want["item_hw"] > 0 and two == pytest.approx(want, rel=1e-9)
+    flat = [np.stack([np.full(5, 0.7), np.full(5, 0.2)])] * 2
+    got = I.two_level(flat, (1, -1), "mean", 50, 0)
+    assert got["lo"] == got["hi"] == got["delta"] == pytest.approx(0.5) and got["seed_hw"] == got["item_hw"] == 0.0
