@@ -742,13 +742,15 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
     # each arm's two seeds scored alike (same hand data): the pairs share their item effects, so the two-level
     # interval's item term, and with it its bootstrap seed, counts
     arms = dict(t0=(0, "none", 0), t1=(1, "none", 0), c0=(0, "c0", 2), c1=(1, "c0", 2), r1=(1, "random", 4))
+    def kept(run: str, ctl: str, x: dict) -> bool:  # controls stop after round 0; c1 has no healed stage
+        if run == "c1":
+            return x["round"] < 0 or (x["round"], x["stage"]) == (0, "steered")
+        return ctl == "none" or x["round"] < 1
+
     rows, items, cfgs = [], {}, {}
     for run, (seed, ctl, data_seed) in arms.items():
         sm, it, _ = _hand_stages(seed=data_seed)
-        keep = (lambda x: x["round"] < 1) if ctl != "none" else (lambda x: True)
-        if run == "c1":
-            keep = (lambda x: x["round"] < 0 or (x["round"], x["stage"]) == (0, "steered"))
-        sm, it = [x for x in sm if keep(x)], [x for x in it if keep(x)]
+        sm, it = [x for x in sm if kept(run, ctl, x)], [x for x in it if kept(run, ctl, x)]
         rows += run_rows(run, sm, "Authority", it, seed=seed, boot=0)
         items[run] = I.by_stage(it)
         cfgs[run] = Config(model="tiny-random", seed=seed, control=ctl)
