@@ -115,6 +115,8 @@ def test_merged_gives_the_gated_student_and_base_inside_it_stays_bitwise(tiny):
             with folded.base():
                 assert torch.equal(folded.model(**x).logits, plain)
             assert torch.allclose(folded.model(**x).logits, want, atol=1e-5)  # base() left the merge in place
+            with folded.merged():  # nested: the adapters are added once, not twice
+                assert torch.allclose(folded.model(**x).logits, want, atol=1e-5)
         assert torch.allclose(folded.model(**x).logits, want, atol=1e-5)  # and merged() the gates
         w = {n: p.data_ptr() for n, p in folded.model.named_parameters()}
         with folded.merged():
