@@ -18,6 +18,7 @@ import time
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_flow import ARGS, steer_heal
@@ -468,6 +469,62 @@ def test_pareto_never_puts_a_broken_point_on_the_front(tmp_path):
     assert "never on the front" in svg  # the legend says what the cross means
 
 
+def test_facets_copy_the_references_into_each_round_and_flag_the_front_without_broken_points():
+    """Round -1's points are drawn in every round's panel (as that round); rows without a number are left out; a
+    broken point is in its panel but neither on the front nor able to push others off it."""
+    from steer_heal.diag.pareto import facets
+
+    def pt(label, r, stage, x, y, broken=""):
+        return dict(label=label, round=r, stage=stage, trait_moved=x, coherence=y, broken=broken)
+
+    rows = [pt("a", -1, "base", 0.0, 0.9), pt("a", -1, "prompted", 0.3, 0.8), pt("a", 0, "steered", 1.0, 0.5),
+            pt("a", 0, "healed", 0.6, 0.85), pt("w", 0, "steered", 2.0, 0.95, "coherence 0.01 < 0.85 x base 0.9"),
+            pt("a", 1, "healed", 0.5, 0.7), pt("n", 1, "healed", None, 0.9), pt("n", 1, "steered", 0.4, None)]
+    got = facets(rows)
+    assert sorted(got) == [0, 1]
+    assert [(p["label"], p["round"], p["stage"], p["x"], p["y"], p["front"]) for p in got[0]] == [
+        ("a", 0, "base", 0.0, 0.9, True), ("a", 0, "prompted", 0.3, 0.8, False), ("a", 0, "steered", 1.0, 0.5, True),
+        ("a", 0, "healed", 0.6, 0.85, True), ("w", 0, "steered", 2.0, 0.95, False)]
+    assert [(p["label"], p["round"], p["stage"], p["front"]) for p in got[1]] == [
+        ("a", 1, "base", True), ("a", 1, "prompted", True), ("a", 1, "healed", True)]
+    assert rows[0]["round"] == -1 and "front" not in rows[0]  # the caller's rows are not changed
+    only_refs = facets(rows[:2] + [pt("a", -1, "x", 0.1, 0.7)])
+    assert list(only_refs) == [-1]
+    assert [(p["round"], p["front"]) for p in only_refs[-1]] == [(-1, True), (-1, True), (-1, False)]
+
+
+def test_stage_broken_checks_every_stored_stage_against_its_runs_base_and_floor(tmp_path):
+    """Each run's stages against its own base, at its own coh_floor_rel (0 = off); base, and a run with no base,
+    are never broken."""
+    from steer_heal.diag.pareto import stage_broken
+
+    _hand_run(tmp_path, "ok", 0, {(0, "steered"): (-0.5, 0.8), (0, "healed"): (-0.3, 0.85)})
+    _hand_run(tmp_path, "wreck", 1, {(0, "steered"): (-2.5, 0.01), (1, "healed"): (-2.0, 0.85)})
+    for run_id, floor, stages in (("lax", 0.0, ((-1, "base", 0.9), (0, "steered", 0.01))),
+                                  ("nobase", 0.85, ((0, "steered", 0.01),))):
+        log = RunLog(tmp_path, run_id)
+        log.append("run_info", dict(seed=0, config=Config(model="tiny-random", coh_floor_rel=floor).to_dict()))
+        for r, stage, coh in stages:
+            log.append("stage_metrics", [dict(round=r, stage=stage, evaluator="mfv", foundation=f, n=7, coherence=coh,
+                                              nats=-2.0) for f in ("Authority", "Care")])
+    got = {(x, r, s): why for x, r, s, why in stage_broken(str(tmp_path), ["ok", "wreck", "lax", "nobase"])}
+    assert sorted(got) == sorted([("ok", -1, "base"), ("ok", 0, "steered"), ("ok", 0, "healed"), ("wreck", -1, "base"),
+                                  ("wreck", 0, "steered"), ("wreck", 1, "healed"), ("lax", -1, "base"),
+                                  ("lax", 0, "steered"), ("nobase", 0, "steered")])
+    assert got[("wreck", 0, "steered")] == "coherence 0.01 < 0.85 x base 0.9"
+    assert all(why == "" for k, why in got.items() if k != ("wreck", 0, "steered"))
+    # the option-mass test reads the stored items (the mean holds, most items collapsed); base is never flagged,
+    # not even with a number missing
+    b_sm, b_items, _ = _hand_stage(-1, "base", [0.2] * 6, [0.0] * 6, [0.8] * 4 + [0.3] * 2, [10.0] * 6)
+    s_sm, s_items, _ = _hand_stage(0, "steered", [0.1] * 6, [0.1] * 6, [0.04] * 4 + [0.99] * 2, [11.0] * 6)
+    log = RunLog(tmp_path, "mass")
+    log.append("run_info", dict(seed=0, config=Config(model="tiny-random", coh_floor_rel=0.5).to_dict()))
+    log.append("stage_metrics", [dict(x, nats=None) if x["evaluator"] == "contrast" and x["round"] < 0 else x
+                                 for x in b_sm + s_sm])
+    log.append("eval_items", b_items + s_items)
+    got = {(r, s): why for _, r, s, why in stage_broken(str(tmp_path), ["mass"])}
+    assert got[(-1, "base")] == "" and "option mass collapsed" in got[(0, "steered")]
+
 def test_stages_tables_mark_a_broken_stage_and_beyond_control_names_it(tmp_path):
     """Delta tables, the over-seed aggregate and the beyond-control row all mark a stage under the floor."""
     for s in range(2):
@@ -507,6 +564,245 @@ def test_plot_and_report_mark_a_broken_stage(tmp_path):
     prev = report[report.index("Against the previous student"):report.index("## Free-text")]
     steered = [ln for ln in prev.splitlines() if "| steered |" in ln]
     assert len(steered) == 1 and steered[0].rstrip(" |").endswith("BROKEN")
+
+
+# ---------------------------------------------------------------- the stage table's rows by hand (issue 30 item 1)
+
+def _hand_stage(r: int, stage: str, p, diff, pmass, ppl, off=(0.0, 0.0), n=None, kl=0.0):
+    """One stage as a run stores it: its eval_items, and the stage_metrics rows they give (target_nats = log mean
+    p_target, trait = mean diff, coherence = mean pmass, adapter_ppl = mean ppl); Care and Fairness at -2 + off."""
+    items = ([dict(round=r, stage=stage, evaluator="mfv", item=f"v{i}", p_target=float(a), pmass=float(b))
+              for i, (a, b) in enumerate(zip(p, pmass, strict=True))]
+             + [dict(round=r, stage=stage, evaluator="contrast", item=f"d{i}", diff=float(x))
+                for i, x in enumerate(diff)]
+             + [dict(round=r, stage=stage, evaluator="freetext", item=str(i), ppl=float(x)) for i, x in enumerate(ppl)])
+    nats = dict(Authority=math.log(float(np.mean(p))), Care=-2.0 + off[0], Fairness=-2.0 + off[1])
+    coh, n = float(np.mean(pmass)), len(p) if n is None else n
+    sm = [dict(round=r, stage=stage, evaluator="mfv", foundation=f, nats=v, coherence=coh, n=n)
+          for f, v in nats.items()]
+    sm += [dict(round=r, stage=stage, evaluator="contrast", foundation="trait", nats=float(np.mean(diff)), n=len(diff)),
+           dict(round=r, stage=stage, evaluator="freetext", foundation="freetext", ppl=float(np.mean(ppl)), n=len(ppl)),
+           dict(round=r, stage=stage, evaluator="kl", foundation="kl", kl=kl, n=n)]
+    return sm, items, dict(n=n, target_nats=nats["Authority"], trait_nats=float(np.mean(diff)), coherence=coh,
+                           adapter_ppl=float(np.mean(ppl)), kl=kl, care=nats["Care"], fairness=nats["Fairness"])
+
+
+# (round, stage): p_target factor, trait shift, option-mass factor, ppl shift, (Care, Fairness) moves
+MOVES = {(-1, "prompted"): (0.9, 0.1, 1.0, 0.5, (0.0, 0.0)), (0, "steered"): (0.5, 0.4, 0.9, 3.0, (-0.1, 0.05)),
+         (0, "healed"): (0.8, 0.2, 0.95, 1.0, (0.0, -0.5)), (1, "steered"): (0.4, 0.6, 0.85, 4.0, (0.1, 0.0)),
+         (1, "healed"): (0.6, 0.4, 0.92, 2.0, (0.0, 0.1))}
+
+
+def _hand_stages(seed: int = 0, n: int = 6):
+    """A run of every stage by hand: (stage_metrics, eval_items, {(round, stage): the stored numbers}); the
+    prompted stage is scored on one vignette fewer (unpaired)."""
+    rng = np.random.default_rng(seed)
+    bp, bd, bm, bx = rng.uniform(0.1, 0.3, n), rng.normal(0, 0.2, n), rng.uniform(0.6, 0.9, n), rng.uniform(10, 20, n)
+    sm, items, want = [], [], {}
+    for (r, stage), (tp, dd, mm, xx, off) in {(-1, "base"): (1.0, 0.0, 1.0, 0.0, (0.0, 0.0)), **MOVES}.items():
+        noise = 0.0 if stage == "base" else 0.1
+        got = _hand_stage(r, stage, bp * tp * np.exp(rng.normal(0, noise, n)), bd + dd + rng.normal(0, noise, n),
+                          bm * mm, bx + xx + rng.normal(0, 10 * noise, n), off, n - 1 if stage == "prompted" else None,
+                          kl=0.0 if stage == "base" else 0.01 * (r + 2))
+        sm, items, want[(r, stage)] = sm + got[0], items + got[1], got[2]
+    return sm, items, want
+
+
+def test_run_rows_carry_the_stored_numbers_their_deltas_intervals_and_ratios():
+    """run_rows on a hand-made run: one row per stage in stage order with the stored numbers, deltas against base,
+    the paired intervals of intervals.stage_intervals with the run's seed (against base and, as *_prev, the
+    previous student), coh_cost, surgical and retain by spec.md's formulas; base and an unpaired stage get none."""
+    from steer_heal import intervals as I
+    from steer_heal.diag.stages import run_rows
+
+    sm, items, want = _hand_stages()
+    rows = run_rows("a", sm, "Authority", items, seed=3, boot=300)
+    keys = [(x["round"], x["stage"]) for x in rows]
+    assert keys == [(-1, "base"), (-1, "prompted"), (0, "steered"), (0, "healed"), (1, "steered"), (1, "healed")]
+    by, b = dict(zip(keys, rows, strict=True)), want[(-1, "base")]
+    for k, row in by.items():
+        w = want[k]
+        assert {f: row[f] for f in ("run_id", "n", "target_nats", "trait_nats", "coherence", "adapter_ppl", "kl")} == \
+            dict(run_id="a", **{f: w[f] for f in ("n", "target_nats", "trait_nats", "coherence", "adapter_ppl", "kl")})
+        assert row["broken"] == "" and "withheld" not in row
+    assert by[(-1, "base")]["paired"] and by[(-1, "base")]["d_ppl"] == 0.0
+    assert not any(f in by[(-1, "base")] for f in ("d_target_lo", "coh_cost", "surgical", "retain"))
+    assert by[(-1, "prompted")]["paired"] is False
+    assert not any(f in by[(-1, "prompted")] for f in ("d_target", "d_trait_lo", "coh_cost", "surgical"))
+    per_stage = I.by_stage(items)
+    names = dict(target="d_target", trait="d_trait", coh="d_coh", ppl="d_ppl")
+    for (r, stage), row in by.items():
+        if r < 0:
+            continue
+        w = want[(r, stage)]
+        assert (row["d_target"], row["d_trait"], row["d_coh"], row["d_ppl"]) == pytest.approx(
+            (w["target_nats"] - b["target_nats"], w["trait_nats"] - b["trait_nats"], w["coherence"] - b["coherence"],
+             w["adapter_ppl"] - b["adapter_ppl"]), rel=1e-9)
+        ivs = I.stage_intervals(per_stage, r, stage, 3, 300)
+        assert len(ivs) == 8
+        for iv in ivs:
+            name = names[iv["metric"]] + ("_prev" if iv["ref"] == "prev" else "")
+            assert [row[name + s] for s in ("", "_lo", "_hi", "_ns")] == [iv["delta"], iv["lo"], iv["hi"], iv["ns"]]
+        d_t = w["target_nats"] - b["target_nats"]
+        assert row["coh_cost"] == pytest.approx((w["coherence"] - b["coherence"]) / d_t)
+    h1, h0 = want[(1, "healed")], want[(0, "healed")]
+    assert by[(1, "healed")]["d_trait_prev"] == pytest.approx(h1["trait_nats"] - h0["trait_nats"])
+    assert by[(1, "healed")]["d_trait_lo"] != by[(1, "healed")]["d_trait_prev_lo"]
+    assert by[(0, "steered")]["surgical"] is True and by[(0, "healed")]["surgical"] is False  # Fairness moved 0.5
+    for r in (0, 1):
+        h, s = want[(r, "healed")], want[(r, "steered")]
+        assert by[(r, "healed")]["retain"] == pytest.approx(
+            (h["target_nats"] - b["target_nats"]) / (s["target_nats"] - b["target_nats"]))
+        assert by[(r, "healed")]["retain_trait"] == pytest.approx(
+            (h["trait_nats"] - b["trait_nats"]) / (s["trait_nats"] - b["trait_nats"]))
+        assert "retain" not in by[(r, "steered")]
+    sm2, it2 = ([x for x in xs if (x["round"], x["stage"]) in ((-1, "base"), (0, "steered"))] for xs in (sm, items))
+    assert run_rows("a", sm2, "Authority", it2) == run_rows("a", sm2, "Authority", it2, seed=0, boot=2000)  # defaults
+    # a care target: Care is the target, so only Fairness is off-target (Authority is not an off-target foundation)
+    care = {(x["round"], x["stage"]): x for x in run_rows("a", sm, "Care")}
+    assert care[(0, "steered")]["d_target"] == pytest.approx(-0.1) and care[(0, "steered")]["surgical"] is True
+
+
+def test_run_rows_withhold_ratios_by_which_stage_is_under_the_floor():
+    """Option mass kept 0.9, 0.95, 0.85, 0.92 of base in steered 0, healed 0, steered 1, healed 1: at a floor of
+    0.93, healed 0 keeps its own ratios but withholds retain for its broken steered stage, healed 1 withholds them as
+    BROKEN, and base is never broken; the median-item mass test reads the items (a few items hold the mean up)."""
+    from steer_heal.diag.stages import run_rows
+
+    sm, items, _ = _hand_stages()
+    by = {(x["round"], x["stage"]): x for x in run_rows("a", sm, "Authority", items, boot=0, floor_rel=0.93)}
+    assert by[(-1, "base")]["broken"] == "" and by[(0, "healed")]["broken"] == ""
+    assert all(by[k]["broken"].startswith("coherence") for k in ((0, "steered"), (1, "steered"), (1, "healed")))
+    assert by[(0, "healed")]["withheld"] == "broken:steered" and "retain" not in by[(0, "healed")]
+    assert by[(0, "healed")]["coh_cost"] is not None and "coh_cost" not in by[(0, "steered")]
+    assert by[(1, "healed")]["withheld"] == "BROKEN" and "retain_trait" not in by[(1, "healed")]
+    assert run_rows("a", sm, "Authority", items, boot=0, floor_rel=2.0)[0]["broken"] == ""  # base against itself
+    # the mean mass holds at 0.36 of 0.63 (over 0.5) while four of six items fell to 5% of theirs
+    b_sm, b_items, _ = _hand_stage(-1, "base", [0.2] * 6, [0.0] * 6, [0.8] * 4 + [0.3] * 2, [10.0] * 6)
+    s_sm, s_items, _ = _hand_stage(0, "steered", [0.1] * 6, [0.1] * 6, [0.04] * 4 + [0.99] * 2, [11.0] * 6)
+    got = run_rows("m", b_sm + s_sm, "Authority", b_items + s_items, boot=0, floor_rel=0.5)
+    assert got[1]["broken"].startswith("option mass collapsed: median item keeps 0.05")
+
+
+def test_seed_rows_average_each_cell_over_seeds_two_level_with_items():
+    """Three seeds of one config (and a one-seed config listed first): per non-base cell, in stage order, the mean
+    over seeds with the t interval over seeds, or with items and resamples the two-level one for the deltas (the
+    ratios stay on seeds); surgical counts the seeds whose stage was surgical."""
+    from steer_heal import intervals as I
+    from steer_heal.diag.stages import run_rows, seed_rows
+
+    rows, items = [], {}
+    for s, run in enumerate(("x", "s0", "s1", "s2")):
+        sm, it, _ = _hand_stages(seed=s)
+        rows += run_rows(run, sm, "Authority", it, seed=s, boot=0)
+        items[run] = I.by_stage(it)
+    groups, labels = {"solo": ["x"], "k": ["s0", "s1", "s2"]}, {"solo": "lam=2", "k": "lam=1"}
+    plain = seed_rows(rows, groups, labels)
+    assert [(a["round"], a["stage"]) for a in plain] == [(-1, "prompted"), *[k for k in MOVES if k[0] >= 0]]
+    got = {(a["round"], a["stage"]): a for a in plain}
+    cell = [r for r in rows if r["run_id"] != "x" and (r["round"], r["stage"]) == (0, "healed")]
+    h = got[(0, "healed")]
+    assert (h["level"], h["config"], h["config_key"], h["runs"], h["n_seeds"]) == \
+        ("seeds", "lam=1", "k", ["s0", "s1", "s2"], 3)
+    assert got[(0, "steered")]["surgical"] == 3 and h["surgical"] == 0 and h["broken"] == 0
+    for m in ("d_target", "retain"):
+        ci = stats.mean_ci([r[m] for r in cell])
+        assert (h[f"{m}_mean"], h[f"{m}_lo"], h[f"{m}_hi"], h[f"{m}_over"]) == (ci["mean"], ci["lo"], ci["hi"], "seeds")
+    assert seed_rows(rows, groups, labels, items) == plain  # no resamples (boot 0 by default): the t over seeds
+    assert seed_rows(rows, groups, labels, items, boot=0) == plain
+    two = {(a["round"], a["stage"]): a for a in seed_rows(rows, groups, labels, items, boot=200)}[(0, "healed")]
+    assert two["d_target_over"] == two["d_trait_over"] == "seeds+items" and two["retain_over"] == "seeds"
+    assert two["d_trait_mean"] == pytest.approx(stats.mean_ci([r["d_trait"] for r in cell])["mean"])
+    assert two["d_trait_lo"] < two["d_trait_mean"] < two["d_trait_hi"]
+    assert (two["d_trait_lo"], two["d_trait_hi"]) != (h["d_trait_lo"], h["d_trait_hi"])
+    from steer_heal import seeds as S  # the seed stream of the cell (round, stage, metric), every seed's items
+
+    want = I.over_seeds([[items[r][(0, "healed")], items[r][(-1, "base")]] for r in ("s0", "s1", "s2")], (1, -1),
+                        "trait", 200, S.bootstrap(0, 0, "seeds-healed.trait"))
+    assert (two["d_trait_mean"], two["d_trait_lo"], two["d_trait_hi"]) == (want["delta"], want["lo"], want["hi"])
+    # s2's healed stage scored on other items (unpaired): the two-level interval is over the two paired seeds
+    flip = [dict(r, paired=False) if (r["run_id"], r["round"], r["stage"]) == ("s2", 0, "healed") else r for r in rows]
+    two2 = {(a["round"], a["stage"]): a for a in seed_rows(flip, groups, labels, items, boot=200)}[(0, "healed")]
+    want2 = I.over_seeds([[items[r][(0, "healed")], items[r][(-1, "base")]] for r in ("s0", "s1")], (1, -1),
+                         "trait", 200, S.bootstrap(0, 0, "seeds-healed.trait"))
+    assert two2["d_trait_over"] == "seeds+items"
+    assert (two2["d_trait_lo"], two2["d_trait_hi"]) == (want2["lo"], want2["hi"])
+
+
+def test_beyond_control_rows_pair_arms_by_seed_per_cell():
+    """Treatment seeds 0 and 1 with rounds 0 and 1; a c0 control of seeds 0 and 1 with round 0 only (seed 1 without
+    its healed stage); a random control of seed 1 alone. Rows: per control kind, the cells both arms hold, in stage
+    order, only complete pairs; over seeds (the t) with two pairs, over items with one, whose paired bootstrap uses
+    the pair's seed; a pair missing a number leaves it out of that mean."""
+    from steer_heal import intervals as I
+    from steer_heal import seeds as S
+    from steer_heal.diag import control
+    from steer_heal.diag.runs import family
+    from steer_heal.diag.stages import run_rows
+
+    # each arm's two seeds scored alike (same hand data): the pairs share their item effects, so the two-level
+    # interval's item term, and with it its bootstrap seed, counts
+    arms = dict(t0=(0, "none", 0), t1=(1, "none", 0), c0=(0, "c0", 2), c1=(1, "c0", 2), r1=(1, "random", 4))
+    def kept(run: str, ctl: str, x: dict) -> bool:  # controls stop after round 0; c1 has no healed stage
+        if run == "c1":
+            return x["round"] < 0 or (x["round"], x["stage"]) == (0, "steered")
+        return ctl == "none" or x["round"] < 1
+
+    rows, items, cfgs = [], {}, {}
+    for run, (seed, ctl, data_seed) in arms.items():
+        sm, it, _ = _hand_stages(seed=data_seed)
+        sm, it = [x for x in sm if kept(run, ctl, x)], [x for x in it if kept(run, ctl, x)]
+        rows += run_rows(run, sm, "Authority", it, seed=seed, boot=0)
+        items[run] = I.by_stage(it)
+        cfgs[run] = Config(model="tiny-random", seed=seed, control=ctl)
+    fam = family(cfgs["t0"])
+    out = control.beyond(rows, cfgs, {fam: "lam=1"})
+    assert [(x["control"], x["round"], x["stage"], x["n_pairs"]) for x in out] == \
+        [("c0", 0, "steered", 2), ("c0", 0, "healed", 1), ("random", 0, "steered", 1), ("random", 0, "healed", 1)]
+    st = out[0]
+    assert (st["level"], st["family"], st["treatment"], st["controls"], st["broken"]) == \
+        ("beyond", "lam=1", ["t0", "t1"], ["c0", "c1"], [])
+    run_of = {(r["run_id"], r["round"], r["stage"]): r for r in rows}
+    diffs = [run_of[(t, 0, "steered")]["d_trait"] - run_of[(c, 0, "steered")]["d_trait"] for t, c in (("t0", "c0"),
+                                                                                                        ("t1", "c1"))]
+    ci = stats.mean_ci(diffs)
+    assert (st["beyond_d_trait_mean"], st["beyond_d_trait_lo"], st["beyond_d_trait_hi"], st["beyond_d_trait_over"]) \
+        == (ci["mean"], ci["lo"], ci["hi"], "seeds")
+    assert out[1]["treatment"] == ["t0"] and out[1]["beyond_d_trait_over"] == "items"
+    assert not any("beyond_d_trait_items" in x for x in out)  # no items given: no interval over them
+    assert control.beyond(rows, cfgs, {})[0]["family"] == fam  # no label: the family's own name
+    assert control.beyond(rows, cfgs, {fam: "lam=1"}, None, 200) == out
+    assert control.beyond(rows, cfgs, {fam: "lam=1"}, items) == out  # items without resamples change nothing
+    # two seed pairs with items: two-level, each pair's (treatment - its base) - (control - its base) on shared items
+    st2 = control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[0]
+    lists = [[items[x][k] for x in pair for k in ((0, "steered"), (-1, "base"))]
+             for pair in (("t0", "c0"), ("t1", "c1"))]
+    want2 = I.over_seeds(lists, (1, -1, -1, 1), "target", 150, S.bootstrap(0, 0, "beyond-steered.d_target"))
+    assert st2["beyond_d_target_over"] == "seeds+items"
+    assert (st2["beyond_d_target_mean"], st2["beyond_d_target_lo"], st2["beyond_d_target_hi"]) == \
+        (want2["delta"], want2["lo"], want2["hi"])
+    assert want2["item_hw"] > 0 and want2["lo"] != I.over_seeds(lists, (1, -1, -1, 1), "target", 150, 1)["lo"]
+    # a run missing from items, or pairs sharing a single item: no two-level interval, the t over seed pairs
+    assert control.beyond(rows, cfgs, {fam: "lam=1"}, {k: v for k, v in items.items() if k != "c1"}, 150)[0] == out[0]
+    one_item = {run: {k: [x for x in v if x["item"] in ("v0", "d0", "0")] for k, v in by.items()}
+                for run, by in items.items()}
+    assert control.beyond(rows, cfgs, {fam: "lam=1"}, one_item, 150)[0]["beyond_d_target_over"] == "seeds"
+    # one seed pair whose stage has no items on one side: no interval over items for it
+    for side in ("t1", "r1"):
+        holes = dict(items, **{side: {k: v for k, v in items[side].items() if k != (0, "healed")}})
+        assert control.beyond(rows, cfgs, {fam: "lam=1"}, holes, 150)[3]["beyond_d_trait_items"] is None
+    # one seed pair with items: the treatment's stage against the control's, paired over items, on the pair's seed
+    one = control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[3]
+    assert (one["control"], one["stage"], one["treatment"]) == ("random", "healed", ["t1"])
+    want = I.compare(items["t1"][(0, "healed")], items["r1"][(0, "healed")], 150,
+                     lambda m: S.bootstrap(1, 0, f"beyond-healed.{m}"))
+    assert one["beyond_d_trait_items"] == next(x for x in want if x["metric"] == "trait")
+    # a treatment stage without a trait number: that pair drops out of the trait mean only
+    holed = [dict(r, d_trait=None) if (r["run_id"], r["round"], r["stage"]) == ("t1", 0, "steered") else r
+             for r in rows]
+    got = control.beyond(holed, cfgs, {fam: "lam=1"})[0]
+    assert got["beyond_d_trait_mean"] == pytest.approx(diffs[0]) and got["beyond_d_trait_lo"] is None
+    assert got["beyond_d_target_lo"] is not None
 
 
 # ---------------------------------------------------------------- a diagnostic's status (issue 23 item 7)

@@ -88,6 +88,30 @@ def test_order_reversed_twice_gives_identical_scores(tiny, vignettes):
         E.score_order(model, tok, vignettes, FOUNDATIONS[:6])
 
 
+def test_mfv_rows_coherence_and_agreement_are_the_two_orders_averaged(tiny, vignettes):
+    """Each row keeps its vignette's id and foundation and the mean of the two orders' option mass; coherence is
+    the rows' mean mass; top1_agree is the share of judged vignettes whose top foundation is the humans'."""
+    model, tok = tiny
+    fwd = E.score_order(model, tok, vignettes, FOUNDATIONS)
+    rev = E.score_order(model, tok, vignettes, FOUNDATIONS[::-1])
+    res = E.mfv(model, tok, vignettes)
+    for r, v, a, b in zip(res["rows"], vignettes, fwd, rev, strict=True):
+        assert (r["id"], r["foundation"]) == (v["id"], v["foundation"])
+        assert math.isclose(r["pmass"], (a["pmass"] + b["pmass"]) / 2, rel_tol=1e-6)
+    assert math.isclose(res["coherence"], sum(r["pmass"] for r in res["rows"]) / len(vignettes), rel_tol=1e-12)
+    judged = [(r, v["human"]) for r, v in zip(res["rows"], vignettes, strict=True) if v.get("human")]
+    agree = [max(FOUNDATIONS, key=lambda f: r["p"][f]) == max(FOUNDATIONS, key=lambda f: h[f]) for r, h in judged]
+    assert len(judged) == 7 and res["top1_agree"] == sum(agree) / 7
+    assert res["answer_format"] == E.answer_options(tok).format
+    judge = "You are a strict judge of right and wrong."
+    fs, rs = (E.score_order(model, tok, vignettes[:2], o, system=judge) for o in (FOUNDATIONS, FOUNDATIONS[::-1]))
+    sys_rows = E.mfv(model, tok, vignettes[:2], system=judge)["rows"]
+    assert [r["pmass"] for r in sys_rows] != [r["pmass"] for r in res["rows"][:2]]  # the system prompt reaches it
+    assert all(math.isclose(r["pmass"], (a["pmass"] + b["pmass"]) / 2, rel_tol=1e-6)
+               for r, a, b in zip(sys_rows, fs, rs, strict=True))
+    with pytest.raises(UserError, match="^mfv needs at least one vignette$"):
+        E.mfv(model, tok, [])
+
 def test_think_tokens_keep_probabilities(tiny, vignettes):
     model, tok = tiny
     res = E.mfv(model, tok, vignettes[:3], think_tokens=3, batch=2)
@@ -252,6 +276,16 @@ def _full_eval(coef: float):
     return ev
 
 
+def test_add_text_appends_one_freetext_item_per_generation():
+    """The stage's other items stay; each generation is an item named by its index, NaN kept as scored; the mean
+    and count are over the finite ones."""
+    ev = _full_eval(0.0)
+    assert [x["evaluator"] for x in ev.items] == ["mfv", "contrast", "freetext", "freetext", "freetext", "kl", "kl"]
+    text = ev.items[2:5]
+    assert [(x["item"], x["ppl"]) for x in text[:2]] == [("0", 12.0), ("1", 18.0)]
+    assert text[2]["item"] == "2" and math.isnan(text[2]["ppl"]) and all(len(x) == 3 for x in text)
+    assert (ev.adapter_ppl, ev.n_text) == (15.0, 2)
+
 def test_a_stage_eval_reads_back_equal_from_its_own_rows():
     """rows() and item_rows() as the store holds them (run_id added) read back by by_stage to the same StageEval:
     every evaluator's mean, n and coef; items of a stage that has no rows are ignored; NULL columns dropped."""
@@ -278,7 +312,7 @@ def test_contrast_refuses_what_it_cannot_score_and_scores_its_own_system_and_lon
     """Empty input and an empty reply are refused by name; both paths score exactly the chat with the given system
     prompt, whole, for a prompt over 100 tokens (the un-branched path packs without truncation)."""
     model, tok = tiny
-    with pytest.raises(UserError, match="contrast needs at least one dilemma"):
+    with pytest.raises(UserError, match="^contrast needs at least one dilemma$"):
         C.contrast(model, tok, [])
     long = " ".join(["which way now"] * 40)
     with pytest.raises(UserError, match=r"dilemma 'which way now which way now which way no': empty trait or"):
@@ -293,3 +327,32 @@ def test_contrast_refuses_what_it_cannot_score_and_scores_its_own_system_and_lon
     for reuse in (False, True):
         got = C.contrast(model, tok, [it], system="Be brief.", reuse_prefix=reuse)["rows"][0]
         assert got["prompt"] == long and abs(got["trait_lp"] - want) < 1e-4, reuse
+
+
+def test_contrast_scores_a_prompt_shared_by_two_dilemmas_alike_on_both_paths(tiny):
+    """Two dilemmas on one prompt give that prompt four replies while the others have two or one: the shared-prefix
+    path pads every prompt to the same number of branches and scores each reply as the plain path does."""
+    model, tok = tiny
+    items = [ITEMS[0], dict(ITEMS[0], trait="I would call a doctor.", opposite="I would keep working."), *ITEMS[1:]]
+    a, b = C.contrast(model, tok, items, batch=4), C.contrast(model, tok, items, batch=4, reuse_prefix=False)
+    assert a["n"] == b["n"] == 4 and a["rows"][0]["diff"] != a["rows"][1]["diff"]
+    for ra, rb in zip(a["rows"], b["rows"], strict=True):
+        assert abs(ra["trait_lp"] - rb["trait_lp"]) < 1e-4 and abs(ra["opposite_lp"] - rb["opposite_lp"]) < 1e-4
+
+
+def test_contrast_with_a_tokenizer_that_adds_a_bos_scores_as_without_one(tiny):
+    """A tokenizer whose every encoding starts with a BOS (as Llama's do): the probe tokenises the chat prompt and
+    each reply apart and joins them, so no BOS may land in front of either piece, on either path."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    model, tok = tiny
+    bos, b = copy.deepcopy(tok), "<|im_start|>"
+    bos._tokenizer.post_processor = TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
+                                                       special_tokens=[(b, bos.convert_tokens_to_ids(b))])
+    assert bos("hi")["input_ids"] == [bos.convert_tokens_to_ids(b), *tok("hi")["input_ids"]]
+    plain = C.contrast(model, tok, ITEMS)["rows"]
+    for reuse in (True, False):
+        for rb, rp in zip(C.contrast(model, bos, ITEMS, reuse_prefix=reuse)["rows"], plain, strict=True):
+            assert abs(rb["trait_lp"] - rp["trait_lp"]) < 1e-4 and abs(rb["opposite_lp"] - rp["opposite_lp"]) < 1e-4

@@ -56,6 +56,7 @@ def test_sliding_window_models_take_the_full_forward(model_cache):
     assert not full_attention(model)
     vig = load_vignettes(n=3)
     assert E.mfv(model, tok, vig)["rows"] == E.mfv(model, tok, vig, reuse_prefix=False)["rows"]
+    assert C.contrast(model, tok, DILEMMAS)["rows"] == C.contrast(model, tok, DILEMMAS, reuse_prefix=False)["rows"]
 
 
 def _stacks(tiny, n: int) -> tuple[Stack, Stack]:
@@ -115,6 +116,8 @@ def test_merged_gives_the_gated_student_and_base_inside_it_stays_bitwise(tiny):
             with folded.base():
                 assert torch.equal(folded.model(**x).logits, plain)
             assert torch.allclose(folded.model(**x).logits, want, atol=1e-5)  # base() left the merge in place
+            with folded.merged():  # nested: the adapters are added once, not twice
+                assert torch.allclose(folded.model(**x).logits, want, atol=1e-5)
         assert torch.allclose(folded.model(**x).logits, want, atol=1e-5)  # and merged() the gates
         w = {n: p.data_ptr() for n, p in folded.model.named_parameters()}
         with folded.merged():

@@ -64,6 +64,11 @@ def test_steer_hook_touches_only_band_and_always_leaves(tiny):
         raise ValueError("boom")
     assert [len(layer._forward_hooks) for layer in get_layers(model)] == n_hooks
     assert all(torch.equal(a, b) for a, b in zip(h0, _layer_outputs(model, ids)))
+    # a [batch] coef gives each row its own dose (the dose walk's batches): row 0 unsteered, row 1 at 3.0
+    two = torch.cat([ids, ids])
+    with steer(model, v, torch.tensor([0.0, 3.0])):
+        h2 = _layer_outputs(model, two)
+    assert torch.allclose(h2[1][0], h0[1][0], atol=1e-5) and torch.allclose(h2[1][1], h1[1][0], atol=1e-5)
 
 
 def test_last_token_states_stop_early_match_a_full_forward(tiny):
