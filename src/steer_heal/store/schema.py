@@ -55,6 +55,9 @@ TABLES: dict[str, dict[str, str]] = {
     "intervals": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, metric VARCHAR, ref VARCHAR,"
         "ref_round BIGINT, n BIGINT, delta DOUBLE, lo DOUBLE, hi DOUBLE, boot BIGINT, ns BOOLEAN"),
+    "probe_info": _cols(
+        "run_id VARCHAR, round BIGINT, probe VARCHAR, informative BOOLEAN, mass DOUBLE, separation DOUBLE,"
+        "lo DOUBLE, hi DOUBLE, chance DOUBLE, n BIGINT, reason VARCHAR"),
     "completions": _cols(
         "run_id VARCHAR, round BIGINT, phase VARCHAR, step BIGINT, idx BIGINT,"
         "alpha DOUBLE, kappa DOUBLE, coef DOUBLE, prompt VARCHAR, completion VARCHAR,"
@@ -111,7 +114,7 @@ def _stage(*stages: str) -> list[tuple[str, Rows]]:
 
 
 STAGE_ROWS: dict[str, list[tuple[str, Rows]]] = {
-    "eval_base": _stage("base", "prompted") + [("intervals", lambda x: True)],
+    "eval_base": _stage("base", "prompted") + [("intervals", lambda x: True), ("probe_info", lambda x: True)],
     "extract": [("vectors", lambda x: True)],
     "dose": [("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", lambda x: True)],
     "eval_steered": _stage("steered"),
