@@ -24,7 +24,7 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, intervals, memory, metrics, prefect_ui, seeds, student
+from . import backends, data, informative, intervals, memory, metrics, prefect_ui, seeds, student
 from .bake import Stack, bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, collect_at, dose_walk
@@ -149,10 +149,16 @@ def eval_base(run: Run) -> None:
     run.forget_partial(-1, "eval_base")
     t = time.time()
     with run.stack.base():  # no adapter exists yet; base() says so, and nothing inside re-enters it
-        run.evaluate("base", -1)
+        base = run.evaluate("base", -1)
         crash_point("eval_base:base")
         run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
+        reads = informative.reads_items(run.stack.model, run.tok, run.probe, run.system, base.of("contrast")) \
+            if base.n_trait else None
     run.log.append("intervals", run.stage_intervals(-1, ("prompted",)))
+    verdicts = informative.verdicts(base, reads, run.cfg.boot, seeds.bootstrap(run.cfg.seed, -1, "probe_info"))
+    run.log.append("probe_info", verdicts)
+    for v in verdicts:
+        (logger.info if v["informative"] else logger.warning)(informative.summary([v]))
     run.mark(-1, "eval_base", time.time() - t)
 
 
@@ -313,7 +319,8 @@ def rounds(run: Run) -> str:
         secs = dict(sec_extract=ext.seconds, sec_dose=dose.seconds, sec_heal=hl.seconds + sec_bake,
                     sec_total=time.time() - t0)
         secs["sec_eval"] = secs["sec_total"] - secs["sec_extract"] - secs["sec_dose"] - secs["sec_heal"]
-        row = metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs, cfg.coh_floor_rel)
+        row = metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs, cfg.coh_floor_rel,
+                                **informative.floor(cfg, run.log.read("probe_info")))
         run.log.drop("intervals", lambda x, r=r: x["round"] == r)  # left by a crash before this round's row
         ivs = run.stage_intervals(r, ("steered", "healed"))
         run.log.append("intervals", ivs)
@@ -325,7 +332,8 @@ def rounds(run: Run) -> str:
             if held is not None:
                 (logger.info if held else logger.warning)(f"SHOULD{'' if held else ' (FAILED)'}: {line}")
         prefect_ui.round_artifacts(run.log, row, intervals.lookup(ivs), checks, dose.scored)
-        if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor:
+        if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor \
+                and informative.ok(informative.floor(cfg, run.log.read("probe_info"))["informative"], "mfv"):
             write_report(run.log, target)
             return f"stopped:healed coherence {healed.coherence:.3f} < coh_floor {cfg.coh_floor}"
     drop_unfinished(run.log)

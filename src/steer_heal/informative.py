@@ -104,6 +104,12 @@ def usable(rows: list[dict]) -> dict[str, bool]:
     return {r["probe"]: bool(r["informative"]) for r in rows}
 
 
+def floor(cfg, rows: list[dict]) -> dict:
+    """The floor's knobs of a run besides coh_floor_rel, as metrics.broken and round_row take them: ppl_rel and
+    the verdicts (None when --no-probe-gate: every probe counts). cfg: the run's Config; rows: its probe_info."""
+    return dict(ppl_rel=cfg.ppl_floor_rel, informative=usable(rows) if cfg.probe_gate else None)
+
+
 def ok(verdict: dict[str, bool] | None, probe: str) -> bool:
     return True if verdict is None else verdict.get(probe, True)
 
