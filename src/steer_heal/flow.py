@@ -326,7 +326,8 @@ def rounds(run: Run) -> str:
         run.log.append("intervals", ivs)
         crash_point(f"rows:r{r}")
         run.log.append("rounds", row)
-        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals")))
+        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals"),
+                                        verdict=informative.usable(run.log.read("probe_info"))))
         checks = metrics.shoulds(row, intervals.lookup(ivs))
         for held, line in checks:
             if held is not None:

@@ -27,6 +27,7 @@ import math
 MASS_MIN = 0.5
 CHANCE_TOP1 = 1 / 7
 PROBES = ("mfv", "contrast", "freetext")
+RATIOS = ("retain", "retain_trait", "coh_cost", "surgical")
 # the stage_metrics / round numbers each probe gives, for the readers that grey them out
 NUMBERS = {"mfv": ("target_nats", "coherence", "d_target", "d_coh", "retain", "coh_cost", "surgical"),
            "contrast": ("trait_nats", "d_trait", "retain_trait"),
@@ -119,6 +120,27 @@ def grey(value, informative: bool):
     if informative or value is None or value == "-":
         return value
     return f"({value:.3f})" if isinstance(value, float) else f"({value})"
+
+
+def probe_of(key: str) -> str | None:
+    """The probe a table column's number comes from (d_target_prev -> mfv), or None."""
+    for p, keys in NUMBERS.items():
+        if key in keys:
+            return p
+    return next((p for p, keys in NUMBERS.items() for k in keys if key.startswith(k + "_")), None)
+
+
+def shade(cells: dict, verdict: dict[str, bool] | None, ratios: bool = True) -> dict:
+    """A table row's cells with each uninformative probe's numbers greyed (in parentheses), and, where the row
+    has ratios (a steered or healed stage), one withheld because of such a probe (None) shown as 'at chance'."""
+    if not verdict:
+        return cells
+    out = dict(cells)
+    for k, v in cells.items():
+        p = probe_of(k)
+        if p is not None and not verdict.get(p, True):
+            out[k] = "at chance" if v is None and ratios and k in RATIOS else grey(v, False)
+    return out
 
 
 def note(verdict: dict[str, bool] | None) -> str:

@@ -72,10 +72,15 @@ def sweep_figure(trait: list[dict], random: list[dict], dose: float | None, titl
 
 # ---------------------------------------------------------------- Pareto
 
-def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trait moved (nats, toward the trait)"
-                  ) -> Figure:
+def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trait moved (nats, toward the trait)",
+                  ylabel: str = "coherence", grey: dict[str, bool] | None = None) -> Figure:
     """One panel per round: points {label, stage, x, y, front, broken}; the front as a step line, an arrow from
-    each label's steered point to its healed point; a broken point crossed (the legend says so). Round -1 points (base, prompted) are references."""
+    each label's steered point to its healed point; a broken point crossed (the legend says so). Round -1 points (base, prompted) are references.
+    grey: {axis column: True} for an axis resting on a probe at chance (probe_info): its label says so and the
+    panel is greyed, so no one reads it as a result."""
+    off = [k for k, v in (grey or {}).items() if v]
+    if off:
+        title += f" -- {', '.join(off)} AT CHANCE on these runs"
     rounds = sorted(facets)
     fig = Figure(figsize=(4.2 * max(1, len(rounds)), 4.0), layout="constrained")
     axes = fig.subplots(1, max(1, len(rounds)), squeeze=False)[0]
@@ -99,7 +104,11 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
                 ax.annotate("", xy=(h["x"], h["y"]), xytext=(s["x"], s["y"]),
                             arrowprops=dict(arrowstyle="->", color=colors[lab], lw=1.2))
         ax.axvline(0, color="0.6", lw=0.8)
-        ax.set(title=f"round {r}", xlabel=xlabel, ylabel="coherence")
+        ax.set(title=f"round {r}", xlabel=xlabel, ylabel=ylabel)
+        if off:  # a probe at chance: greyed panel
+            ax.set_facecolor("0.92")
+            for p in ax.collections:
+                p.set_alpha(0.4)
         ax.grid(alpha=0.3)
     handles = [axes[0].scatter([], [], color=c, label=lab) for lab, c in colors.items()]
     handles += [axes[0].scatter([], [], marker=m, color="0.3", label=s) for s, m in STAGE_MARKERS.items()]
