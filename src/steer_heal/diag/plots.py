@@ -122,10 +122,12 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
 
 # ---------------------------------------------------------------- one run
 
-def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], title: str) -> Figure:
+def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], title: str,
+               at_chance: tuple[str, ...] = ()) -> Figure:
     """By round: steered and healed lines, base and prompted as horizontal reference lines, and the
     kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl, broken}},
-    round -1 = references; a broken stage's points are crossed."""
+    round -1 = references; a broken stage's points are crossed. at_chance: the keys whose probe is at chance on
+    this model (probe_info): their panels are greyed and say so."""
     fig = Figure(figsize=(3.6 * (len(RUN_PANELS) + 1), 3.6), layout="constrained")
     axes = fig.subplots(1, len(RUN_PANELS) + 1)
     rounds = sorted({r for r, _ in stages if r >= 0})
@@ -145,8 +147,12 @@ def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], titl
                 ax.scatter([r for r, _ in bad], [v for _, v in bad], marker="x", s=90, color="k", lw=1.5, zorder=4,
                            label=None if broken_shown else "broken (under the coherence floor)")
                 broken_shown = True
-        ax.set(title=name, xlabel="round")
+        ax.set(title=name + (" [AT CHANCE]" if key in at_chance else ""), xlabel="round")
         ax.grid(alpha=0.3)
+        if key in at_chance:  # shown, not to be read as a result
+            ax.set_facecolor("0.92")
+            for ln in ax.lines + ax.collections:
+                ln.set_alpha(0.35)
     axes[0].legend(fontsize=8)
     ax = axes[-1]
     ks = sorted(kept)
