@@ -9,7 +9,7 @@ coherence where the seven-way probe is informative on every run shown (probe_inf
 probes"; a run stored before the check counts as informative), else d_trait and adapter_ppl (on SmolLM2).
 The front minimises adapter_ppl and maximises every other axis. An axis resting on a probe at chance is
 greyed in the figure and named in the summary. A --sql query must return label, round, stage and the two
-columns; besides the store's views it may use `run_meta` (run_id, target, direction, sign, seed, reg,
+columns (without --x/--y: trait_moved and coherence); besides the store's views it may use `run_meta` (run_id, target, direction, sign, seed, reg,
 config_key, config_label, control, family), which holds what the store does not: each run's target
 foundation and trait direction, from the bundled persona table.
 
@@ -161,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"the query failed: {str(e).strip().splitlines()[0]}") from None
     finally:
         con.close()
-    x, y = axes(seen, a.x, a.y)
+    # a --sql query names its own columns: without --x/--y they are the historical trait_moved, coherence
+    x, y = axes(seen, a.x, a.y) if not a.sql else (a.x or "trait_moved", a.y or "coherence")
     need = (*NEED, x, y)
     lacking = [c for c in need if rows and c not in rows[0]]
     if lacking:
         raise ConfigError(f"the query must return the columns {', '.join(need)}; it lacks {', '.join(lacking)}")
     panels = facets(rows, x, y)
-    off = tuple(sorted({AXES[c][1] for c in (x, y) if c in AXES and not all(v.get(AXES[c][1], True) for v in seen)}))
+    off = () if a.sql else tuple(sorted({AXES[c][1] for c in (x, y)  # a --sql query's columns mean what it says
+                                         if c in AXES and not all(v.get(AXES[c][1], True) for v in seen)}))
     diag = Diagnostic(a.out, "pareto", None, None, dict(sql=sql, by=None if a.sql else a.by, x=x, y=y,
                                                         at_chance=list(off)))
     diag.add([{k: v for k, v in p.items() if k not in ("x", "y")} for pts in panels.values() for p in pts])
