@@ -153,7 +153,7 @@ class Config:
     n_demo: int = knob(16, "greedy generations per stage on held-out prompts, scored under the base model: adapter_ppl (0 = none)")
     demo_tokens: int = knob(0, "tokens per free-text generation (0 = --max-new-tokens)")
     coh_floor_rel: float = knob(0.85, "a stage whose seven-way coherence (or most items' option mass) falls under this fraction of base's is flagged broken and its retain, retain_trait, coh_cost, surgical are withheld (0 = off)")
-    ppl_floor_rel: float = knob(1.5, "a stage whose free-text adapter_ppl is above this multiple of base's, with the 95% paired bootstrap interval of the ratio wholly above it, is flagged broken like one under --coh-floor-rel: the floor that works on models the seven-way probe cannot read (0 = off)")
+    ppl_floor_rel: float = knob(3.0, "a stage whose free-text adapter_ppl is above this multiple of base's, with the 95% paired bootstrap interval of the ratio wholly above it, is flagged broken like one under --coh-floor-rel: the floor that works on models the seven-way probe cannot read (0 = off; 3: on SmolLM2 the walk's edge, C 8-12, writes fluent text at 1.9-2.8x, C 16 drifts at 4.6x: spec.md \"The coherence floor\")")
     probe_gate: bool = knob(True, "rest no coherence floor and no ratio on a probe the base eval finds at chance on this model (probe_info, spec.md \"Informative probes\"); off: the verdicts are still stored and shown")
     boot: int = knob(2000, "paired bootstrap resamples behind every 95% interval of a stage delta (0 = no intervals)")
     # loop
