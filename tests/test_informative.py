@@ -198,3 +198,13 @@ def test_a_run_with_probes_contrast_has_no_rows_of_the_skipped_probes(tmp_path):
     row = log.read("rounds")[0]
     assert row["coherence"] is None and row["adapter_ppl"] is None and row["trait_nats"] is not None
     assert math.isfinite(row["trait_nats"])
+
+
+def test_the_flow_stores_a_verdict_per_probe_and_the_report_greys_them(ref):
+    """The shared fast-dev run (tests/conftest.py): one probe_info row per probe at round -1; the tiny random model
+    is at chance on each, so report.md lists them and puts their numbers in parentheses."""
+    rows = RunLog(ref, "ref").read("probe_info")
+    assert sorted(r["probe"] for r in rows) == ["contrast", "freetext", "mfv"] and {r["round"] for r in rows} == {-1}
+    assert not any(r["informative"] for r in rows) and all(r["reason"] for r in rows)
+    report = (ref / "runs" / "ref" / "report.md").read_text()
+    assert "- mfv: **at chance** (option mass" in report and "(...) = from a probe at chance" in report
