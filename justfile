@@ -93,7 +93,7 @@ stages +RUN_IDS:
 barrier-sweep RUN_ID ROUND *ARGS:
     @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/barrier_sweep.py "$@"
 
-# per-round front of trait moved vs coherence: just pareto [--by run|config] [--sql "SELECT label, round, stage, trait_moved, coherence ..."]
+# per-round front of trait moved vs its cost, on the axes the runs' probes can read (SmolLM2: d_trait vs adapter_ppl): just pareto [--by run|config] [--x COL] [--y COL] [--sql "SELECT label, round, stage, trait_moved, coherence ..."]
 pareto *ARGS:
     @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/pareto.py "$@"
 

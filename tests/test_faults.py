@@ -48,7 +48,8 @@ def same_rows(out_a, id_a, out_b, id_b):
 
 
 VOLATILE = {"run_id", "ts", "created", "seconds"}
-COMPARED = ("rounds", "stage_metrics", "completions", "heal_steps", "dose_steps", "adapters", "vectors", "stages")
+COMPARED = ("rounds", "stage_metrics", "completions", "heal_steps", "dose_steps", "adapters", "vectors", "stages",
+            "probe_info")
 
 
 def servers_of(home: Path) -> list[int]:

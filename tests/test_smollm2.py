@@ -82,3 +82,21 @@ def test_steered_at_c2_is_flagged_broken_not_green(smol):
     print(f"\ncoherence C=0 {base.coherence:.4f}  C=2 {c2.coherence:.4f}: {why!r}")
     assert "coherence" in why
     assert metrics.broken(base, base, target, Config().coh_floor_rel) == ""
+
+
+def test_probe_verdicts_mfv_at_chance_contrast_reads(smol):
+    """spec.md "Informative probes" on SmolLM2 (measured on 132 vignettes and 70 dilemmas: mfv mass 0.054,
+    top-1 0.136 against 1/7; contrast +1.26 [+1.16, +1.39] nats): the seven-way probe is at chance, the held-out
+    contrast probe reads its dilemma."""
+    from steer_heal import informative
+    from steer_heal.config import Config
+    from steer_heal.evaluate import Probe, measure
+
+    chk, model, tok, vec, persona = smol
+    probe = Probe.of(Config(vignettes=str(CLIFFORD), n_vignettes=56, n_demo=0, persona=persona["name"]))
+    base = measure(model, tok, probe)
+    reads = informative.reads_items(model, tok, probe, probe.system, base.of("contrast"))
+    got = {r["probe"]: r for r in informative.verdicts(base, reads)}
+    print("\n" + informative.summary(list(got.values())))
+    assert not got["mfv"]["informative"] and got["mfv"]["mass"] < 0.1
+    assert got["contrast"]["informative"] and got["contrast"]["lo"] > 0.5

@@ -15,6 +15,7 @@ from loguru import logger
 from .config import GROUPS, Config
 from .console import Parser, one_line, setup_logging
 from .errors import UserError
+from .informative import PROBES
 from .presets import PRESETS, REAL, preset, preset_table, source_table
 
 
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {g: p.add_argument_group("execution (a resume may change these; not part of the experiment)" if g == "exec"
                                       else f"experiment: {g}") for g in GROUPS}
     group_of = {n: g for g, names in GROUPS.items() for n in names}
+    p.add_argument("--probes", nargs="+", choices=PROBES, default=None,
+                   help="the probes to run; a probe left out costs nothing and writes no rows (spec.md \"Informative "
+                        "probes\"): mfv, contrast set --eval, freetext off sets --n-demo 0. A SmolLM2 study: --probes "
+                        "contrast freetext")
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
         t = hints[f.name]
@@ -66,10 +71,31 @@ def parse(argv: list[str] | None = None, with_preset: bool = False) -> tuple:
     """Return the validated config and the flags the user set explicitly (and the preset's name, or '')."""
     ns = vars(build_parser().parse_args(argv))
     explicit = {k: (tuple(v) if isinstance(v, list) else v)
-                for k, v in ns.items() if k != "preset" and v is not None}
+                for k, v in ns.items() if k not in ("preset", "probes") and v is not None}
+    explicit.update(probe_flags(ns["probes"], explicit))
     base = preset(ns["preset"]) if ns["preset"] else {}
     cfg = Config(**{**base, **explicit}).validate()
     return (cfg, explicit, ns["preset"] or "") if with_preset else (cfg, explicit)
+
+
+def probe_flags(probes: list[str] | None, explicit: dict) -> dict:
+    """--probes as the knobs it stands for (the stored config holds those): eval and, without freetext, n_demo 0.
+    An explicit --eval or --n-demo that says otherwise is refused rather than one of them quietly winning."""
+    if not probes:
+        return {}
+    forced = [p for p in probes if p in ("mfv", "contrast")]
+    if not forced:
+        raise UserError("--probes needs mfv or contrast (or both): every stage is scored on a forced answer")
+    out = dict(eval="both" if len(forced) == 2 else forced[0])
+    if "freetext" not in probes:
+        out["n_demo"] = 0
+    for k, v in out.items():
+        if k in explicit and explicit[k] != v:
+            raise UserError(f"--probes {' '.join(probes)} means --{k.replace('_', '-')} {v}, but "
+                              f"--{k.replace('_', '-')} {explicit[k]} was also given: drop one")
+    if "freetext" in probes and explicit.get("n_demo") == 0:
+        raise UserError("--probes names freetext, but --n-demo 0 turns it off: drop one")
+    return out
 
 
 def to_argv(cfg: Config) -> list[str]:

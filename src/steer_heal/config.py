@@ -44,7 +44,7 @@ GROUPS = {
              "lora_alpha", "lora_layers", "lora_targets", "epochs", "batch_size", "grad_accum", "lr", "warmup", "betas",
              "grad_clip", "val_frac"),
     "probes": ("vignettes", "frame", "n_vignettes", "think_tokens", "target", "direction", "eval", "evaluator", "n_demo",
-               "demo_tokens", "coh_floor_rel", "boot"),
+               "demo_tokens", "coh_floor_rel", "ppl_floor_rel", "probe_gate", "boot"),
     "loop": ("n_rounds", "coh_floor", "seed"),
     "exec": ("device", "attn_impl", "trust_remote_code", "gen_batch", "eval_batch", "reuse_prefix", "bf16",
              "bf16_force", "fold_history", "ref_cache_mb", "gnorm_every", "out", "run_id", "resume", "log_level"),
@@ -186,6 +186,8 @@ class Config:
     n_demo: int = knob(16, "greedy generations per stage on held-out prompts, scored under the base model: adapter_ppl (0 = none)")
     demo_tokens: int = knob(0, "tokens per free-text generation (0 = --max-new-tokens)")
     coh_floor_rel: float = knob(0.85, "a stage whose seven-way coherence (or most items' option mass) falls under this fraction of base's is flagged broken and its retain, retain_trait, coh_cost, surgical are withheld (0 = off)")
+    ppl_floor_rel: float = knob(3.0, "a stage whose free-text adapter_ppl is above this multiple of base's, with the 95% paired bootstrap interval of the ratio wholly above it, is flagged broken like one under --coh-floor-rel: the floor that works on models the seven-way probe cannot read (0 = off; 3: on SmolLM2 the walk's edge, C 8-12, writes fluent text at 1.9-2.8x, C 16 drifts at 4.6x: spec.md \"The coherence floor\")")
+    probe_gate: bool = knob(True, "rest no coherence floor and no ratio on a probe the base eval finds at chance on this model (probe_info, spec.md \"Informative probes\"); off: the verdicts are still stored and shown")
     boot: int = knob(2000, "paired bootstrap resamples behind every 95% interval of a stage delta (0 = no intervals)")
     # loop
     n_rounds: int = knob(3, "rounds of steer -> generate -> filter -> heal -> bake")
@@ -297,6 +299,8 @@ def _check_ranges(cfg: Config) -> None:
             bad(name, "a fraction in [0, 1)")
     if not 0.0 <= cfg.coh_floor_rel <= 1.0:
         bad("coh_floor_rel", "a fraction of base coherence in [0, 1]")
+    if not (cfg.ppl_floor_rel == 0 or 1.0 <= cfg.ppl_floor_rel < math.inf):
+        bad("ppl_floor_rel", "0 (off) or a finite multiple of base adapter_ppl >= 1")
     if cfg.repetition_penalty <= 0:
         bad("repetition_penalty", "a number > 0 (1 = off; S1 used 1.3)")
     if cfg.loop_tau > 1.0:

@@ -52,9 +52,10 @@ class Probe:
 
         p = data.persona(cfg)
         dil = data.dilemmas(cfg.persona)
-        return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame), dil,
+        mfv_on = cfg.eval != "contrast"  # --probes without mfv: not even its vignettes are read
+        return cls(data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame) if mfv_on else [], dil,
                    cfg.gen_system or p["neutral"], p["target"], data.trait_sign(p), cfg.eval,
-                   cfg.think_tokens, cfg.eval_batch, backends.mfv_fn(cfg) if cfg.eval != "contrast" else None,
+                   cfg.think_tokens, cfg.eval_batch, backends.mfv_fn(cfg) if mfv_on else None,
                    spread([d["prompt"] for d in dil], cfg.n_demo), cfg.reuse_prefix, cfg.bf16 in ("eval", "both"))
 
 

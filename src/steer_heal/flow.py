@@ -21,7 +21,7 @@ from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, intervals, memory, metrics, prefect_ui, seeds, student
+from . import backends, data, informative, intervals, memory, metrics, prefect_ui, seeds, student
 from .bake import bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, collect_at, dose_walk
@@ -107,8 +107,13 @@ def eval_base(run: Run) -> StageEval:
         with run.stack.base():  # no adapter exists yet; base() says so, and nothing inside re-enters it
             base, writes = run.evaluate("base", -1)
             _, prompted = run.evaluate("prompted", -1, system=run.cfg.steer_system.format(persona=run.persona["pos"]))
+            reads = informative.reads_items(run.stack.model, run.tok, run.probe, run.system, base.of("contrast")) \
+                if base.n_trait else None
+        verdicts = informative.verdicts(base, reads, run.cfg.boot, seeds.bootstrap(run.cfg.seed, -1, "probe_info"))
+        for v in verdicts:
+            (logger.info if v["informative"] else logger.warning)(informative.summary([v]))
         return Done(base, [*writes, "eval_base:base", *prompted,
-                           ("intervals", lambda: run.stage_intervals(-1, ("prompted",)))])
+                           ("intervals", lambda: run.stage_intervals(-1, ("prompted",))), ("probe_info", verdicts)])
     return run.stage(StageName.EVAL_BASE, -1, work)
 
 
@@ -252,19 +257,22 @@ def rounds(run: Run) -> Outcome:
         secs = dict(sec_extract=ext.seconds, sec_dose=dose.seconds, sec_heal=hl.seconds + sec_bake,
                     sec_total=time.time() - t0)
         secs["sec_eval"] = secs["sec_total"] - secs["sec_extract"] - secs["sec_dose"] - secs["sec_heal"]
-        row = metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs, cfg.coh_floor_rel)
+        row = metrics.round_row(r, target, ext, dose, steered, hl, healed, base, secs, cfg.coh_floor_rel,
+                                **informative.floor(cfg, run.log.read("probe_info")))
         run.log.drop("intervals", lambda x, r=r: x["round"] == r)  # left by a crash before this round's row
         ivs = run.stage_intervals(r, ("steered", "healed"))
         run.log.append("intervals", ivs)
         crash_point(f"rows:r{r}")
         run.log.append("rounds", row)
-        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals")))
+        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals"),
+                                        verdict=informative.usable(run.log.read("probe_info"))))
         checks = metrics.shoulds(row, intervals.lookup(ivs))
         for held, line in checks:
             if held is not None:
                 (logger.info if held else logger.warning)(f"SHOULD{'' if held else ' (FAILED)'}: {line}")
         prefect_ui.round_artifacts(run.log, row, intervals.lookup(ivs), checks, dose.scored)
-        if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor:
+        if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor \
+                and informative.ok(informative.floor(cfg, run.log.read("probe_info"))["informative"], "mfv"):
             write_report(run.log, target)
             return Outcome(RunStatus.STOPPED, f"healed coherence {healed.coherence:.3f} < coh_floor {cfg.coh_floor}")
     drop_unfinished(run.log)

@@ -92,15 +92,20 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def broken(stage, base, target: str, floor_rel: float) -> str:
+def broken(stage, base, target: str, floor_rel: float, ppl_rel: float = 0.0,
+           informative: dict[str, bool] | None = None) -> str:
     """Why no ratio of this stage may be read ('' when they may): the coherence floor, checked before any
     ratio (spec.md "The coherence floor"). stage, base: evaluate.StageEval (base is round -1's).
+    informative: {probe: verdict} from probe_info (None or a missing probe: informative); no floor rests
+    on an uninformative probe.
 
     - a number an evaluator measured is missing or non-finite (the store keeps NaN and inf as NULL);
     - seven-way coherence under floor_rel x base's;
     - option mass collapsed: on most items (the median of per-item mass / that item's base mass) the
       mass fell under floor_rel, even if a few items hold the mean up;
-    - every free-text generation came out empty, where base wrote text.
+    - every free-text generation came out empty, where base wrote text;
+    - free-text adapter_ppl above ppl_rel x base's, with the paired bootstrap interval of the ratio over the
+      demo prompts wholly above it (ppl_floor).
     """
     why = []
     measured = [("target nats", stage.nats.get(target), stage.n), ("coherence", stage.coherence, stage.n),
@@ -110,7 +115,9 @@ def broken(stage, base, target: str, floor_rel: float) -> str:
         why.append(f"non-finite {', '.join(bad)}")
     if stage.n_text == 0 and base.n_text:
         why.append("every free-text generation was empty (base wrote text)")
-    if floor_rel > 0 and _finite(stage.coherence) and _finite(base.coherence):
+    if ppl_rel > 0 and (informative or {}).get("freetext", True):
+        why += ppl_floor(stage, base, ppl_rel)
+    if floor_rel > 0 and _finite(stage.coherence) and _finite(base.coherence) and (informative or {}).get("mfv", True):
         floor = floor_rel * base.coherence
         if stage.coherence < floor:
             why.append(f"coherence {stage.coherence:.3g} < {floor_rel:g} x base {base.coherence:.3g}")
@@ -123,15 +130,33 @@ def broken(stage, base, target: str, floor_rel: float) -> str:
     return "; ".join(why)
 
 
-def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs: dict, floor_rel: float) -> dict:
+def ppl_floor(stage, base, ppl_rel: float, boot: int = 2000) -> list[str]:
+    """[why] when the stage's adapter_ppl / base's has its 95% interval (paired bootstrap over the demo
+    prompts both scored, a fixed seed: the same verdict every time it is read) wholly above ppl_rel."""
+    from .intervals import paired, pairs
+
+    x, y = pairs(stage.of("freetext"), base.of("freetext"), "ppl")
+    ci = paired(x, y, "log_mean", boot, seed=0)
+    if ci["lo"] is None or ci["lo"] <= math.log(ppl_rel):
+        return []
+    return [f"adapter_ppl x{math.exp(ci['delta']):.3g} [{math.exp(ci['lo']):.3g}, {math.exp(ci['hi']):.3g}] of base "
+            f"> {ppl_rel:g}"]
+
+
+def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs: dict, floor_rel: float,
+              ppl_rel: float = 0.0, informative: dict[str, bool] | None = None) -> dict:
     """Everything round r measured, by the store's column names (spec.md "Round metrics").
 
     ext: extract.Extracted, dose: dose.DoseResult, heal: heal.HealResult, steered/healed/base:
     evaluate.StageEval of those stages (base is round -1's). The coherence floor comes first: a broken
     steered stage withholds retain and retain_trait (their denominator), a broken healed stage every ratio.
+    A probe at chance (informative, from probe_info) withholds the ratios resting on it: mfv retain,
+    coh_cost and surgical, contrast retain_trait.
     """
     ks = kept_stats([x["ppl"] for x in dose.scored], [x["keep"] for x in dose.scored])
-    why = {name: broken(st, base, target, floor_rel) for name, st in (("steered", steered), ("healed", healed))}
+    why = {name: broken(st, base, target, floor_rel, ppl_rel, informative)
+           for name, st in (("steered", steered), ("healed", healed))}
+    use = {p: (informative or {}).get(p, True) for p in ("mfv", "contrast")}
     row = dict(round=r, kappa=dose.kappa, walk=dose.walk, n_gen=len(dose.scored), n_kept=len(dose.kept), **ks,
                cos_v0=ext.cos_v0, student_cos=ext.student_cos, heal_nll=heal.heal_nll, val_nll=heal.val_nll,
                trait_nats=healed.trait_nats, coherence=healed.coherence, adapter_ppl=healed.adapter_ppl,
@@ -144,13 +169,15 @@ def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs:
         row[foundation_column(f)] = v
     if healed.nats:
         t_h, t_s, t_b = healed.nats[target], steered.nats[target], base.nats[target]
-        row.update(target_nats=t_h, steered_target_nats=t_s, retain=retain(t_h, t_s, t_b) if ratios else None)
-        if not why["healed"]:
+        row.update(target_nats=t_h, steered_target_nats=t_s,
+                   retain=retain(t_h, t_s, t_b) if ratios and use["mfv"] else None)
+        if not why["healed"] and use["mfv"]:
             row.update(coh_cost=coh_cost(healed.coherence, base.coherence, t_h, t_b),
                        surgical=surgical(t_h - t_b, {f: healed.nats[f] - base.nats[f] for f in FOUNDATIONS},
                                          target=target))
     if healed.trait_nats is not None:
-        row["retain_trait"] = retain(healed.trait_nats, steered.trait_nats, base.trait_nats) if ratios else None
+        row["retain_trait"] = (retain(healed.trait_nats, steered.trait_nats, base.trait_nats)
+                               if ratios and use["contrast"] else None)
     return row
 
 

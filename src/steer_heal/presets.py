@@ -136,6 +136,9 @@ SOURCED: dict[str, Sourced] = {
         bisect_steps=2, max_batches=3, collect_size=8, gen_batch=8, max_new_tokens=16, max_len=96,
         ppl_tau=950.0, rep_tau=0.9, ppl_window=0, epochs=1, batch_size=4, n_vignettes=14,
         eval_batch=16, n_demo=4, lr=1e-3,
+        # at chance on every probe (spec.md "Informative probes"): gated, every ratio would be withheld and its
+        # code path never run, so fast-dev stores and shows the verdicts only
+        probe_gate=False,
     ).items()},
 }
 

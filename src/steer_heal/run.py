@@ -155,10 +155,12 @@ def preflight(cfg: Config) -> dict:
     data.persona(cfg)
     data.dilemmas(cfg.persona)
     data.extract_contexts(cfg)
-    data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)  # every input checked before any is logged
+    if cfg.eval != "contrast":  # every input checked before any is logged
+        data.load_vignettes(cfg.vignettes, cfg.n_vignettes, cfg.frame)
     speed = bf16.choose(cfg, device)  # after the inputs (its matmuls only run on good ones), before any is logged
     resolved = family.check(cfg)
-    return dict(resolved, vignettes=data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame), bf16=speed)
+    vig = data.vignette_info(cfg.vignettes, cfg.n_vignettes, cfg.frame) if cfg.eval != "contrast" else None
+    return dict(resolved, vignettes=vig, bf16=speed)
 
 
 def resume_checks(cfg: Config, log: RunLog) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from . import intervals
+from . import informative, intervals
 
 ROUND_COLS = [("round", "r"), ("n_gen", "gen"), ("n_kept", "kept"), ("kappa", "kappa"), ("walk", "walk"),
               ("heal_nll", "heal_nll"),
@@ -42,12 +42,15 @@ def withheld(row: dict, value):
     return value
 
 
-def round_table(rounds: list[dict], ivs: list[dict] = (), md: bool = False) -> str:
+def round_table(rounds: list[dict], ivs: list[dict] = (), md: bool = False, verdict: dict | None = None) -> str:
     """The per-round table; d_trait is the healed student against base with its paired interval over the run's
-    items ('~': holds 0), marked BROKEN when the healed stage is under the coherence floor."""
+    items ('~': holds 0), marked BROKEN when the healed stage is under the coherence floor. verdict: the run's
+    informative.usable(probe_info): an uninformative probe's numbers are greyed out (in parentheses)."""
     got = intervals.lookup(ivs)
-    body = [[round_cells(r, got).get(c) for c, _ in ROUND_COLS] for r in sorted(rounds, key=lambda x: x["round"])]
-    return table([h for _, h in ROUND_COLS], body, md)
+    body = [[informative.shade(round_cells(r, got), verdict).get(c) for c, _ in ROUND_COLS]
+            for r in sorted(rounds, key=lambda x: x["round"])]
+    text = table([h for _, h in ROUND_COLS], body, md)
+    return text + ("\n" + informative.note(verdict) if informative.note(verdict) else "")
 
 
 def round_cells(r: dict, got: dict) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .. import intervals, seeds
+from .. import informative, intervals, seeds
 from ..config import Config
 from ..errors import UserError
 from ..evaluate import stage_order
@@ -59,7 +59,8 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
             row = dict(level="beyond", family=labels.get(fam, fam), control=control, round=key[0], stage=key[1],
                        n_pairs=len(pairs), treatment=[t["run_id"] for t, _ in pairs],
                        controls=[c["run_id"] for _, c in pairs],
-                       broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")])
+                       broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")],
+                       at_chance=sorted({p for t, c in pairs for x in (t, c) for p in x.get("at_chance") or ()}))
             for m in DIFFS:
                 diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
                 ci, over = mean_ci(diffs), "seeds"
@@ -113,5 +114,7 @@ def summary(out: list[dict]) -> str:
             "0); one seed pair: resampling its items (paired bootstrap)]; ~ = the interval holds 0; broken: runs whose "
             "stage is under the coherence floor\n"
             + table(["family", "control", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
-                    [[r["family"], r["control"], r["round"], r["stage"], r["n_pairs"], *(_ci(r, m) for m in DIFFS),
+                    [[r["family"], r["control"], r["round"], r["stage"], r["n_pairs"],
+                      *informative.shade({m: _ci(r, m) for m in DIFFS}, {p: False for p in r.get("at_chance") or ()},
+                                         ratios=False).values(),
                       "BROKEN " + ",".join(r["broken"]) if r.get("broken") else ""] for r in out]))

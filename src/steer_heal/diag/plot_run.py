@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import data, metrics
+from .. import data, informative, metrics
 from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
 from ..store import connect
@@ -39,12 +39,13 @@ def series(stage_metrics: list[dict], target: str) -> dict[tuple[int, str], dict
             for k, s in StageEval.by_stage(stage_metrics).items()}
 
 
-def broken_stages(log, target: str, floor_rel: float) -> dict[tuple[int, str], str]:
+def broken_stages(log, target: str, floor_rel: float, ppl_rel: float = 0.0,
+                  verdict: dict | None = None) -> dict[tuple[int, str], str]:
     """Why each stage is under the coherence floor ('' when it is not), against the run's base."""
     by = StageEval.by_stage(log.read("stage_metrics"), log.read("eval_items"))
     base = by.get((-1, "base"))
-    return {k: metrics.broken(s, base, target, floor_rel) if base is not None and k[1] != "base" else ""
-            for k, s in by.items()}
+    return {k: metrics.broken(s, base, target, floor_rel, ppl_rel, verdict) if base is not None and k[1] != "base"
+            else "" for k, s in by.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,18 +58,26 @@ def main(argv: list[str] | None = None) -> int:
         kept = {r["round"]: r["kept_frac"] for r in sql_rows(con, KEPT_SQL, [a.run_id])}
     finally:
         con.close()
-    why = broken_stages(log, target, stored_config(log).coh_floor_rel)
+    cfg = stored_config(log)
+    verdict = informative.usable(log.read("probe_info"))
+    floor = informative.floor(cfg, log.read("probe_info"))
+    why = broken_stages(log, target, cfg.coh_floor_rel, floor["ppl_rel"], floor["informative"])
+    at_chance = tuple(k for k in ("target_nats", "trait_nats", "coherence", "adapter_ppl")
+                      if not informative.ok(verdict, informative.probe_of(k)))
     for key, v in stages.items():
         v["broken"] = why.get(key, "")
     rows = [dict(run_id=a.run_id, round=r, stage=st, **v, kept_frac=kept.get(r) if st == "healed" else None)
             for (r, st), v in sorted(stages.items(), key=lambda kv: stage_order(kv[0]))]
     diag = Diagnostic(a.out, "plot", a.run_id, None, dict(target=target))
     diag.add(rows)
-    files = plots.save(plots.run_figure(stages, kept, f"run {a.run_id} (target {target})"),
+    files = plots.save(plots.run_figure(stages, kept, f"run {a.run_id} (target {target})", at_chance),
                        log.dir / "plots" / "rounds")
     text = table(["r", "stage", "target", "trait", "coh", "adapter_ppl", "kl", "kept", "broken"],
-                 [[r["round"], r["stage"], r["target_nats"], r["trait_nats"], r["coherence"], r["adapter_ppl"],
+                 [[r["round"], r["stage"], *informative.shade(
+                     {k: r[k] for k in ("target_nats", "trait_nats", "coherence", "adapter_ppl")}, verdict).values(),
                    r["kl"], r["kept_frac"], "BROKEN" if r["broken"] else ""] for r in rows])
+    if informative.note(verdict):
+        text += "\n" + informative.note(verdict)
     diag.finish(text, files)
     return 0
 

@@ -72,10 +72,15 @@ def sweep_figure(trait: list[dict], random: list[dict], dose: float | None, titl
 
 # ---------------------------------------------------------------- Pareto
 
-def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trait moved (nats, toward the trait)"
-                  ) -> Figure:
+def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trait moved (nats, toward the trait)",
+                  ylabel: str = "coherence", grey: dict[str, bool] | None = None) -> Figure:
     """One panel per round: points {label, stage, x, y, front, broken}; the front as a step line, an arrow from
-    each label's steered point to its healed point; a broken point crossed (the legend says so). Round -1 points (base, prompted) are references."""
+    each label's steered point to its healed point; a broken point crossed (the legend says so). Round -1 points (base, prompted) are references.
+    grey: {axis column: True} for an axis resting on a probe at chance (probe_info): its label says so and the
+    panel is greyed, so no one reads it as a result."""
+    off = [k for k, v in (grey or {}).items() if v]
+    if off:
+        title += f" -- {', '.join(off)} AT CHANCE on these runs"
     rounds = sorted(facets)
     fig = Figure(figsize=(4.2 * max(1, len(rounds)), 4.0), layout="constrained")
     axes = fig.subplots(1, max(1, len(rounds)), squeeze=False)[0]
@@ -99,7 +104,11 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
                 ax.annotate("", xy=(h["x"], h["y"]), xytext=(s["x"], s["y"]),
                             arrowprops=dict(arrowstyle="->", color=colors[lab], lw=1.2))
         ax.axvline(0, color="0.6", lw=0.8)
-        ax.set(title=f"round {r}", xlabel=xlabel, ylabel="coherence")
+        ax.set(title=f"round {r}", xlabel=xlabel, ylabel=ylabel)
+        if off:  # a probe at chance: greyed panel
+            ax.set_facecolor("0.92")
+            for p in ax.collections:
+                p.set_alpha(0.4)
         ax.grid(alpha=0.3)
     handles = [axes[0].scatter([], [], color=c, label=lab) for lab, c in colors.items()]
     handles += [axes[0].scatter([], [], marker=m, color="0.3", label=s) for s, m in STAGE_MARKERS.items()]
@@ -113,10 +122,12 @@ def pareto_figure(facets: dict[int, list[dict]], title: str, xlabel: str = "trai
 
 # ---------------------------------------------------------------- one run
 
-def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], title: str) -> Figure:
+def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], title: str,
+               at_chance: tuple[str, ...] = ()) -> Figure:
     """By round: steered and healed lines, base and prompted as horizontal reference lines, and the
     kept fraction. stages: {(round, stage): {target_nats, trait_nats, coherence, adapter_ppl, kl, broken}},
-    round -1 = references; a broken stage's points are crossed."""
+    round -1 = references; a broken stage's points are crossed. at_chance: the keys whose probe is at chance on
+    this model (probe_info): their panels are greyed and say so."""
     fig = Figure(figsize=(3.6 * (len(RUN_PANELS) + 1), 3.6), layout="constrained")
     axes = fig.subplots(1, len(RUN_PANELS) + 1)
     rounds = sorted({r for r, _ in stages if r >= 0})
@@ -136,8 +147,12 @@ def run_figure(stages: dict[tuple[int, str], dict], kept: dict[int, float], titl
                 ax.scatter([r for r, _ in bad], [v for _, v in bad], marker="x", s=90, color="k", lw=1.5, zorder=4,
                            label=None if broken_shown else "broken (under the coherence floor)")
                 broken_shown = True
-        ax.set(title=name, xlabel="round")
+        ax.set(title=name + (" [AT CHANCE]" if key in at_chance else ""), xlabel="round")
         ax.grid(alpha=0.3)
+        if key in at_chance:  # shown, not to be read as a result
+            ax.set_facecolor("0.92")
+            for ln in ax.lines + ax.collections:
+                ln.set_alpha(0.35)
     axes[0].legend(fontsize=8)
     ax = axes[-1]
     ks = sorted(kept)

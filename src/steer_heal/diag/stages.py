@@ -23,7 +23,7 @@ import argparse
 import sys
 from collections import defaultdict
 
-from .. import data, intervals, metrics, seeds
+from .. import data, informative, intervals, metrics, seeds
 from ..console import Parser, script
 from ..evaluate import StageEval, stage_order
 from ..report import DELTAS
@@ -48,23 +48,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_rows(run_id: str, stage_metrics: list[dict], target: str, eval_items: list[dict] = (), seed: int = 0,
-             boot: int = 2000, floor_rel: float = 0.0) -> list[dict]:
+             boot: int = 2000, floor_rel: float = 0.0, ppl_rel: float = 0.0, verdict: dict | None = None,
+             gate: bool = True) -> list[dict]:
     """One row per (round, stage) of one run: deltas against its base, and with eval_items their paired
     intervals against base and the previous student (d_<m>_lo/_hi/_ns, d_<m>_prev...); `broken` says why a
-    stage is under the coherence floor ('' when it is not), and a broken stage's ratios are None."""
+    stage is under the coherence floor ('' when it is not), and a broken stage's ratios are None. verdict: the
+    run's informative.usable(probe_info), listed per row in `at_chance`; with gate, no floor or ratio rests on
+    an uninformative probe."""
     by = StageEval.by_stage(stage_metrics, eval_items)
     base = by.get((-1, "base"))
     if base is None:
         return []
     items = intervals.by_stage(eval_items)
     bt = base.nats.get(target)
+    at_chance = [p for p, ok in (verdict or {}).items() if not ok]
+    floor = dict(ppl_rel=ppl_rel, informative=verdict if gate else None)
+    use = {p: not gate or informative.ok(verdict, p) for p in ("mfv", "contrast")}
     rows = []
     for key in sorted(by, key=stage_order):
         (r, stage), s = key, by[key]
         t = s.nats.get(target)
         row = dict(run_id=run_id, round=r, stage=stage, n=s.n, paired=s.n == base.n,
                    target_nats=t, trait_nats=s.trait_nats, coherence=s.coherence, adapter_ppl=s.adapter_ppl, kl=s.kl,
-                   broken=metrics.broken(s, base, target, floor_rel) if stage != "base" else "")
+                   broken=metrics.broken(s, base, target, floor_rel, **floor) if stage != "base" else "",
+                   at_chance=at_chance)
         if row["paired"]:
             row.update(d_target=delta(t, bt), d_trait=delta(s.trait_nats, base.trait_nats),
                        d_coh=delta(s.coherence, base.coherence), d_ppl=delta(s.adapter_ppl, base.adapter_ppl))
@@ -72,16 +79,17 @@ def run_rows(run_id: str, stage_metrics: list[dict], target: str, eval_items: li
             for iv in intervals.stage_intervals(items, r, stage, seed, boot):
                 name = dict(DELTAS)[iv["metric"]] + ("_prev" if iv["ref"] == "prev" else "")
                 row.update({name: iv["delta"], f"{name}_lo": iv["lo"], f"{name}_hi": iv["hi"], f"{name}_ns": iv["ns"]})
-        if row["paired"] and stage != "base" and not row["broken"]:
+        if row["paired"] and stage != "base" and not row["broken"] and use["mfv"]:
             row["coh_cost"] = metrics.coh_cost(s.coherence, base.coherence, t, bt)
             if row["d_target"] is not None:
                 off = {f: delta(s.nats.get(f), base.nats.get(f)) for f in metrics.OFF_TARGET}
                 row["surgical"] = metrics.surgical(row["d_target"], off, target=target)
         if row["paired"] and stage == "healed" and (r, "steered") in by:
             st = by[(r, "steered")]
-            if not (row["broken"] or metrics.broken(st, base, target, floor_rel)):
-                row.update(retain=metrics.retain(t, st.nats.get(target), bt),
-                           retain_trait=metrics.retain(s.trait_nats, st.trait_nats, base.trait_nats))
+            if not (row["broken"] or metrics.broken(st, base, target, floor_rel, **floor)):
+                row.update(retain=metrics.retain(t, st.nats.get(target), bt) if use["mfv"] else None,
+                           retain_trait=metrics.retain(s.trait_nats, st.trait_nats, base.trait_nats)
+                           if use["contrast"] else None)
             else:
                 row["withheld"] = "BROKEN" if row["broken"] else "broken:steered"
         rows.append(row)
@@ -109,7 +117,8 @@ def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, 
             agg = dict(level="seeds", config=labels[key], config_key=key, runs=[r["run_id"] for r in got],
                        round=rnd, stage=stage, n_seeds=len(got),
                        surgical=sum(bool(r.get("surgical")) for r in got),
-                       broken=sum(bool(r.get("broken")) for r in got))
+                       broken=sum(bool(r.get("broken")) for r in got),
+                       at_chance=sorted({p for r in got for p in r.get("at_chance") or ()}))
             for m in AGG:
                 ci, over = mean_ci([r.get(m) for r in got]), "seeds"
                 two = _two_level(got, m, items, boot) if items and boot else None
@@ -160,6 +169,12 @@ def _ratio(row: dict, key: str):
     return row.get("withheld") if key.startswith("retain") and row.get("withheld") else row.get(key)
 
 
+def _shade(row: dict, cells: dict) -> dict:
+    """cells of one row, an uninformative probe's greyed (the row's `at_chance`; informative.shade)."""
+    return informative.shade(cells, {p: False for p in row.get("at_chance") or ()},
+                             ratios=row["stage"] in ("steered", "healed"))
+
+
 def summary(rows: list[dict], agg: list[dict]) -> str:
     def name(r: dict) -> str:
         return r["stage"] + ("" if r["paired"] else " (unpaired)")
@@ -167,15 +182,22 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
     text = ("levels and ratios (a stage under the coherence floor shows BROKEN, not a ratio)\n" + table(
         ["run", "r", "stage", "n", "target", "trait", "coh", "ppl", "kl", "retain", "retain_trait", "coh_cost",
          "surgical", "broken"],
-        [[r["run_id"], r["round"], name(r), r["n"], r["target_nats"], r["trait_nats"], r["coherence"],
-          r.get("adapter_ppl"), r.get("kl"), _ratio(r, "retain"), _ratio(r, "retain_trait"), _ratio(r, "coh_cost"),
-          _ratio(r, "surgical") if r.get("broken") else _yn(r.get("surgical")), r.get("broken") or ""]
+        [[r["run_id"], r["round"], name(r), r["n"], *_shade(r, dict(
+            target_nats=r["target_nats"], trait_nats=r["trait_nats"], coherence=r["coherence"],
+            adapter_ppl=r.get("adapter_ppl"))).values(), r.get("kl"), *_shade(r, dict(
+            retain=_ratio(r, "retain"), retain_trait=_ratio(r, "retain_trait"), coh_cost=_ratio(r, "coh_cost"),
+            surgical=_ratio(r, "surgical") if r.get("broken") else _yn(r.get("surgical")))).values(),
+          r.get("broken") or ""]
          for r in rows]))
+    notes = {p for r in rows for p in r.get("at_chance") or ()}
+    if notes:
+        text += "\n" + informative.note({p: False for p in notes})
     for title, suffix in (("against base", ""), ("against the previous student (base for round 0)", "_prev")):
         text += (f"\n\n{title}: delta [95% interval resampling this run's items (paired bootstrap)], ~ = the "
                  "interval holds 0; BROKEN = the stage is under the coherence floor\n"
                  + table(["run", "r", "stage", *[n for _, n in DELTAS], "broken"],
-                         [[r["run_id"], r["round"], name(r), *[_ci(r, n + suffix) for _, n in DELTAS],
+                         [[r["run_id"], r["round"], name(r),
+                           *_shade(r, {n + suffix: _ci(r, n + suffix) for _, n in DELTAS}).values(),
                            "BROKEN" if r.get("broken") else ""]
                           for r in rows if r["stage"] != "base" and (suffix == "" or r["round"] >= 0)]))
     if agg:
@@ -183,7 +205,7 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
                  "and then the items they share (t over seeds alone, marked *, without items or with --boot 0); "
                  "ratios: t over seeds; broken: seeds whose stage is under the coherence floor\n") + table(
             ["config", "r", "stage", "seeds", *AGG, "surgical", "broken"],
-            [[a["config"], a["round"], a["stage"], a["n_seeds"], *[_pm(a, m) for m in AGG],
+            [[a["config"], a["round"], a["stage"], a["n_seeds"], *_shade(a, {m: _pm(a, m) for m in AGG}).values(),
               f"{a['surgical']}/{a['n_seeds']}", _broken(a)] for a in agg])
     return text
 
@@ -200,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_items = log.read("eval_items")
         items[run_id] = intervals.by_stage(eval_items)
         rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"], eval_items,
-                         cfg.seed, a.boot, cfg.coh_floor_rel)
+                         cfg.seed, a.boot, cfg.coh_floor_rel, cfg.ppl_floor_rel,
+                         informative.usable(log.read("probe_info")), cfg.probe_gate)
     agg = seed_rows(rows, groups, config_labels(exps), items, a.boot)
     fams = {family(c): {k: v for k, v in seedless(c).items() if k != "control"} for c in cfgs.values()}
     beyond = control.beyond(rows, cfgs, config_labels(fams), items, a.boot)

@@ -54,6 +54,9 @@ TABLES: dict[str, dict[str, str]] = {
     "intervals": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, metric VARCHAR, ref VARCHAR,"
         "ref_round BIGINT, n BIGINT, delta DOUBLE, lo DOUBLE, hi DOUBLE, boot BIGINT, ns BOOLEAN"),
+    "probe_info": _cols(
+        "run_id VARCHAR, round BIGINT, probe VARCHAR, informative BOOLEAN, mass DOUBLE, separation DOUBLE,"
+        "lo DOUBLE, hi DOUBLE, chance DOUBLE, n BIGINT, reason VARCHAR"),
     "completions": _cols(
         "run_id VARCHAR, round BIGINT, phase VARCHAR, step BIGINT, idx BIGINT,"
         "alpha DOUBLE, kappa DOUBLE, coef DOUBLE, prompt VARCHAR, completion VARCHAR,"
