@@ -143,8 +143,9 @@ def _hand_run(out, run_id: str, mfv_ok: bool | None, moved: float, ppl: float):
 def _pareto(out, *args) -> dict:
     from steer_heal.diag import pareto
 
+    before = set((out / "diagnostics").iterdir()) if (out / "diagnostics").is_dir() else set()
     assert pareto.main(["--out", str(out), *args]) == 0
-    diag = sorted((out / "diagnostics").iterdir())[-1]
+    (diag,) = set((out / "diagnostics").iterdir()) - before  # two in one second differ only in a random suffix
     return dict(text=(diag / "report.md").read_text(), rows=RunLog(out, diag.name, kind="diagnostics").read("diag_rows"))
 
 
