@@ -78,6 +78,10 @@ class Config:
                                       "kappa 1 (the walk's first probe) should break the model")
     control: str = knob("none", "control run: none (the treatment), c0 (generate unsteered, C = 0: self-distillation), "
                         "random (an equal-norm random vector, seeded, the same each round)", CONTROLS)
+    yoke: str = knob("", "a control's treatment run (same --out, same seed and config but control): replay its banked "
+                     "slots (prompts, alphas, per-slot seeds, number kept per round), changing only the coefficient "
+                     "(c0: 0) or the direction (random, its coefficient calibrated to the treatment's kl_steer: iso-KL); "
+                     "yoke.py. '' = unyoked: the control runs its own walk")
     # dose walk
     dose_target: float = knob(0.75, "filter survival rate a dose-walk probe must reach to count as below the edge")
     probe_size: int = knob(8, "completions per dose-walk probe batch (they cycle the alphas)")
@@ -227,6 +231,8 @@ class Config:
         for name in ("run_id", "resume"):
             if getattr(self, name) and not safe_name(getattr(self, name)):
                 bad(name, "a plain name: letters, digits and . _ + = - (no '/', not starting with '.')")
+        if self.yoke and (self.control == "none" or not safe_name(self.yoke)):
+            bad("yoke", "a treatment's run id, given with --control c0|random")
         if self.log_level.upper() not in LOG_LEVELS:
             bad("log_level", "one of " + ", ".join(LOG_LEVELS) + " (any case)")
         for name in ("dose_target", "top_p", "coh_floor"):

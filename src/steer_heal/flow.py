@@ -19,12 +19,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, intervals, memory, metrics, prefect_ui, seeds, student
+from . import backends, data, intervals, memory, metrics, prefect_ui, seeds, student, yoke
 from .bake import Stack, bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, collect_at, dose_walk
@@ -71,13 +72,20 @@ class Run:
         self.steer = backends.steer_fn(cfg)
         self.done = {(r["round"], r["stage"]) for r in self.log.read("stages")}
         self.vectors: dict[int, dict] = {}  # round -> the extracted vector
+        self.yoked = yoke.Treatment.open(cfg) if cfg.yoke else None  # --yoke: the treatment it replays
         if cfg.bf16 in ("eval", "heal", "both"):  # approximate numbers are said, not only stored in run_info
             logger.warning(f"--bf16 {cfg.bf16}: measured on SmolLM2, bf16 probes move a stage delta by up to ~0.01 "
                            "nats and a bf16 heal's val nll by ~2% (docs/performance.md, part p)")
 
     def gen_vector(self, r: int) -> dict | None:
-        """What round r generates and steers its steered eval with: the vector, or the run's control's."""
-        return control_vector(self.vectors[r], self.cfg.control, seeds.control_vector(self.cfg.seed))
+        """What round r generates and steers its steered eval with: the vector, or the run's control's (a yoked
+        random control's scaled to the treatment's kl_steer, measured on the model as it is now)."""
+        v = control_vector(self.vectors[r], self.cfg.control, seeds.control_vector(self.cfg.seed))
+        if self.yoked is not None and v is not None:
+            kl = partial(steer_kl, self.stack.model, self.tok, system=self.system, max_len=self.cfg.max_len,
+                         batch=self.cfg.eval_batch, steerer=self.steer)
+            v = self.yoked.iso_kl(self.log, r, v, kl)
+        return v
 
     def mark(self, r: int, stage: str, seconds: float) -> None:
         self.log.append("stages", dict(round=r, stage=stage, seconds=seconds))
@@ -181,10 +189,11 @@ def extract_task(run: Run, r: int) -> Extracted:
 
 @task(**_opts("dose"))
 def dose_task(run: Run, r: int) -> DoseResult | Stop:
-    cfg, t, v = run.cfg, time.time(), run.gen_vector(r)
+    cfg, t = run.cfg, time.time()
     if (r, "dose") in run.done:
         return student.stored_dose(run.log, r, cfg)
     run.forget_partial(r, "dose")
+    v = run.gen_vector(r)  # after forget_partial: a yoked random control stores its calibration here
 
     def sample(items: list[dict], step: int) -> list[dict]:
         outs, ended = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
@@ -203,7 +212,10 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
                          loop_tau=cfg.loop_tau, loop_window=cfg.loop_window)
 
     try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
-        res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)
+        if run.yoked is not None:  # the treatment's banked slots, only the push changed
+            res = yoke.replay(cfg, run.yoked.dose(r), run.prompts, sample, c0=cfg.control == "c0")
+        else:
+            res = collect_at(cfg, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(cfg, run.prompts, sample)
     except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
         return Stop("starved", str(e))
     completions, steps = res.rows()

@@ -22,8 +22,9 @@ def trait_sign(cfg: Config) -> int:
 
 
 def seedless(cfg: Config) -> dict:
-    """The experiment without its seed: runs equal here are repeats of one config."""
-    return {k: v for k, v in cfg.experiment().items() if k != "seed"}
+    """The experiment without its seed (and the treatment run a control is yoked to, one per seed): runs equal
+    here are repeats of one config."""
+    return {k: v for k, v in cfg.experiment().items() if k not in ("seed", "yoke")}
 
 
 def config_key(cfg: Config) -> str:

@@ -69,6 +69,9 @@ TABLES: dict[str, dict[str, str]] = {
         "n_kept BIGINT, rate DOUBLE, accepted BOOLEAN, phase VARCHAR"),
     "stages": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, seconds DOUBLE, ts TIMESTAMP"),
+    "yoke": _cols(
+        "run_id VARCHAR, round BIGINT, treatment VARCHAR, coef DOUBLE, n BIGINT, scale DOUBLE, kl DOUBLE,"
+        "kl_target DOUBLE, iters BIGINT"),
     "adapters": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
     "vectors": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
     "diagnostics": _cols(
@@ -113,7 +116,8 @@ def _stage(*stages: str) -> list[tuple[str, Rows]]:
 STAGE_ROWS: dict[str, list[tuple[str, Rows]]] = {
     "eval_base": _stage("base", "prompted") + [("intervals", lambda x: True)],
     "extract": [("vectors", lambda x: True)],
-    "dose": [("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", lambda x: True)],
+    "dose": [("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", lambda x: True),
+             ("yoke", lambda x: True)],
     "eval_steered": _stage("steered"),
     "heal": [("heal_steps", lambda x: True)],
     "eval_healed": _stage("healed"),
