@@ -55,16 +55,17 @@ small-run *ARGS: smollm2
 seeds N RECIPE *ARGS:
     @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat "$@"
 
-# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; rerun to resume
+# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; rerun to resume. A control arm is yoked, seed by seed, to its treatment arm (kl_rev, or nll for c0-nll), so list the treatment first
 study *ARMS="kl_rev nll c0":
     #!/usr/bin/env bash
     set -euo pipefail
     declare -A flags=([kl_rev]="--reg kl_rev" [nll]="--reg nll" [c0]="--reg kl_rev --control c0"
                       [random]="--reg kl_rev --control random" [c0-nll]="--reg nll --control c0")
+    declare -A yoke=([c0]="--yoke-group study-kl_rev" [random]="--yoke-group study-kl_rev" [c0-nll]="--yoke-group study-nll")
     ids=()
     for arm in {{ARMS}}; do
         [ -n "${flags[$arm]:-}" ] || { echo "unknown arm $arm: one of ${!flags[*]}" >&2; exit 2; }
-        {{just_executable()}} --justfile "{{justfile()}}" seeds 3 small-run --run-id "study-$arm" ${flags[$arm]} || true
+        {{just_executable()}} --justfile "{{justfile()}}" seeds 3 small-run --run-id "study-$arm" ${yoke[$arm]:-} ${flags[$arm]} || true
         ids+=("study-$arm-s0" "study-$arm-s1" "study-$arm-s2")
     done
     {{just_executable()}} --justfile "{{justfile()}}" stages "${ids[@]}"
@@ -99,6 +100,10 @@ csweep RUN_ID *ARGS:
 # base / prompted / steered / healed per round; seed means with 95% intervals: just stages RUN_ID...
 stages +RUN_IDS:
     @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/stages.py "$@"
+
+# treatment beyond control, paired by seed, and the filter's drops per reason in each arm side by side (controls yoked to their treatment, else refused unless --unyoked): just beyond RUN_ID...
+beyond +RUN_IDS:
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/stages.py --beyond "$@"
 
 # re-heal one round over a barrier grid: just barrier-sweep RUN_ID ROUND --reg nll kl_rev --lam 0.3 1 --tau 0 0.01
 barrier-sweep RUN_ID ROUND *ARGS:

@@ -4,7 +4,8 @@ Each seed runs as `just RECIPE --seed s --run-id GROUP-s<s> FLAGS` in its own pr
 Prefect home and its model). GROUP is --run-id when given, else made from the time and reg. A seed whose
 run has ended (done, stopped, starved) is skipped and one that did not end (a crash, Ctrl-C, failed) is
 resumed, so the same command picks a study up where it stopped. The runs differ only in seed, so
-`just stages` prints each cell's mean and 95% interval over them.
+`just stages` prints each cell's mean and 95% interval over them. A control arm given --yoke-group TREAT
+(the treatment's GROUP) yokes each seed to the treatment's run of the same seed: --yoke TREAT-s<s> (yoke.py).
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ ENDED = ("done", "stopped", "starved")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="just seeds", description=__doc__,
+    p = argparse.ArgumentParser(prog="just seeds", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, help="seeds 0..N-1")
     p.add_argument("recipe", choices=RECIPES, help="the run recipe each seed runs")
     p.add_argument("--run-id", default="", help="group name: the runs are GROUP-s0 .. GROUP-s<N-1>")
     p.add_argument("--out", default="out", help="store root (passed on to every run)")
+    p.add_argument("--yoke-group", default="", metavar="TREAT", help="a control arm: yoke seed s to the treatment "
+                   "run TREAT-s<s> (--yoke), which must have run first")
     a, rest = p.parse_known_args(argv)
     if a.n < 1:
         p.error("N must be >= 1")
-    if any(x == "--seed" or x.startswith("--seed=") for x in rest):
-        p.error("--seed is what this sets: leave it out")
+    for flag in ("--seed", "--yoke"):
+        if any(x == flag or x.startswith(flag + "=") for x in rest):
+            p.error(f"{flag} is what this sets{' (--yoke-group)' if flag == '--yoke' else ''}: leave it out")
     return a, rest
 
 
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(f"seed {s}: {run_id} already {st}, skipped")
         else:
             cmd = ([just, "resume", run_id, "--out", a.out] if st else
-                   [just, a.recipe, "--seed", str(s), "--run-id", run_id, "--out", a.out, *rest])
+                   [just, a.recipe, "--seed", str(s), "--run-id", run_id, "--out", a.out, *rest,
+                    *(["--yoke", f"{a.yoke_group}-s{s}"] if a.yoke_group else [])])
             logger.info(f"seed {s}: {' '.join(cmd)}")
             rc = subprocess.run(cmd).returncode
             if rc != 0:
