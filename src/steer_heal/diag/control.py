@@ -22,8 +22,8 @@ from collections import defaultdict
 
 from .. import intervals, seeds
 from ..config import Config, ConfigError
-from ..filter import CRITERIA
 from ..evaluate import stage_order
+from ..filter import CRITERIA
 from ..report import table
 from .runs import family
 from .stats import mean_ci
