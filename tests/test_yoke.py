@@ -208,3 +208,23 @@ def test_beyond_control_over_unyoked_arms_is_refused_unless_unyoked(tmp_path, ca
     assert {(r["control"], r["yoked"]) for r in beyond} == {("c0", True), ("random", False)}
     drops = {(r["control"], r["round"]): r for r in rows if r["level"] == "drops"}
     assert drops[("none", 0)]["relevance"] == 6 and drops[("none", 0)]["n"] == 16 and drops[("c0", 0)]["kept"] == 16
+
+
+def test_seeds_yokes_each_control_seed_to_the_treatment_run_of_that_seed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    calls, stub = tmp_path / "calls.txt", tmp_path / "just"
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    stub.chmod(0o755)
+    env, out = dict(os.environ, JUST=str(stub)), tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "steer_heal.repeat", "2", "small-run", "--run-id", "study-c0", "--out",
+                        str(out), "--yoke-group", "study-kl_rev", "--control", "c0"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert calls.read_text().splitlines() == [
+        f"small-run --seed {s} --run-id study-c0-s{s} --out {out} --control c0 --yoke study-kl_rev-s{s}" for s in (0, 1)]
+    bad = subprocess.run([sys.executable, "-m", "steer_heal.repeat", "2", "small-run", "--yoke", "t"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--yoke is what this sets (--yoke-group)" in bad.stderr
