@@ -207,7 +207,7 @@ def test_beyond_control_over_unyoked_arms_is_refused_unless_unyoked(tmp_path, ca
     beyond = [r for r in rows if r["level"] == "beyond" and r["stage"] == "healed"]
     assert {(r["control"], r["yoked"]) for r in beyond} == {("c0", True), ("random", False)}
     drops = {(r["control"], r["round"]): r for r in rows if r["level"] == "drops"}
-    assert drops[("none", 0)]["relevance"] == 6 and drops[("none", 0)]["n"] == 16 and drops[("c0", 0)]["kept"] == 16
+    assert drops[("none", 0)]["relevance"] == 6 and drops[("none", 0)]["n"] == 16 and drops[("c0", 0)]["passed"] == 16
 
 
 def test_seeds_yokes_each_control_seed_to_the_treatment_run_of_that_seed(tmp_path):

@@ -130,14 +130,15 @@ def summary(out: list[dict]) -> str:
 
 def drop_counts(completions: list[dict], steps: list[dict]) -> dict[int, dict]:
     """Per round of one run: the completions of the batches it banks from (collect and accepted probe batches, a
-    yoked control's replays; a failed probe above the edge is left out) and the filter's drops per reason."""
+    yoked control's replays; a failed probe above the edge is left out): how many passed the filter and its drops
+    per reason."""
     out = {}
     for r in sorted({x["round"] for x in steps}):
         st = [x for x in steps if x["round"] == r]
         old = any(x["phase"] is None for x in st)  # stored before dose_steps had a phase: every batch banked
         ok = {x["step"] for x in st if old or x["phase"] in ("collect", "yoke") or x["accepted"]}
         got = [x for x in completions if x["round"] == r and x["phase"] in ("probe", "collect") and x["step"] in ok]
-        out[r] = dict(n=len(got), kept=sum(bool(x["keep"]) for x in got),
+        out[r] = dict(n=len(got), passed=sum(bool(x["keep"]) for x in got),
                       **{c: sum(x["reason"] == c for x in got if not x["keep"]) for c in CRITERIA})
     return out
 
@@ -164,10 +165,10 @@ def drops_summary(rows: list[dict]) -> str:
     by = {(r["family"], r["round"], r["control"]): r for r in rows}
     cells = sorted({(r["family"], r["round"]) for r in rows})
     body = [[f, rd, what, *(_count(by.get((f, rd, a)), what) for a in arms)]
-            for f, rd in cells for what in ("kept", *CRITERIA)
+            for f, rd in cells for what in ("passed", *CRITERIA)
             if any((by.get((f, rd, a)) or {}).get(what) for a in arms)]
     return ("\n\nthe filter per arm: completions of the batches each arm banks from (a failed probe above the edge is "
-            "left out), summed over seeds: kept, then dropped per reason (its first failing criterion), n/of\n"
+            "left out), summed over seeds: passed the filter (banked up to n_keep), then dropped per reason (its first failing criterion), n/of\n"
             + table(["family", "r", "", *("treatment" if a == "none" else a for a in arms)], body))
 
 
