@@ -140,6 +140,12 @@ def test_yoked_random_control_is_at_iso_kl_with_the_treatment(tmp_path):
     raw = random_like(t_run.vectors[0], seeds.control_vector(0))  # still one direction at the vector's norms
     assert all(torch.allclose(vec[i], raw[i] * cal["scale"]) for i in raw)
     assert cal["scale"] != pytest.approx(1.0, abs=1e-3)  # the equal-norm push was not already iso-KL
+    # resumed: the stored calibration is read back, not measured again
+    from steer_heal import flow
+
+    again = flow.Run(run.cfg, "y")
+    again.vectors[0] = run.vectors[0]
+    assert all(torch.equal(again.gen_vector(0)[i], vec[i]) for i in vec) and len(again.log.read("yoke")) == 1
 
 
 def test_a_yoke_to_an_unmatched_or_missing_treatment_is_refused(tmp_path):
