@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     a, rest = parse(sys.argv[1:] if argv is None else argv)
     group = a.run_id or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     just = os.environ.get("JUST", "just")
+    control = next((v for k, v in zip(rest, rest[1:]) if k == "--control"), "none")
+    if control != "none" and not a.yoke_group:
+        logger.warning(f"--control {control} without --yoke-group: each seed runs its own walk, unmatched to any "
+                       "treatment, and `just stages`/`just beyond` refuse it as a control unless --unyoked")
     ids, bad = [], []
     for s in range(a.n):
         run_id = f"{group}-s{s}"
