@@ -189,11 +189,10 @@ def extract_task(run: Run, r: int) -> Extracted:
 
 @task(**_opts("dose"))
 def dose_task(run: Run, r: int) -> DoseResult | Stop:
-    cfg, t = run.cfg, time.time()
+    cfg, t, v = run.cfg, time.time(), run.gen_vector(r)
     if (r, "dose") in run.done:
         return student.stored_dose(run.log, r, cfg)
     run.forget_partial(r, "dose")
-    v = run.gen_vector(r)  # after forget_partial: a yoked random control stores its calibration here
 
     def sample(items: list[dict], step: int) -> list[dict]:
         outs, ended = generate(run.stack.model, run.tok, [x["prompt"] for x in items], system=run.system, vec=v,
@@ -222,6 +221,8 @@ def dose_task(run: Run, r: int) -> DoseResult | Stop:
     run.log.append("completions", [dict(round=r, **x) for x in completions])
     crash_point(f"dose:r{r}:completions")
     run.log.append("dose_steps", [dict(round=r, **x) for x in steps])
+    if run.yoked is not None and r in run.yoked.calibrations:  # a yoked random control's iso-KL calibration
+        run.log.append("yoke", run.yoked.calibrations[r])
     run.mark(r, "dose", time.time() - t)
     logger.info(f"r{r} dose: kappa={res.kappa:.3f} (walk: {res.walk}) kept {len(res.kept)}/{res.n_gen} "
                 f"drops={drop_counts(res.scored)}\n" + dose_table(res.steps))

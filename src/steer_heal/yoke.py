@@ -43,6 +43,7 @@ class Treatment:
 
     def __init__(self, log: RunLog, cfg: Config):
         self.log, self.cfg = log, cfg
+        self.calibrations: dict[int, dict] = {}  # round -> its `yoke` row, which the dose stage stores
 
     @classmethod
     def open(cls, cfg: Config) -> Treatment:
@@ -81,17 +82,19 @@ class Treatment:
     def iso_kl(self, log: RunLog, r: int, vec: Vector, kl: Callable[..., list[float]]) -> Vector:
         """vec scaled to the treatment's round-r kl_steer, measured by `kl(prompts, completions, vec=, coef=)`
         (freetext.steer_kl on the model as it is now) on the treatment's kept completions at its coefficient.
-        Read back from the `yoke` table when this round calibrated before."""
-        row = next((x for x in log.read("yoke") if x["round"] == r), None)
+        Read back from the control's `yoke` table when this round calibrated before; the row is kept in
+        `calibrations` for the dose stage to store with its own rows (a crashed dose drops it with them)."""
+        row = self.calibrations.get(r) or next(({k: v for k, v in x.items() if k != "run_id"}
+                                               for x in log.read("yoke") if x["round"] == r), None)
         if row is None:
             treat = self.dose(r)
             ps, cs = [x["prompt"] for x in treat.kept], [x["completion"] for x in treat.kept]
             got = calibrate(lambda s: _mean(kl(ps, cs, vec=scaled(vec, s), coef=treat.coef)), self.kl_steer(r))
             row = dict(round=r, treatment=self.log.run_id, coef=treat.coef, n=len(ps), **got)
-            log.append("yoke", row)
             logger.info(f"r{r} iso-KL: random direction x{row['scale']:.4g}: mean KL {row['kl']:.4g} against the "
                         f"treatment's kl_steer {row['kl_target']:.4g} ({row['iters']} evaluations, {len(ps)} "
                         "completions)")
+        self.calibrations[r] = row
         return scaled(vec, row["scale"])
 
 
