@@ -55,7 +55,7 @@ small-run *ARGS: smollm2
 seeds N RECIPE *ARGS:
     @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat "$@"
 
-# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; rerun to resume [--on procs|inline|pool]
+# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; a control arm is yoked, seed by seed, to its treatment; rerun to resume [--on procs|inline|pool]
 study *ARMS:
     @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat study "$@"
 
@@ -88,6 +88,10 @@ csweep RUN_ID *ARGS:
 # base / prompted / steered / healed per round; seed means with 95% intervals: just stages RUN_ID...
 stages +RUN_IDS:
     @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/stages.py "$@"
+
+# treatment beyond control, paired by seed, and the filter's drops per reason in each arm side by side (controls yoked to their treatment, else refused unless --unyoked): just beyond RUN_ID...
+beyond +RUN_IDS:
+    @OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec {{python}} scripts/stages.py --beyond "$@"
 
 # re-heal one round over a barrier grid: just barrier-sweep RUN_ID ROUND --reg nll kl_rev --lam 0.3 1 --tau 0 0.01
 barrier-sweep RUN_ID ROUND *ARGS:

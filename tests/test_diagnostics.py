@@ -530,7 +530,7 @@ def test_stages_tables_mark_a_broken_stage_and_beyond_control_names_it(tmp_path)
     for s in range(2):
         _hand_run(tmp_path, f"t{s}", s, {(0, "steered"): (-0.5, 0.8 if s else 0.01), (0, "healed"): (-0.3, 0.85)})
         _hand_run(tmp_path, f"c{s}", s, {(0, "steered"): (0.0, 0.9), (0, "healed"): (-0.1, 0.88)}, control="c0")
-    assert script("stages").main(["t0", "t1", "c0", "c1", "--out", str(tmp_path)]) == 0
+    assert script("stages").main(["t0", "t1", "c0", "c1", "--out", str(tmp_path), "--unyoked"]) == 0
     rows = rows_of(tmp_path, "stages")
     agg = next(r for r in rows if r["level"] == "seeds" and r["stage"] == "steered" and r["runs"] == ["t0", "t1"])
     assert agg["broken"] == 1

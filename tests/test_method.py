@@ -273,7 +273,8 @@ def test_stages_prints_treatment_beyond_control_paired_by_seed(tmp_path):
         _fake_run(tmp_path, f"c{s}", s, "c0", c0[s])
     _fake_run(tmp_path, "c9", 9, "c0", 5.0)  # a seed the treatment lacks: no pair, left out
     _fake_run(tmp_path, "x0", 0, "c0", 5.0, lam=2.0)  # another family: never paired with the treatment
-    assert stages([*(f"t{s}" for s in range(3)), *(f"c{s}" for s in range(3)), "c9", "x0", "--out", str(tmp_path)]) == 0
+    assert stages([*(f"t{s}" for s in range(3)), *(f"c{s}" for s in range(3)), "c9", "x0", "--out", str(tmp_path),
+                   "--unyoked"]) == 0  # hand-made controls, not yoked (tests/test_yoke.py: the refusal)
     _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
     beyond = [json.loads(r[0]) for r in got if json.loads(r[0])["level"] == "beyond"]
     healed = [b for b in beyond if b["stage"] == "healed" and b["n_pairs"] == 3]
@@ -305,7 +306,7 @@ def test_one_seed_pair_beyond_control_is_the_paired_bootstrap_over_items(tmp_pat
         for r, stage, add in ((-1, "base", 0.0), (0, "steered", 0.9), (0, "healed", 0.3 + shift)):
             log.append("eval_items", [dict(round=r, stage=stage, evaluator="contrast", item=f"d{i}",
                                            diff=0.1 * i + add) for i in range(7)])
-    assert stages(["t", "c", "--out", str(tmp_path), "--boot", "500"]) == 0
+    assert stages(["t", "c", "--out", str(tmp_path), "--boot", "500", "--unyoked"]) == 0
     _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
     h = next(b for b in (json.loads(r[0]) for r in got) if b["level"] == "beyond" and b["stage"] == "healed")
     ci = h["beyond_d_trait_items"]
@@ -332,7 +333,7 @@ def test_beyond_control_over_seed_pairs_adds_the_items_they_share(tmp_path):
                 log.append("eval_items", [dict(round=r, stage=stage, evaluator="contrast", item=f"d{i}",
                                                diff=0.05 * i + add[i]) for i in range(7)])
     assert stages([*(f"t{s}" for s in range(3)), *(f"c{s}" for s in range(3)), "--out", str(tmp_path),
-                   "--boot", "400"]) == 0
+                   "--boot", "400", "--unyoked"]) == 0
     _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
     h = next(b for b in (json.loads(r[0]) for r in got) if b["level"] == "beyond" and b["stage"] == "healed")
     assert h["beyond_d_trait_over"] == "seeds+items" and h["n_pairs"] == 3

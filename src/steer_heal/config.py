@@ -35,7 +35,7 @@ RUNTIME_FIELDS = ("out", "run_id", "device", "n_rounds", "resume", "log_level", 
 GROUPS = {
     "model": ("model", "gguf_file", "dtype", "chat_template"),
     "persona": ("persona", "persona_pos", "persona_neg", "steer_system", "gen_system"),
-    "steering": ("steer_layers", "n_extract_pairs", "suffix_file", "normalize", "alphas", "control", "steerer"),
+    "steering": ("steer_layers", "n_extract_pairs", "suffix_file", "normalize", "alphas", "control", "yoke", "steerer"),
     "dose": ("dose_target", "probe_size", "kappa_min", "bisect_steps", "max_batches", "collect_size"),
     "data": ("n_prompts", "n_keep", "min_train", "max_new_tokens", "max_len", "temperature", "top_p",
              "repetition_penalty", "no_repeat_ngram"),
@@ -111,6 +111,10 @@ class Config:
                                       "kappa 1 (the walk's first probe) should break the model")
     control: str = knob("none", "control run: none (the treatment), c0 (generate unsteered, C = 0: self-distillation), "
                         "random (an equal-norm random vector, seeded, the same each round)", CONTROLS)
+    yoke: str = knob("", "a control's treatment run (same --out, same seed and config but control): replay its banked "
+                     "slots (prompts, alphas, per-slot seeds, number kept per round), changing only the coefficient "
+                     "(c0: 0) or the direction (random, its coefficient calibrated to the treatment's kl_steer: iso-KL); "
+                     "yoke.py. '' = unyoked: the control runs its own walk")
     # dose walk
     dose_target: float = knob(0.75, "filter survival rate a dose-walk probe must reach to count as below the edge")
     probe_size: int = knob(8, "completions per dose-walk probe batch (they cycle the alphas)")
@@ -289,6 +293,8 @@ def _check_ranges(cfg: Config) -> None:
     for name in ("run_id", "resume"):
         if getattr(cfg, name) and not safe_name(getattr(cfg, name)):
             bad(name, "a plain name: letters, digits and . _ + = - (no '/', not starting with '.')")
+    if cfg.yoke and (cfg.control == "none" or not safe_name(cfg.yoke)):
+        bad("yoke", "a treatment's run id, given with --control c0|random")
     if cfg.log_level.upper() not in LOG_LEVELS:
         bad("log_level", "one of " + ", ".join(LOG_LEVELS) + " (any case)")
     for name in ("dose_target", "top_p", "coh_floor"):

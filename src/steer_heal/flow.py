@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import itertools
 import time
+from functools import partial
 
 from loguru import logger
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from . import backends, data, informative, intervals, memory, metrics, prefect_ui, seeds, student
+from . import backends, data, informative, intervals, memory, metrics, prefect_ui, seeds, student, yoke
 from .bake import bake, lora_config
 from .config import Config
 from .dose import DoseResult, Starved, collect_at, dose_walk
 from .evaluate import Probe, StageEval, evaluate
 from .extract import Extracted, extract, student_vector
 from .filter import drop_counts, foils, score
+from .freetext import steer_kl
 from .generate import generate
 from .heal import HealError, HealResult, heal
 from .models import band, get_layers
@@ -64,13 +66,20 @@ class Run:
         self.steer = backends.steer_fn(cfg)
         self.ledger = Ledger(self.log)
         self.vectors: dict[int, dict] = {}  # round -> the extracted vector
+        self.yoked = yoke.Treatment.open(cfg) if cfg.yoke else None  # --yoke: the treatment it replays
         if cfg.bf16 in ("eval", "heal", "both"):  # approximate numbers are said, not only stored in run_info
             logger.warning(f"--bf16 {cfg.bf16}: measured on SmolLM2, bf16 probes move a stage delta by up to ~0.01 "
                            "nats and a bf16 heal's val nll by ~2% (docs/performance.md, part p)")
 
     def gen_vector(self, r: int) -> dict | None:
-        """What round r generates and steers its steered eval with: the vector, or the run's control's."""
-        return control_vector(self.vectors[r], self.cfg.control, seeds.control_vector(self.cfg.seed))
+        """What round r generates and steers its steered eval with: the vector, or the run's control's (a yoked
+        random control's scaled to the treatment's kl_steer, measured on the model as it is now)."""
+        v = control_vector(self.vectors[r], self.cfg.control, seeds.control_vector(self.cfg.seed))
+        if self.yoked is not None and v is not None:
+            kl = partial(steer_kl, self.stack.model, self.tok, system=self.system, max_len=self.cfg.max_len,
+                         batch=self.cfg.eval_batch, steerer=self.steer)
+            v = self.yoked.iso_kl(self.log, r, v, kl)
+        return v
 
     def stage(self, name: StageName, r: int, work):
         return run_stage(self.ledger, name, r, self.cfg, work)
@@ -160,15 +169,21 @@ def dose_task(run: Run, r: int) -> DoseResult | Outcome:
     def work() -> Done | Outcome:
         try:  # the c0 control has nothing to walk: it collects unsteered, at C = 0
             dc = cfg.part("dose")
-            res = collect_at(dc, run.prompts, sample, 0.0) if cfg.control == "c0" else dose_walk(dc, run.prompts, sample)
+            if run.yoked is not None:  # the treatment's banked slots, only the push changed
+                res = yoke.replay(cfg, run.yoked.dose(r), run.prompts, sample, c0=cfg.control == "c0")
+            elif cfg.control == "c0":
+                res = collect_at(dc, run.prompts, sample, 0.0)
+            else:
+                res = dose_walk(dc, run.prompts, sample)
         except Starved as e:  # an outcome, not a crash: returned, so Prefect logs no traceback
             return Outcome(RunStatus.STARVED, str(e))
         completions, steps = res.rows()
         logger.info(f"r{r} dose: kappa={res.kappa:.3f} (walk: {res.walk}) kept {len(res.kept)}/{res.n_gen} "
                     f"drops={drop_counts(res.scored)}\n" + dose_table(res.steps))
         res.seconds = time.time() - t
+        calib = run.yoked.calibrations.get(r) if run.yoked is not None else None  # a yoked random's iso-KL
         return Done(res, [("completions", [dict(round=r, **x) for x in completions]), f"dose:r{r}:completions",
-                          ("dose_steps", [dict(round=r, **x) for x in steps])])
+                          ("dose_steps", [dict(round=r, **x) for x in steps]), *([("yoke", calib)] if calib else [])])
     return run.stage(StageName.DOSE, r, work)
 
 

@@ -11,6 +11,8 @@ them in this process, --on pool submits them to the work pool (`just server`, `j
 has ended (done, stopped, starved) is skipped and one that did not end (a crash, Ctrl-C, failed) is resumed,
 so the same command picks a study up where it stopped. The runs differ only in seed (and arm), so
 `just stages` prints each cell's mean and 95% interval over them.
+A control arm given --yoke-group TREAT (the treatment's GROUP) yokes each seed to the treatment's run of the
+same seed, --yoke TREAT-s<s> (yoke.py); the study yokes c0 and random to kl_rev, c0-nll to nll.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .sweep.state import StoreState
 ARMS = {"kl_rev": ["--reg", "kl_rev"], "nll": ["--reg", "nll"], "c0": ["--reg", "kl_rev", "--control", "c0"],
         "random": ["--reg", "kl_rev", "--control", "random"], "c0-nll": ["--reg", "nll", "--control", "c0"]}
 STUDY_SEEDS = 3
+YOKED_TO = {"c0": "kl_rev", "random": "kl_rev", "c0-nll": "nll"}  # a control arm replays its treatment's slots
 
 
 def ended(st: StoreState, cell: Cell) -> bool:
@@ -49,28 +52,37 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="just seeds", description=__doc__,
+    p = argparse.ArgumentParser(prog="just seeds", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, help="seeds 0..N-1")
     p.add_argument("recipe", choices=tuple(RECIPES), help="the run recipe each seed runs")
     p.add_argument("--run-id", default="", help="group name: the runs are GROUP-s0 .. GROUP-s<N-1>")
     _common(p)
+    p.add_argument("--yoke-group", default="", metavar="TREAT", help="a control arm: yoke seed s to the treatment "
+                   "run TREAT-s<s> (--yoke), which must have run first")
     a, rest = p.parse_known_args(argv)
     if a.n < 1:
         p.error("N must be >= 1")
-    if any(x == "--seed" or x.startswith("--seed=") for x in rest):
-        p.error("--seed is what this sets: leave it out")
+    for flag in ("--seed", "--yoke"):
+        if any(x == flag or x.startswith(flag + "=") for x in rest):
+            p.error(f"{flag} is what this sets{' (--yoke-group)' if flag == '--yoke' else ''}: leave it out")
     return a, rest
 
 
 def seeds_grid(a: argparse.Namespace, rest: list[str]) -> Grid:
     group = a.run_id or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    return Grid(name=group, seeds=list(range(a.n)), base=list(rest), prefix="", recipe=a.recipe)
+    control = next((v for k, v in zip(rest, rest[1:]) if k == "--control"), "none")
+    if control != "none" and not a.yoke_group:
+        logger.warning(f"--control {control} without --yoke-group: each seed runs its own walk, unmatched to any "
+                       "treatment, and `just stages`/`just beyond` refuse it as a control unless --unyoked")
+    return Grid(name=group, seeds=list(range(a.n)), base=list(rest), prefix="", recipe=a.recipe, yoke=a.yoke_group)
 
 
 def study_grids(arms: list[str]) -> list[Grid]:
-    return [Grid(name=f"study-{arm}", seeds=list(range(STUDY_SEEDS)), base=ARMS[arm], prefix="", recipe="small-run")
-            for arm in arms]
+    """One seeds grid per arm, treatments first: a yoked control needs its treatment's rounds."""
+    arms = sorted(arms, key=lambda x: x in YOKED_TO)
+    return [Grid(name=f"study-{arm}", seeds=list(range(STUDY_SEEDS)), base=ARMS[arm], prefix="", recipe="small-run",
+                 yoke=f"study-{YOKED_TO[arm]}" if arm in YOKED_TO else "") for arm in arms]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,8 @@ class Stage:
 STAGES: dict[StageName, Stage] = {s.name: s for s in (
     Stage(StageName.EVAL_BASE, (*_evals("base", "prompted"), ("intervals", _all), ("probe_info", _all)), _eval("base")),
     Stage(StageName.EXTRACT, (("vectors", _all),), lambda log, r, cfg: student.stored_vector(log, r)),
-    Stage(StageName.DOSE, (("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", _all)),
+    Stage(StageName.DOSE, (("completions", lambda x: x["phase"] in ("probe", "collect")), ("dose_steps", _all),
+                           ("yoke", _all)),
           student.stored_dose),
     Stage(StageName.EVAL_STEERED, _evals("steered"), _eval("steered")),
     # heal is finished once bake stored its adapters row (the adapter file, hash-checked, is what a resume

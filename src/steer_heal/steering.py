@@ -50,11 +50,16 @@ def steer(model, vec: Vector | None, coef: float | torch.Tensor) -> Iterator[Non
 
 def random_like(vec: Vector, seed: int) -> Vector:
     """A random direction with the same per-layer norms as vec (seeded): the size of the push, no trait.
-    The same seed draws the same raw directions, so only the norms follow vec."""
+    ONE direction, shared by every layer of the band and scaled per layer to vec's norm there: the extracted
+    vector points nearly the same way at adjacent layers, so its pushes add up along the residual stream;
+    independent per-layer directions would be equal-norm but far less disruptive (issue 24). The same seed
+    draws the same direction, so only the norms follow vec."""
     g = torch.Generator().manual_seed(seed)
+    x = None
     out = {}
     for i, v in sorted(vec.items()):
-        x = torch.randn(v.shape, generator=g, dtype=torch.float32)
+        if x is None:
+            x = torch.randn(v.shape, generator=g, dtype=torch.float32)
         out[i] = (x * (v.float().norm() / x.norm())).to(v)
     return out
 

@@ -6,7 +6,10 @@ item by item), or the t over seeds where the runs hold no items. A treatment and
 model and the items, so for one seed pair the difference is the treatment's stage against the control's,
 item by item: its interval is the paired bootstrap over items (intervals.py), as every other delta's.
 Two runs of one arm with the same seed are refused: which of them pairs would be a guess. A stage under the
-coherence floor in either arm is named in the row (`broken`) and the table.
+coherence floor in either arm is named in the row (`broken`) and the table. A control must be yoked to the
+treatment it is paired with (`--yoke`, yoke.py: the same slots, seeds and number kept); an unyoked pair is
+refused with one line unless `unyoked` (`--unyoked`), and its rows say so. Next to the rows, the filter's
+drops per reason in each arm (`drops`): a filter that drops one arm's data more than the other's selects it.
 
 A control heals on the same loop's text with the trait taken out (c0: unsteered completions; random: an
 equal-norm random push), so what the treatment moves beyond it is what the trait vector adds over
@@ -21,6 +24,7 @@ from .. import informative, intervals, seeds
 from ..config import Config
 from ..errors import UserError
 from ..evaluate import stage_order
+from ..filter import CRITERIA
 from ..tables import table
 from .runs import family
 from .stats import mean_ci
@@ -31,7 +35,7 @@ METRIC = {"d_trait": "trait", "d_target": "target", "d_coh": "coh"}  # intervals
 
 
 def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
-           items: dict[str, dict] | None = None, boot: int = 0) -> list[dict]:
+           items: dict[str, dict] | None = None, boot: int = 0, unyoked: bool = False) -> list[dict]:
     """rows: `just stages` run rows (run_id, round, stage, d_*); cfgs: run_id -> its config; labels: family
     -> a short name; items: run_id -> intervals.by_stage of its eval_items (for one seed pair's interval over
     items, `boot` resamples). One row per (family, control kind, round, stage) with a treatment/control pair."""
@@ -51,6 +55,12 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
         common = sorted(set(treat) & set(ctrl))
         if control == "none" or not common:
             continue
+        loose = [(treat[s], ctrl[s]) for s in common if cfgs[ctrl[s]].yoke != treat[s]]
+        if loose and not unyoked:
+            t, c = loose[0]
+            raise UserError(f"beyond control: {len(loose)} {control} run(s) are not yoked to the treatment they pair "
+                              f"with (first: {c}, treatment {t}): an unyoked control runs its own walk on other slots "
+                              f"and seeds; rerun it with --yoke {t} (just seeds --yoke-group does), or pass --unyoked")
         cells = sorted({k for s in common for k in by_run[treat[s]]} & {k for s in common for k in by_run[ctrl[s]]},
                        key=stage_order)
         for key in cells:
@@ -60,7 +70,8 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
                        n_pairs=len(pairs), treatment=[t["run_id"] for t, _ in pairs],
                        controls=[c["run_id"] for _, c in pairs],
                        broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")],
-                       at_chance=sorted({p for t, c in pairs for x in (t, c) for p in x.get("at_chance") or ()}))
+                       at_chance=sorted({p for t, c in pairs for x in (t, c) for p in x.get("at_chance") or ()}),
+                       yoked=all(cfgs[c["run_id"]].yoke == t["run_id"] for t, c in pairs))
             for m in DIFFS:
                 diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
                 ci, over = mean_ci(diffs), "seeds"
@@ -113,8 +124,57 @@ def summary(out: list[dict]) -> str:
             "seed pairs, then the items they share (t over seed pairs alone, marked *, without items or with --boot "
             "0); one seed pair: resampling its items (paired bootstrap)]; ~ = the interval holds 0; broken: runs whose "
             "stage is under the coherence floor\n"
-            + table(["family", "control", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
-                    [[r["family"], r["control"], r["round"], r["stage"], r["n_pairs"],
+            + table(["family", "control", "yoked", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
+                    [[r["family"], r["control"], "yes" if r.get("yoked") else "NO (--unyoked)", r["round"], r["stage"],
+                      r["n_pairs"],
                       *informative.shade({m: _ci(r, m) for m in DIFFS}, {p: False for p in r.get("at_chance") or ()},
                                          ratios=False).values(),
                       "BROKEN " + ",".join(r["broken"]) if r.get("broken") else ""] for r in out]))
+
+
+def drop_counts(completions: list[dict], steps: list[dict]) -> dict[int, dict]:
+    """Per round of one run: the completions of the batches it banks from (collect and accepted probe batches, a
+    yoked control's replays; a failed probe above the edge is left out): how many passed the filter and its drops
+    per reason."""
+    out = {}
+    for r in sorted({x["round"] for x in steps}):
+        st = [x for x in steps if x["round"] == r]
+        old = any(x["phase"] is None for x in st)  # stored before dose_steps had a phase: every batch banked
+        ok = {x["step"] for x in st if old or x["phase"] in ("collect", "yoke") or x["accepted"]}
+        got = [x for x in completions if x["round"] == r and x["phase"] in ("probe", "collect") and x["step"] in ok]
+        out[r] = dict(n=len(got), passed=sum(bool(x["keep"]) for x in got),
+                      **{c: sum(x["reason"] == c for x in got if not x["keep"]) for c in CRITERIA})
+    return out
+
+
+def drops(cfgs: dict[str, Config], labels: dict[str, str], counts: dict[str, dict[int, dict]]) -> list[dict]:
+    """The drop counts summed over each arm's seeds, one row per (family, round, arm), for families with a control."""
+    fams = {family(c) for c in cfgs.values() if c.control != "none"}
+    acc: dict = defaultdict(lambda: defaultdict(int))
+    for run_id, cfg in cfgs.items():
+        if family(cfg) in fams:
+            for r, c in counts.get(run_id, {}).items():
+                a = acc[(family(cfg), r, cfg.control)]
+                a["runs"] += 1
+                for k, v in c.items():
+                    a[k] += v
+    return [dict(level="drops", family=labels.get(f, f), round=r, control=ctl, **a)
+            for (f, r, ctl), a in sorted(acc.items(), key=lambda x: (x[0][0], x[0][1], x[0][2] != "none", x[0][2]))]
+
+
+def drops_summary(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    arms = list(dict.fromkeys(r["control"] for r in rows))
+    by = {(r["family"], r["round"], r["control"]): r for r in rows}
+    cells = sorted({(r["family"], r["round"]) for r in rows})
+    body = [[f, rd, what, *(_count(by.get((f, rd, a)), what) for a in arms)]
+            for f, rd in cells for what in ("passed", *CRITERIA)
+            if any((by.get((f, rd, a)) or {}).get(what) for a in arms)]
+    return ("\n\nthe filter per arm: completions of the batches each arm banks from (a failed probe above the edge is "
+            "left out), summed over seeds: passed the filter (banked up to n_keep), then dropped per reason (its first failing criterion), n/of\n"
+            + table(["family", "r", "", *("treatment" if a == "none" else a for a in arms)], body))
+
+
+def _count(row: dict | None, what: str) -> str:
+    return "-" if row is None else f"{row[what]}/{row['n']}"

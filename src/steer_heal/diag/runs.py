@@ -24,9 +24,9 @@ def trait_sign(cfg: Config) -> int:
 
 
 def seedless(cfg: Config) -> dict:
-    """The experiment without its seed, plus the execution knobs that move the numbers past float rounding
+    """The experiment without its seed (and the treatment run a control is yoked to, one per seed), plus the execution knobs that move the numbers past float rounding
     (bf16: ~0.01 nats; config.MOVES_NUMBERS): runs equal here are repeats of one config."""
-    return {**{k: v for k, v in cfg.experiment().items() if k != "seed"}, "bf16": cfg.bf16}
+    return {**{k: v for k, v in cfg.experiment().items() if k not in ("seed", "yoke")}, "bf16": cfg.bf16}
 
 
 def _key(d: dict) -> str:

@@ -44,6 +44,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--boot", type=int, default=2000, help="paired bootstrap resamples per interval (0 = none)")
     p.add_argument("--out", "--root", dest="out", default="out", help="store root")
+    p.add_argument("--unyoked", action="store_true", help="allow beyond-control rows over controls not yoked to "
+                   "their treatment (--yoke): they ran their own walk, on other slots and seeds")
+    p.add_argument("--beyond", action="store_true", help="print only beyond control and the filter per arm "
+                   "(`just beyond`)")
     return p.parse_args(argv)
 
 
@@ -212,7 +216,7 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    rows, groups, exps, cfgs, items = [], defaultdict(list), {}, {}, {}
+    rows, groups, exps, cfgs, items, dropped = [], defaultdict(list), {}, {}, {}, {}
     for run_id in dict.fromkeys(a.run_ids):
         log = run_log(a.out, run_id)
         cfg = cfgs[run_id] = stored_config(log)
@@ -221,16 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         exps[key] = seedless(cfg)
         eval_items = log.read("eval_items")
         items[run_id] = intervals.by_stage(eval_items)
+        dropped[run_id] = control.drop_counts(log.read("completions"), log.read("dose_steps"))
         rows += run_rows(run_id, log.read("stage_metrics"), data.persona(cfg)["target"], eval_items,
                          cfg.seed, a.boot, cfg.coh_floor_rel, cfg.ppl_floor_rel,
                          informative.usable(log.read("probe_info")), cfg.probe_gate)
     agg = seed_rows(rows, groups, config_labels(exps), items, a.boot)
     fams = {family(c): {k: v for k, v in seedless(c).items() if k != "control"} for c in cfgs.values()}
-    beyond = control.beyond(rows, cfgs, config_labels(fams), items, a.boot)
+    beyond = control.beyond(rows, cfgs, config_labels(fams), items, a.boot, a.unyoked)
+    drops = control.drops(cfgs, config_labels(fams), dropped)
     diag = Diagnostic(a.out, "stages", ",".join(dict.fromkeys(a.run_ids)), None,
                       dict(runs=list(dict.fromkeys(a.run_ids)), level=0.95, boot=a.boot))
-    diag.add([dict(level="run", **r) for r in rows] + agg + beyond)
-    diag.finish(summary(rows, agg) + control.summary(beyond))
+    diag.add([dict(level="run", **r) for r in rows] + agg + beyond + drops)
+    text = control.summary(beyond) + control.drops_summary(drops)
+    diag.finish(text.lstrip("\n") if a.beyond else summary(rows, agg) + text)
     return 0
 
 

@@ -71,6 +71,9 @@ TABLES: dict[str, dict[str, str]] = {
         "n_kept BIGINT, rate DOUBLE, accepted BOOLEAN, phase VARCHAR"),
     "stages": _cols(
         "run_id VARCHAR, round BIGINT, stage VARCHAR, seconds DOUBLE, ts TIMESTAMP"),
+    "yoke": _cols(
+        "run_id VARCHAR, round BIGINT, treatment VARCHAR, coef DOUBLE, n BIGINT, scale DOUBLE, kl DOUBLE,"
+        "kl_target DOUBLE, iters BIGINT"),
     "adapters": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
     "vectors": _cols("run_id VARCHAR, round BIGINT, path VARCHAR, sha256 VARCHAR"),
     "diagnostics": _cols(

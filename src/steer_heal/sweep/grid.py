@@ -113,7 +113,8 @@ class Grid:
     """name: the sweep (run id prefix); axes: knob -> values to cross; seeds; plus: extra cells (each a
     dict of knob -> value on top of the base, crossed with the seeds only); base: flags for every cell;
     prefix: of every run id ("sw"; "" names the runs NAME-...-s<seed>, as `just seeds` does); recipe: the
-    `just` run recipe whose flags lead every cell's (RECIPES; "" for none)."""
+    `just` run recipe whose flags lead every cell's (RECIPES; "" for none); yoke: a control grid's treatment
+    group, each seed s yoked to the run YOKE-s<s> (--yoke, yoke.py)."""
     name: str
     axes: dict[str, list] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)
@@ -121,6 +122,7 @@ class Grid:
     base: list[str] = field(default_factory=list)
     prefix: str = "sw"
     recipe: str = ""
+    yoke: str = ""
 
     def check(self) -> None:
         if not NAME.fullmatch(self.name or ""):
@@ -150,7 +152,8 @@ class Grid:
         out: dict[str, Cell] = {}
         for knobs in combos:
             for seed in self.seeds or [None]:
-                args = (*self.base, *(t for k, v in knobs.items() for t in flag_tokens(k, v)))
+                args = (*self.base, *(t for k, v in knobs.items() for t in flag_tokens(k, v)),
+                        *(("--yoke", f"{self.yoke}-s{seed}") if self.yoke and seed is not None else ()))
                 cell = Cell("", {}, args, seed, self.recipe, lead)
                 cfg = _parse(parse, list(cell.flags), knobs)
                 rid = run_id_of(self.name, cfg, list(knobs), self.prefix)
