@@ -156,7 +156,7 @@ sweep-status *ARGS:
 
 # a local Prefect server with its UI on a free port; prints the URL and the PREFECT_API_URL to export (docs/usage.md): just ui [--out DIR] [--port N]
 ui *ARGS:
-    @exec {{python}} -m steer_heal.prefect_ui "$@"
+    @exec {{python}} -m steer_heal.sweep ui "$@"
 
 # ---- bench: performance figures for docs/performance.md
 # time generation, perplexity, a heal step, eval, orchestration and the store SQL: just bench --cache /tmp/smc --only a,b

@@ -15,8 +15,9 @@ import torch
 from loguru import logger
 
 from steer_heal import bf16
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.errors import UserError
+from steer_heal.presets import preset
 from steer_heal.run import preflight
 
 REPO = Path(__file__).resolve().parents[1]

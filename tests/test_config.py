@@ -5,8 +5,9 @@ from dataclasses import fields
 import pytest
 
 from steer_heal.cli import build_parser, parse, to_argv
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.errors import UserError
+from steer_heal.presets import preset
 
 BAD = [
     (dict(reg="kl"), "reg='kl'", "'nll', 'kl_fwd', 'kl_rev'"),

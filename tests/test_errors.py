@@ -14,9 +14,10 @@ import torch
 
 from steer_heal import bf16, export
 from steer_heal.cli import main
-from steer_heal.config import FOUNDATIONS, Config, preset
+from steer_heal.config import FOUNDATIONS, Config
 from steer_heal.console import script
 from steer_heal.diag import barrier, csweep, pareto, stages
+from steer_heal.presets import preset
 from steer_heal.steering import save_vector
 from steer_heal.store import RunLog, WriterLock
 from steer_heal.store.__main__ import main as store_main

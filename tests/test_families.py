@@ -15,9 +15,10 @@ from test_flow import ARGS, steer_heal
 
 from steer_heal import family
 from steer_heal.bake import lora_config, lora_targets
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.errors import UserError
 from steer_heal.models import ModelError, get_layers, load_model
+from steer_heal.presets import preset
 from steer_heal.stack import Stack
 from steer_heal.store import RunLog
 from steer_heal.tiny import TINY_ARCHS

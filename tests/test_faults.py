@@ -12,9 +12,10 @@ import pytest
 from test_flow import ARGS, steer_heal
 
 from steer_heal.bake import lora_config
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.heal import HealError, heal
 from steer_heal.models import load_model
+from steer_heal.presets import preset
 from steer_heal.stack import Stack
 from steer_heal.store import RunLog, query
 

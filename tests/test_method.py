@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from steer_heal import seeds
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.dose import BRACKET, DoseResult, Starved, collect_at, dose_walk
 from steer_heal.filter import foils, perplexity, score
 from steer_heal.generate import generate
 from steer_heal.models import load_model
+from steer_heal.presets import preset
 from steer_heal.steering import control_vector
 from steer_heal.tokens import turn_end_id
 

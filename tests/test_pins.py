@@ -16,13 +16,14 @@ import torch
 
 from steer_heal import metrics
 from steer_heal.bake import lora_config
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.diag import pareto, stages
 from steer_heal.dose import DoseResult, dose_walk, settled_kappa
 from steer_heal.evaluate import StageEval
 from steer_heal.extract import Extracted
 from steer_heal.heal import HealResult, aggregate, divergence, heal, spectral_norm
 from steer_heal.models import load_model
+from steer_heal.presets import preset
 from steer_heal.stack import Stack
 from steer_heal.store import RunLog, query
 

@@ -173,8 +173,9 @@ def test_completion_rows_are_the_padded_logits_without_the_padding(tiny):
 def test_heal_runs_the_head_on_completion_tokens_only(model_cache):
     """Student and reference forwards of a kl_rev heal put exactly the real completion tokens through the LM head
     and its log-softmax, not rows x longest completion: memory is completion tokens x vocabulary."""
-    from steer_heal.config import Config, preset
+    from steer_heal.config import Config
     from steer_heal.heal import heal
+    from steer_heal.presets import preset
 
     model, tok = load_model("tiny-random", cache=model_cache)
     st = Stack(model)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from steer_heal import flow
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.heal import HealResult
+from steer_heal.presets import preset
 from steer_heal.stage import STAGES, Done, Ledger, StageName, run_stage
 from steer_heal.status import Outcome, RunStatus, finished
 from steer_heal.store import RunLog

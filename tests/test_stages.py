@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from steer_heal.bake import lora_config
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.errors import CorruptArtifact
 from steer_heal.extract import extract
 from steer_heal.filter import drop_counts, max_ngram_freq, score
@@ -13,6 +13,7 @@ from steer_heal.generate import generate
 from steer_heal.heal import aggregate, heal
 from steer_heal.metrics import cosine
 from steer_heal.models import get_layers, load_model
+from steer_heal.presets import preset
 from steer_heal.stack import Stack
 from steer_heal.steering import load_vector, save_vector, steer
 

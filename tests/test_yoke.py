@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from steer_heal import seeds, yoke
-from steer_heal.config import Config, preset
+from steer_heal.config import Config
 from steer_heal.dose import DoseResult, Starved
 from steer_heal.errors import UserError
 from steer_heal.freetext import steer_kl
 from steer_heal.generate import generate
+from steer_heal.presets import preset
 from steer_heal.steering import random_like
 
 SLOT = ("prompt", "alpha", "kappa", "phase", "step", "idx")

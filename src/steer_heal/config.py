@@ -363,11 +363,3 @@ DoseCfg, HealCfg, ProbeCfg, Exec = (_PART_TYPES[n] for n in ("dose", "heal", "pr
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def __getattr__(name: str) -> Any:
-    # The presets moved to presets.py (each value with its source); old `from .config import preset` still works.
-    if name in ("PRESETS", "preset", "preset_table"):
-        from . import presets
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,9 +13,7 @@ import math
 import os
 import re
 import socket
-import sys
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 from loguru import logger
 
@@ -137,29 +135,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ui(argv: list[str] | None = None) -> int:
-    """`just ui`: a Prefect server with its UI on a free port, its SQLite under <out>/prefect-ui."""
-    import argparse
-
-    from .sweep.procs import server
-
-    p = argparse.ArgumentParser(prog="just ui", description=ui.__doc__)
-    p.add_argument("--out", default="out", help="store root; the UI server's database goes under OUT/prefect-ui")
-    p.add_argument("--port", type=int, default=0, help="default: a free one")
-    a = p.parse_args(argv)
-    port = a.port or free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    os.environ.setdefault("PREFECT_HOME", str(Path(a.out).resolve() / "prefect-ui"))
-    os.environ["PREFECT_UI_API_URL"] = api  # else the UI's browser code calls :4200
-    os.environ["PREFECT_UI_URL"] = f"http://127.0.0.1:{port}"
-    print(f"steer-heal UI: http://127.0.0.1:{port}  (runs show up there after: export PREFECT_API_URL={api})",
-          file=sys.stderr, flush=True)
-    server(a.out, "127.0.0.1", port, [])  # exec: Ctrl-C stops the server
-
-
-if __name__ == "__main__":
-    from .console import script
-
-    sys.exit(script("just ui", ui, None))

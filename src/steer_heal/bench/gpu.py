@@ -99,10 +99,11 @@ def stages(model, tok, dev, *, gen_batch: int, eval_batch: int, new: int, heal_t
     """generate, eval (completion log-probs) and a heal (kl_rev, 1 epoch, batch 3, LoRA r 32 on 0.2-0.8)."""
     from .. import data
     from ..bake import lora_config
-    from ..config import Config, preset
+    from ..config import Config
     from ..generate import generate
     from ..heal import heal
     from ..models import band, get_layers
+    from ..presets import preset
     from ..stack import Stack
     from ..tokens import chat, completion_logprobs, pack
 

@@ -19,8 +19,9 @@ from .common import Clock, load1, show
 
 def _eval(ctx, bf16: bool) -> tuple[dict, float]:
     from .. import data
-    from ..config import Config, preset
+    from ..config import Config
     from ..evaluate import Probe, measure
+    from ..presets import preset
 
     cfg = Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, bf16="eval" if bf16 else "off"))
     probe = Probe.of(cfg.part("probes"))
@@ -36,8 +37,9 @@ def _eval(ctx, bf16: bool) -> tuple[dict, float]:
 def _heal(ctx, bf16: bool) -> tuple[float | None, float]:
     from .. import data
     from ..bake import lora_config
-    from ..config import Config, preset
+    from ..config import Config
     from ..heal import heal
+    from ..presets import preset
     from ..stack import Stack
     from .heal import _heal_inputs
 

@@ -16,8 +16,9 @@ KEPT = (8, 16, 24)
 
 
 def _probe(ctx, n: int):
-    from ..config import Config, preset
+    from ..config import Config
     from ..evaluate import Probe
+    from ..presets import preset
 
     p = Probe.of(Config.from_dict(dict(preset("small"), vignettes=ctx.args.vignettes, n_vignettes=n)).part("probes"))
     p.texts = []
@@ -35,8 +36,9 @@ def eval_seconds(model, tok, probe) -> float:
 def heal_seconds(model, tok, n: int) -> float:
     from .. import data
     from ..bake import lora_config
-    from ..config import Config, preset
+    from ..config import Config
     from ..heal import heal
+    from ..presets import preset
     from ..stack import Stack
     from .heal import _heal_inputs
 

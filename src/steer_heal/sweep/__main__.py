@@ -1,5 +1,5 @@
-"""`python -m steer_heal.sweep submit|status|server|worker|enqueue`: the recipes `just sweep`,
-`just sweep-status`, `just server`, `just worker` and the pool side of the `queue-*` recipes.
+"""`python -m steer_heal.sweep submit|status|server|worker|enqueue|ui`: the recipes `just sweep`,
+`just sweep-status`, `just server`, `just worker`, `just ui` and the pool side of the `queue-*` recipes.
 
     just sweep --name lam --reg kl_rev nll --lam 0.3 1 --seeds 0 1 2 -- --preset fast-dev --out out
     just sweep grid.toml            # the same grid from a file (docs/scaling.md)
@@ -157,7 +157,29 @@ def cmd_enqueue(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = dict(submit=cmd_submit, status=cmd_status, server=cmd_server, worker=cmd_worker, enqueue=cmd_enqueue)
+def cmd_ui(argv: list[str]) -> int:
+    """`just ui`: a Prefect server with its UI on a free port, its SQLite under <out>/prefect-ui."""
+    import os
+
+    from ..prefect_ui import free_port
+    from .procs import server
+
+    p = argparse.ArgumentParser(prog="just ui", description=cmd_ui.__doc__)
+    p.add_argument("--out", default="out", help="store root; the UI server's database goes under OUT/prefect-ui")
+    p.add_argument("--port", type=int, default=0, help="default: a free one")
+    a = p.parse_args(argv)
+    port = a.port or free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    os.environ.setdefault("PREFECT_HOME", str(Path(a.out).resolve() / "prefect-ui"))
+    os.environ["PREFECT_UI_API_URL"] = api  # else the UI's browser code calls :4200
+    os.environ["PREFECT_UI_URL"] = f"http://127.0.0.1:{port}"
+    print(f"steer-heal UI: http://127.0.0.1:{port}  (runs show up there after: export PREFECT_API_URL={api})",
+          file=sys.stderr, flush=True)
+    server(a.out, "127.0.0.1", port, [])  # exec: Ctrl-C stops the server
+
+
+COMMANDS = dict(submit=cmd_submit, status=cmd_status, server=cmd_server, worker=cmd_worker, enqueue=cmd_enqueue,
+                ui=cmd_ui)
 
 
 def main(argv: list[str] | None = None) -> int:
