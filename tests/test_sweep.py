@@ -1,5 +1,8 @@
+import dataclasses
+
 """Sweep grids and the per-cell decision, without a server: run ids, cells, liveness, refusals."""
 
+import dataclasses
 import datetime as dt
 import time
 import uuid
@@ -172,7 +175,11 @@ def test_study_is_one_seeds_grid_per_arm():
     assert {(c.cfg.reg, c.cfg.control) for c in cells} == {("kl_rev", "none"), ("kl_rev", "c0")}
     c0 = grid_of(["--name", "study-c0", "--prefix", "", "--recipe", "small-run", "--seeds", "0", "1", "2", "--",
                   "--reg", "kl_rev", "--control", "c0"])[0].cells()
-    assert c0 == cells[3:]
+    # the study's control arm is the same grid, each seed yoked to the treatment's run of that seed
+    assert [c.cfg.yoke for c in cells[3:]] == [f"study-kl_rev-s{s}" for s in range(3)]
+    assert [(c.run_id, dataclasses.replace(c.cfg, yoke="")) for c in cells[3:]] == [(c.run_id, c.cfg) for c in c0]
+    # treatments run first whatever order the arms are named in: a yoked control needs its treatment's rounds
+    assert [g.name for g in repeat.study_grids(["c0", "nll", "kl_rev"])] == ["study-nll", "study-kl_rev", "study-c0"]
 
 
 def test_a_local_launch_skips_the_finished_starts_the_new_and_resumes_the_rest(tmp_path):
