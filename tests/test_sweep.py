@@ -1,7 +1,6 @@
-import dataclasses
-
 """Sweep grids and the per-cell decision, without a server: run ids, cells, liveness, refusals."""
 
+import dataclasses
 import datetime as dt
 import time
 import uuid
