@@ -6,6 +6,7 @@ imports are paid once), a second real run trains while they work.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -740,6 +741,8 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
     from steer_heal.diag.runs import family
     from steer_heal.diag.stages import run_rows
 
+    beyond = functools.partial(control.beyond, unyoked=True)  # hand-made arms, not yoked (yoke.py)
+
     # each arm's two seeds scored alike (same hand data): the pairs share their item effects, so the two-level
     # interval's item term, and with it its bootstrap seed, counts
     arms = dict(t0=(0, "none", 0), t1=(1, "none", 0), c0=(0, "c0", 2), c1=(1, "c0", 2), r1=(1, "random", 4))
@@ -756,7 +759,7 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
         items[run] = I.by_stage(it)
         cfgs[run] = Config(model="tiny-random", seed=seed, control=ctl)
     fam = family(cfgs["t0"])
-    out = control.beyond(rows, cfgs, {fam: "lam=1"})
+    out = beyond(rows, cfgs, {fam: "lam=1"})
     assert [(x["control"], x["round"], x["stage"], x["n_pairs"]) for x in out] == \
         [("c0", 0, "steered", 2), ("c0", 0, "healed", 1), ("random", 0, "steered", 1), ("random", 0, "healed", 1)]
     st = out[0]
@@ -770,11 +773,11 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
         == (ci["mean"], ci["lo"], ci["hi"], "seeds")
     assert out[1]["treatment"] == ["t0"] and out[1]["beyond_d_trait_over"] == "items"
     assert not any("beyond_d_trait_items" in x for x in out)  # no items given: no interval over them
-    assert control.beyond(rows, cfgs, {})[0]["family"] == fam  # no label: the family's own name
-    assert control.beyond(rows, cfgs, {fam: "lam=1"}, None, 200) == out
-    assert control.beyond(rows, cfgs, {fam: "lam=1"}, items) == out  # items without resamples change nothing
+    assert beyond(rows, cfgs, {})[0]["family"] == fam  # no label: the family's own name
+    assert beyond(rows, cfgs, {fam: "lam=1"}, None, 200) == out
+    assert beyond(rows, cfgs, {fam: "lam=1"}, items) == out  # items without resamples change nothing
     # two seed pairs with items: two-level, each pair's (treatment - its base) - (control - its base) on shared items
-    st2 = control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[0]
+    st2 = beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[0]
     lists = [[items[x][k] for x in pair for k in ((0, "steered"), (-1, "base"))]
              for pair in (("t0", "c0"), ("t1", "c1"))]
     want2 = I.over_seeds(lists, (1, -1, -1, 1), "target", 150, S.bootstrap(0, 0, "beyond-steered.d_target"))
@@ -783,16 +786,16 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
         (want2["delta"], want2["lo"], want2["hi"])
     assert want2["item_hw"] > 0 and want2["lo"] != I.over_seeds(lists, (1, -1, -1, 1), "target", 150, 1)["lo"]
     # a run missing from items, or pairs sharing a single item: no two-level interval, the t over seed pairs
-    assert control.beyond(rows, cfgs, {fam: "lam=1"}, {k: v for k, v in items.items() if k != "c1"}, 150)[0] == out[0]
+    assert beyond(rows, cfgs, {fam: "lam=1"}, {k: v for k, v in items.items() if k != "c1"}, 150)[0] == out[0]
     one_item = {run: {k: [x for x in v if x["item"] in ("v0", "d0", "0")] for k, v in by.items()}
                 for run, by in items.items()}
-    assert control.beyond(rows, cfgs, {fam: "lam=1"}, one_item, 150)[0]["beyond_d_target_over"] == "seeds"
+    assert beyond(rows, cfgs, {fam: "lam=1"}, one_item, 150)[0]["beyond_d_target_over"] == "seeds"
     # one seed pair whose stage has no items on one side: no interval over items for it
     for side in ("t1", "r1"):
         holes = dict(items, **{side: {k: v for k, v in items[side].items() if k != (0, "healed")}})
-        assert control.beyond(rows, cfgs, {fam: "lam=1"}, holes, 150)[3]["beyond_d_trait_items"] is None
+        assert beyond(rows, cfgs, {fam: "lam=1"}, holes, 150)[3]["beyond_d_trait_items"] is None
     # one seed pair with items: the treatment's stage against the control's, paired over items, on the pair's seed
-    one = control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[3]
+    one = beyond(rows, cfgs, {fam: "lam=1"}, items, 150)[3]
     assert (one["control"], one["stage"], one["treatment"]) == ("random", "healed", ["t1"])
     want = I.compare(items["t1"][(0, "healed")], items["r1"][(0, "healed")], 150,
                      lambda m: S.bootstrap(1, 0, f"beyond-healed.{m}"))
@@ -800,7 +803,7 @@ def test_beyond_control_rows_pair_arms_by_seed_per_cell():
     # a treatment stage without a trait number: that pair drops out of the trait mean only
     holed = [dict(r, d_trait=None) if (r["run_id"], r["round"], r["stage"]) == ("t1", 0, "steered") else r
              for r in rows]
-    got = control.beyond(holed, cfgs, {fam: "lam=1"})[0]
+    got = beyond(holed, cfgs, {fam: "lam=1"})[0]
     assert got["beyond_d_trait_mean"] == pytest.approx(diffs[0]) and got["beyond_d_trait_lo"] is None
     assert got["beyond_d_target_lo"] is not None
 

@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..stage import StageName
 from .common import load1, show
 from .orch import FLOW_ENV
 from .yardstick import Flops, part_m
@@ -99,6 +98,9 @@ def part_r(args, res: dict) -> None:
         runs = {v: _spawn(args, v, Path(d)) for v in VARIANTS}
     res["r"] = runs
     rows = []
+    # imported here, not at the top: stage.py reads the store, and `just bench --only gpu` runs store-free
+    from ..stage import StageName
+
     for st in StageName:  # a stage's stored seconds against the FLOPs of its Prefect tasks (heal's: its bake too)
         s = {v: runs[v]["stages"].get(st, math.nan) for v in runs}
         gf = sum(runs["tuned"]["flops"].get(t, 0.0) for t in st.tasks) / 1e9
