@@ -327,6 +327,36 @@ def test_a_second_writer_process_is_refused_naming_the_holder(tmp_path, spawn):
     WriterLock(tmp_path).acquire().release()  # the kernel dropped the dead holder's lock
 
 
+def test_a_refusal_names_the_new_holder_not_an_empty_or_dead_one(tmp_path):
+    """Between a new holder's flock and its pid write the file is empty, or still names the writer that was
+    killed; a second writer arriving then must wait for the new name, not print "not written yet" or the
+    dead pid (test_faults' two resumes at once hit this window on a loaded box)."""
+    import fcntl
+    import json
+    import platform
+    import threading
+
+    path = tmp_path / LOCK_FILE
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(json.dumps(dict(pid=int(dead.stdout), host=platform.node(), since="then")))  # the killed one
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new holder has the lock, its name not yet written
+
+    def write_late() -> None:
+        time.sleep(0.3)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(pid=4242, host=platform.node(), since="now")).encode(), 0)
+
+    t = threading.Thread(target=write_late)
+    t.start()
+    try:
+        with pytest.raises(RunLocked, match="is being written by pid 4242 on "):
+            WriterLock(tmp_path).acquire()
+    finally:
+        t.join()
+        os.close(fd)
+
+
 def test_torn_tail_then_drop_then_append_loses_no_row(tmp_path):
     """A drop that matches nothing must still rewrite a torn tail away, or the next append is glued onto
     the torn line and lost with it."""

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -85,10 +86,29 @@ class WriterLock:
         self.release()
 
 
-def holder(path: Path) -> str:
-    """'pid 123 on host h since ...' from a held lock file (its holder wrote that right after locking)."""
+def holder(path: Path, wait: float = 5.0) -> str:
+    """'pid 123 on host h since ...' from a held lock file. Its holder writes that right after locking, so a
+    file that is empty, torn, or still names a dead process on this host (the writer it replaced) is read
+    again for up to `wait` seconds rather than named."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            h = json.loads(path.read_text() or "{}")
+            who = f"pid {h['pid']} on {h['host']} since {h['since']}"
+            if h["host"] != platform.node() or _alive(int(h["pid"])):
+                return who
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process (it has not written its pid yet)"
+        if time.monotonic() > deadline:
+            return who
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
     try:
-        h = json.loads(path.read_text() or "{}")
-        return f"pid {h['pid']} on {h['host']} since {h['since']}"
-    except (OSError, ValueError, KeyError):
-        return "another process (it has not written its pid yet)"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
