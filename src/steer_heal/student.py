@@ -87,7 +87,7 @@ class Student:
     run_id: str
     log: RunLog
     cfg: Config
-    stack: object   # bake.Stack, gated student on
+    stack: object   # stack.Stack, gated student on
     tok: object
     lora: object    # the LoraConfig every round's adapter uses
     upto: int | None

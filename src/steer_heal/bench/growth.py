@@ -1,5 +1,5 @@
 """Part g of `just bench`: cost against the round index. Every baked adapter stays in a gated stack's
-forward; `--fold-history` folds them into the weights (bake.Stack(fold=True)).
+forward; `--fold-history` folds them into the weights (stack.Stack(fold=True)).
 
 1. SmolLM2: one eval-shaped forward (16 x 120 tokens, no grad; the folded stack merged, as the frozen stages
    run) and one heal-shaped step (4 x 120, forward and backward through a fresh live adapter on the history)
