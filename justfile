@@ -55,7 +55,7 @@ small-run *ARGS: smollm2
 seeds N RECIPE *ARGS:
     @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat "$@"
 
-# the SmolLM2 question (spec.md "Controls"): 3 seeds x 3 rounds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text; also: random, c0-nll), then stages and pareto; a control arm is yoked, seed by seed, to its treatment; rerun to resume [--on procs|inline|pool]
+# the SmolLM2 question (spec.md "Controls"): 5 seeds of each arm (kl_rev, nll, c0 = kl_rev on unsteered text, random at iso-KL; also c0-nll), then stages and pareto; a control arm is yoked, seed by seed, to its treatment; rerun to resume [--seeds N] [--on procs|inline|pool] [-- FLAGS]
 study *ARMS:
     @JUST={{just_executable()}} exec {{python}} -m steer_heal.repeat study "$@"
 

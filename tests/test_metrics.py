@@ -149,3 +149,17 @@ def test_shoulds_name_what_a_failure_means():
                    "cos_v0 > 0.5": False}
     assert all(" -- else " in line or " -- <= 0" in line or " -- same" in line for _, line in M.shoulds(row, ivs))
     assert all(held is None for held, line in M.shoulds(dict(round=0), {}) if "coherence" not in line)
+
+
+def test_a_should_that_rests_on_a_probe_at_chance_is_not_checked_and_says_why():
+    """SmolLM2's seven-way probe and the tiny model's contrast probe are at chance: a SHOULD read off such a
+    probe is neither held nor failed (its verdict would be noise), and its line names the probe."""
+    row = dict(round=1, broken=False, steered_broken=False, adapter_ppl=6.0, steered_adapter_ppl=9.0)
+    ivs = {(1, "healed", "trait", "base"): dict(lo=-0.05, hi=0.01), (1, "healed", "trait", "prev"): dict(lo=-0.01, hi=0.02),
+           (1, "healed", "ppl", "base"): dict(lo=0.5, hi=2.0)}
+    checks = M.shoulds(row, ivs, {"mfv": False, "contrast": False, "freetext": True})
+    trait = [(h, line) for h, line in checks if "d_trait" in line]
+    assert len(trait) == 2 and all(h is None and "not checked: contrast at chance" in line for h, line in trait)
+    ppl = [(h, line) for h, line in checks if "adapter_ppl" in line]
+    assert [h for h, _ in ppl] == [True, False]  # freetext reads: its checks stand
+    assert [h for h, _ in M.shoulds(row, ivs, None) if "d_trait" in _] == [False, False]  # ungated: checked

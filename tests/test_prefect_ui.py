@@ -103,6 +103,14 @@ def test_one_table_artifact_per_round_equals_the_stores_rounds_row(ui):
     got = intervals.lookup(log.read("intervals"))
     assert sorted(rows) == [0, 1]
     slug = "ui-run-1"
+    verdict = informative.usable(log.read("probe_info"))
+    assert verdict and not any(verdict.values())  # the tiny model: every probe at chance, so every probe's cell greys
+
+    def want(col: str, v):  # the round table's cell: an at-chance probe's number in parentheses, its ratio's gap
+        if informative.probe_of(col) is None:
+            return v
+        return "at chance" if v is None and col in ("retain", "retain_trait") else informative.grey(v, False)
+
     for fr, r in zip(ui.flow_runs(), (0, 1)):
         arts = ui.artifacts(fr)
         assert set(arts) == {f"{slug}-r{r}-table", f"{slug}-r{r}-checks", f"{slug}-summary"}  # each flow run ends
@@ -111,11 +119,12 @@ def test_one_table_artifact_per_round_equals_the_stores_rounds_row(ui):
         cell, row = table[0], rows[r]
         for col, head in ROUND_COLS:
             if col == "d_trait":
-                assert cell[head] == intervals.fmt(got[(r, "healed", "trait", "base")])
+                assert cell[head] == want(col, intervals.fmt(got[(r, "healed", "trait", "base")]))
+                assert cell[head].startswith("(")
             elif col in ("retain", "retain_trait") and row.get("broken"):
-                assert cell[head] == "BROKEN"
+                assert cell[head] == want(col, "BROKEN")
             else:
-                assert cell[head] == row[col], head  # the stored value itself, not a rounded print
+                assert cell[head] == want(col, row[col]), head  # the stored value, greyed where at chance
         checks = arts[f"{slug}-r{r}-checks"].data
         fired = [(h, line) for h, line in metrics.shoulds(row, intervals.lookup(log.read("intervals"))) if h is not None]
         assert all(line in checks for _, line in fired)

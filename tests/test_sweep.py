@@ -168,16 +168,23 @@ def test_study_is_one_seeds_grid_per_arm():
     from steer_heal import repeat
     from steer_heal.sweep.__main__ import grid_of
 
-    cells = [c for g in repeat.study_grids(["kl_rev", "c0"]) for c in g.cells()]
+    cells = [c for g in repeat.study_grids(["kl_rev", "c0"], 3, ["--n-rounds", "1"]) for c in g.cells()]
     assert [c.run_id for c in cells] == [f"study-{a}-s{s}" for a in ("kl_rev", "c0") for s in range(3)]
     assert {(c.cfg.reg, c.cfg.control) for c in cells} == {("kl_rev", "none"), ("kl_rev", "c0")}
+    # SmolLM2 is at chance on the seven-way probe: the study skips it; the flags after `--` reach every arm
+    assert {(c.cfg.eval, c.cfg.n_rounds) for c in cells} == {("contrast", 1)}
     c0 = grid_of(["--name", "study-c0", "--prefix", "", "--recipe", "small-run", "--seeds", "0", "1", "2", "--",
-                  "--reg", "kl_rev", "--control", "c0"])[0].cells()
+                  "--reg", "kl_rev", "--control", "c0", "--probes", "contrast", "freetext", "--n-rounds",
+                  "1"])[0].cells()
     # the study's control arm is the same grid, each seed yoked to the treatment's run of that seed
     assert [c.cfg.yoke for c in cells[3:]] == [f"study-kl_rev-s{s}" for s in range(3)]
     assert [(c.run_id, dataclasses.replace(c.cfg, yoke="")) for c in cells[3:]] == [(c.run_id, c.cfg) for c in c0]
     # treatments run first whatever order the arms are named in: a yoked control needs its treatment's rounds
     assert [g.name for g in repeat.study_grids(["c0", "nll", "kl_rev"])] == ["study-nll", "study-kl_rev", "study-c0"]
+    for flags in (["--", "--seed", "3"], ["c0", "--", "--yoke=x"]):  # what the study sets is refused, not overridden
+        with pytest.raises(SystemExit) as e:
+            repeat.study(flags)
+        assert e.value.code == 2
 
 
 def test_a_local_launch_skips_the_finished_starts_the_new_and_resumes_the_rest(tmp_path):

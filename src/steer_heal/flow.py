@@ -279,13 +279,14 @@ def rounds(run: Run) -> Outcome:
         run.log.append("intervals", ivs)
         crash_point(f"rows:r{r}")
         run.log.append("rounds", row)
-        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals"),
-                                        verdict=informative.usable(run.log.read("probe_info"))))
-        checks = metrics.shoulds(row, intervals.lookup(ivs))
+        verdict = informative.usable(run.log.read("probe_info"))  # tables grey a probe at chance, gate or not
+        logger.info("\n" + round_table(run.log.read("rounds"), run.log.read("intervals"), verdict=verdict))
+        checks = metrics.shoulds(row, intervals.lookup(ivs), verdict if cfg.probe_gate else None)
         for held, line in checks:
-            if held is not None:
-                (logger.info if held else logger.warning)(f"SHOULD{'' if held else ' (FAILED)'}: {line}")
-        prefect_ui.round_artifacts(run.log, row, intervals.lookup(ivs), checks, dose.scored)
+            if held is not None or "[not checked" in line:
+                (logger.info if held is not False else logger.warning)(
+                    f"SHOULD{' (FAILED)' if held is False else ''}: {line}")
+        prefect_ui.round_artifacts(run.log, row, intervals.lookup(ivs), checks, dose.scored, verdict)
         if cfg.coh_floor > 0 and healed.coherence is not None and healed.coherence < cfg.coh_floor \
                 and informative.ok(informative.floor(cfg, run.log.read("probe_info"))["informative"], "mfv"):
             write_report(run.log, target)

@@ -181,9 +181,20 @@ def round_row(r: int, target: str, ext, dose, steered, heal, healed, base, secs:
     return row
 
 
-def shoulds(row: dict, ivs: dict) -> list[tuple[bool | None, str]]:
+def shoulds(row: dict, ivs: dict, verdict: dict[str, bool] | None = None) -> list[tuple[bool | None, str]]:
     """The method's expectations of a finished round, each with what a failure means: (held, line);
-    held is None when the round lacks the numbers to check it. ivs: intervals.lookup() of the run."""
+    held is None when the round lacks the numbers to check it, or when they come from a probe at chance on this
+    model (verdict: informative.usable of the run; None checks every probe). ivs: intervals.lookup() of the run."""
+    off = {p for p, good in (verdict or {}).items() if not good}
+
+    def gated(probe: str, held: bool | None, line: str) -> tuple[bool | None, str]:
+        return (None, f"{line} [not checked: {probe} at chance on this model]") if probe in off else (held, line)
+
+    return [gated(probe, held, line) for probe, held, line in _checks(row, ivs)]
+
+
+def _checks(row: dict, ivs: dict) -> list[tuple[str, bool | None, str]]:
+    """shoulds' checks, each with the probe its numbers come from (the floor's flags are already gated)."""
     r = row["round"]
 
     def iv(stage: str, metric: str, ref: str) -> dict:
@@ -198,24 +209,24 @@ def shoulds(row: dict, ivs: dict) -> list[tuple[bool | None, str]]:
     ppl_h, ppl_s = row.get("adapter_ppl"), row.get("steered_adapter_ppl")
     d_ppl = iv("healed", "ppl", "base")
     return [
-        (not row.get("steered_broken"), "steered coherence within the floor of base -- else the dose breaks the "
+        ("floor", not row.get("steered_broken"), "steered coherence within the floor of base -- else the dose breaks the "
          "model and retain, retain_trait are withheld"),
-        (not row.get("broken"), "healed coherence within the floor of base -- else the heal broke the model; "
+        ("floor", not row.get("broken"), "healed coherence within the floor of base -- else the heal broke the model; "
          "every ratio is withheld"),
-        (between(row.get("retain")), f"retain in (0, 1] (got {_g(row.get('retain'))}) -- <= 0: the heal undid or "
+        ("mfv", between(row.get("retain")), f"retain in (0, 1] (got {_g(row.get('retain'))}) -- <= 0: the heal undid or "
          "reversed the steered move; > 1: it went past the teacher"),
-        (between(row.get("retain_trait")), f"retain_trait in (0, 1] (got {_g(row.get('retain_trait'))}) -- same, "
+        ("contrast", between(row.get("retain_trait")), f"retain_trait in (0, 1] (got {_g(row.get('retain_trait'))}) -- same, "
          "on the contrast probe"),
-        (above0(iv("healed", "trait", "base")), f"healed d_trait vs base above 0 with its interval "
+        ("contrast", above0(iv("healed", "trait", "base")), f"healed d_trait vs base above 0 with its interval "
          f"({_g(iv('healed', 'trait', 'base').get('lo'))}..{_g(iv('healed', 'trait', 'base').get('hi'))}) -- else "
          "the student holds no trait the held-out probe can tell from noise"),
-        (above0(iv("healed", "trait", "prev")), "healed d_trait vs the previous student above 0 with its interval "
+        ("contrast", above0(iv("healed", "trait", "prev")), "healed d_trait vs the previous student above 0 with its interval "
          "-- else this round added no trait (the loop stalls)"),
-        (None if None in (ppl_h, ppl_s) else ppl_h < ppl_s, f"healed adapter_ppl {_g(ppl_h)} below the steered "
+        ("freetext", None if None in (ppl_h, ppl_s) else ppl_h < ppl_s, f"healed adapter_ppl {_g(ppl_h)} below the steered "
          f"stage's {_g(ppl_s)} -- else the heal learnt the teacher's disfluency"),
-        (None if d_ppl.get("lo") is None else d_ppl["lo"] <= 0, "healed adapter_ppl not above base's with its "
+        ("freetext", None if d_ppl.get("lo") is None else d_ppl["lo"] <= 0, "healed adapter_ppl not above base's with its "
          "interval -- else the student writes less fluently than base"),
-        (None if row.get("cos_v0") is None else row["cos_v0"] > 0.5, f"cos_v0 > 0.5 (got {_g(row.get('cos_v0'))}) "
+        ("vector", None if row.get("cos_v0") is None else row["cos_v0"] > 0.5, f"cos_v0 > 0.5 (got {_g(row.get('cos_v0'))}) "
          "-- else this round's vector has drifted from round 0's direction"),
     ]
 

@@ -19,6 +19,7 @@ from loguru import logger
 
 from .console import one_line
 from .filter import drop_counts
+from .informative import shade
 from .status import Outcome
 from .store import RunLog
 from .tables import ROUND_COLS, round_cells
@@ -67,9 +68,10 @@ def _json_safe(v):
     return str(v) if isinstance(v, float) and math.isinf(v) else v  # JSON has no inf (NaN Prefect nulls itself)
 
 
-def round_table_rows(row: dict, got: dict) -> list[dict]:
-    """The round table's one row for this round: its headers, values as stored, the same withheld marks."""
-    cells = round_cells(row, got)
+def round_table_rows(row: dict, got: dict, verdict: dict[str, bool] | None = None) -> list[dict]:
+    """The round table's one row for this round: its headers, values as stored, the same withheld marks, and
+    a probe at chance greyed as the table greys it (verdict: informative.usable of the run)."""
+    cells = shade(round_cells(row, got), verdict)
     return [{head: _json_safe(cells.get(col)) for col, head in ROUND_COLS}]
 
 
@@ -79,6 +81,7 @@ def round_markdown(run_id: str, row: dict, checks: list[tuple[bool | None, str]]
     r = row["round"]
     lines = [f"## {run_id} round {r}", "", f"**SHOULD** ({sum(h for h, _ in fired)} of {len(fired)} held)", ""]
     lines += [f"- {'held' if held else '**FAILED**'}: {line}" for held, line in fired] or ["- none could be checked"]
+    lines += [f"- {line}" for held, line in checks if held is None and "[not checked" in line]
     drops = drop_counts(scored)
     lines += ["", f"**Filter** kept {row.get('n_kept')} of {row.get('n_gen')} generated "
               f"(kappa {row.get('kappa')}, walk {row.get('walk')}); dropped by the first criterion each failed:", "",
@@ -87,7 +90,7 @@ def round_markdown(run_id: str, row: dict, checks: list[tuple[bool | None, str]]
 
 
 def round_artifacts(log: RunLog, row: dict, got: dict, checks: list[tuple[bool | None, str]],
-                    scored: list[dict]) -> None:
+                    scored: list[dict], verdict: dict[str, bool] | None = None) -> None:
     """Round row's table and its checks' markdown on the flow run, where a user's Prefect API is in use."""
     if not api_in_use():
         return
@@ -95,7 +98,7 @@ def round_artifacts(log: RunLog, row: dict, got: dict, checks: list[tuple[bool |
 
     r, key = row["round"], slug(log.run_id)
     _write(f"round {r} table", lambda: create_table_artifact(
-        round_table_rows(row, got), key=f"{key}-r{r}-table", description=f"{log.run_id} round {r}: the round table's row"))
+        round_table_rows(row, got, verdict), key=f"{key}-r{r}-table", description=f"{log.run_id} round {r}: the round table's row"))
     _write(f"round {r} checks", lambda: create_markdown_artifact(
         round_markdown(log.run_id, row, checks, scored), key=f"{key}-r{r}-checks",
         description=f"{log.run_id} round {r}: SHOULD lines and filter drops"))
