@@ -181,6 +181,10 @@ def test_study_is_one_seeds_grid_per_arm():
     assert [(c.run_id, dataclasses.replace(c.cfg, yoke="")) for c in cells[3:]] == [(c.run_id, c.cfg) for c in c0]
     # treatments run first whatever order the arms are named in: a yoked control needs its treatment's rounds
     assert [g.name for g in repeat.study_grids(["c0", "nll", "kl_rev"])] == ["study-nll", "study-kl_rev", "study-c0"]
+    named = repeat.study_grids(["c0", "kl_rev"], 2, ["--alphas", "2", "3"], name="bundled")
+    assert [(g.name, g.yoke) for g in named] == [("bundled-kl_rev", ""), ("bundled-c0", "bundled-kl_rev")]
+    assert [c.cfg.yoke for c in named[1].cells()] == ["bundled-kl_rev-s0", "bundled-kl_rev-s1"]
+    assert {c.cfg.alphas for g in named for c in g.cells()} == {(2.0, 3.0)}
     for flags in (["--", "--seed", "3"], ["c0", "--", "--yoke=x"]):  # what the study sets is refused, not overridden
         with pytest.raises(SystemExit) as e:
             repeat.study(flags)

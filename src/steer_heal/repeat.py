@@ -4,7 +4,8 @@
 seeds: one config over seeds 0..N-1, the runs GROUP-s0 .. GROUP-s<N-1> (GROUP is --run-id when given, else
 made from the time). It is the grid `just sweep --name GROUP --prefix '' --recipe RECIPE --seeds 0 .. N-1 --
 FLAGS`. study: the SmolLM2 question (spec.md "Controls"), --seeds N (5) seeds x each arm over `small-run` with
-STUDY_FLAGS and any flags after `--`, the runs study-ARM-s<s>, then `just stages` and `just pareto --by config`.
+STUDY_FLAGS and any flags after `--`, the runs NAME-ARM-s<s> (--name, "study"), then `just stages` and
+`just pareto --by config`.
 
 By default each run goes through its `just` recipe in a process of its own (--on procs); --on inline runs
 them in this process, --on pool submits them to the work pool (`just server`, `just worker`). A run that
@@ -85,13 +86,14 @@ def seeds_grid(a: argparse.Namespace, rest: list[str]) -> Grid:
     return Grid(name=group, seeds=list(range(a.n)), base=list(rest), prefix="", recipe=a.recipe, yoke=a.yoke_group)
 
 
-def study_grids(arms: list[str], seeds: int = STUDY_SEEDS, flags: list[str] | None = None) -> list[Grid]:
-    """One seeds grid per arm, treatments first: a yoked control needs its treatment's rounds. `flags` go to
-    every arm (after STUDY_FLAGS, so they win)."""
+def study_grids(arms: list[str], seeds: int = STUDY_SEEDS, flags: list[str] | None = None,
+                name: str = "study") -> list[Grid]:
+    """One seeds grid per arm, the runs NAME-ARM-s<s>, treatments first: a yoked control needs its treatment's
+    rounds. `flags` go to every arm (after STUDY_FLAGS, so they win)."""
     arms = sorted(arms, key=lambda x: x in YOKED_TO)
     base = [*STUDY_FLAGS, *(flags or [])]
-    return [Grid(name=f"study-{arm}", seeds=list(range(seeds)), base=[*ARMS[arm], *base], prefix="",
-                 recipe="small-run", yoke=f"study-{YOKED_TO[arm]}" if arm in YOKED_TO else "") for arm in arms]
+    return [Grid(name=f"{name}-{arm}", seeds=list(range(seeds)), base=[*ARMS[arm], *base], prefix="",
+                 recipe="small-run", yoke=f"{name}-{YOKED_TO[arm]}" if arm in YOKED_TO else "") for arm in arms]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +111,8 @@ def study(argv: list[str]) -> int:
     p.add_argument("arms", nargs="*", default=STUDY_ARMS, help=f"of {', '.join(ARMS)} (default: "
                    f"{' '.join(STUDY_ARMS)})")
     p.add_argument("--seeds", type=int, default=STUDY_SEEDS, metavar="N", help="seeds 0..N-1 of each arm")
+    p.add_argument("--name", default="study", help="the runs NAME-ARM-s<s>: another name for a study that "
+                   "changes its flags (after --), so its runs do not resume the default study's")
     _common(p)
     argv, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     a = p.parse_args(argv)
@@ -118,7 +122,7 @@ def study(argv: list[str]) -> int:
     if a.seeds < 1:
         p.error("--seeds must be >= 1")
     _refuse_what_we_set(p, flags, "the control arms are yoked to their treatment")
-    rc = run_grids("study", study_grids(a.arms, a.seeds, flags), a.out, a.on, stages_after=True)
+    rc = run_grids(a.name, study_grids(a.arms, a.seeds, flags, a.name), a.out, a.on, stages_after=True)
     if a.on != "pool":
         from .diag.pareto import main as pareto
 
