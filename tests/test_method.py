@@ -375,3 +375,32 @@ def test_seeds_runs_each_seed_once_and_resumes_the_unfinished(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "steer_heal.repeat", "2", "small-run", "--seed", "3"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--seed is what this sets" in bad.stderr
+
+
+def test_beyond_control_includes_the_free_text_perplexity_cost(tmp_path):
+    """On a model whose seven-way probe is at chance (SmolLM2), the coherence cost beyond control is read in free
+    text: the treatment's healed adapter_ppl rises by 0.5 on every held-out prompt, the control's by nothing, in
+    each of two seed pairs; beyond d_ppl is +0.5, two-level, and its row and table carry it."""
+    import json
+
+    from steer_heal.diag.stages import main as stages
+    from steer_heal.store import RunLog, query
+
+    for s in range(2):
+        for run_id, control, cost in ((f"t{s}", "none", 0.5), (f"c{s}", "c0", 0.0)):
+            _fake_run(tmp_path, run_id, s, control, 0.3)
+            log = RunLog(tmp_path, run_id)
+            for r, stage in ((-1, "base"), (0, "steered"), (0, "healed")):
+                add = cost if stage == "healed" else 0.0
+                ppl = [2.0 + 0.1 * i + 0.05 * s + add for i in range(6)]
+                log.append("stage_metrics", [dict(round=r, stage=stage, evaluator="freetext", foundation="adapter_ppl",
+                                                  n=6, ppl=sum(ppl) / 6)])
+                log.append("eval_items", [dict(round=r, stage=stage, evaluator="freetext", item=str(i), ppl=p)
+                                          for i, p in enumerate(ppl)])
+    assert stages(["t0", "t1", "c0", "c1", "--out", str(tmp_path), "--boot", "200", "--unyoked"]) == 0
+    _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
+    h = next(b for b in (json.loads(r[0]) for r in got) if b["level"] == "beyond" and b["stage"] == "healed")
+    assert h["beyond_d_ppl_mean"] == pytest.approx(0.5) and h["beyond_d_ppl_over"] == "seeds+items"
+    assert h["beyond_d_ppl_lo"] == pytest.approx(0.5) and h["beyond_d_ppl_hi"] == pytest.approx(0.5)
+    report = next(p for p in (tmp_path / "diagnostics").glob("*/report.md") if "beyond control" in p.read_text())
+    assert "beyond d_ppl" in report.read_text() and "+0.500 [+0.500, +0.500]" in report.read_text()

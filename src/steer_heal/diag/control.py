@@ -29,9 +29,10 @@ from ..tables import table
 from .runs import family
 from .stats import mean_ci
 
-# what is differenced: the trait probe (the issue's "d trait"), the target foundation, coherence (the cost)
-DIFFS = ("d_trait", "d_target", "d_coh")
-METRIC = {"d_trait": "trait", "d_target": "target", "d_coh": "coh"}  # intervals.METRICS' names
+# what is differenced: the trait probe (the issue's "d trait"), the target foundation, and the cost: seven-way
+# coherence, and free-text perplexity (the cost a model at chance on the seven-way probe can show)
+DIFFS = ("d_trait", "d_target", "d_coh", "d_ppl")
+METRIC = {"d_trait": "trait", "d_target": "target", "d_coh": "coh", "d_ppl": "ppl"}  # intervals.METRICS' names
 
 
 def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
