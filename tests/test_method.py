@@ -404,3 +404,29 @@ def test_beyond_control_includes_the_free_text_perplexity_cost(tmp_path):
     assert h["beyond_d_ppl_lo"] == pytest.approx(0.5) and h["beyond_d_ppl_hi"] == pytest.approx(0.5)
     report = next(p for p in (tmp_path / "diagnostics").glob("*/report.md") if "beyond control" in p.read_text())
     assert "beyond d_ppl" in report.read_text() and "+0.500 [+0.500, +0.500]" in report.read_text()
+
+
+def test_stages_prints_arm_differences_paired_by_seed(tmp_path):
+    """Two treatment arms that differ in one knob (here lam; in the study, reg kl_rev vs nll) are differenced seed by
+    seed, first-named minus second, with the same interval as beyond control; arms differing in two knobs are not."""
+    import json
+
+    from steer_heal.diag.stages import main as stages
+    from steer_heal.store import query
+
+    a, b = {0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.1, 1: 0.2, 2: 0.3}
+    for s in range(3):
+        _fake_run(tmp_path, f"a{s}", s, "none", a[s])
+        _fake_run(tmp_path, f"b{s}", s, "none", b[s], lam=2.0)
+    _fake_run(tmp_path, "c0", 0, "c0", 5.0, lam=2.0)  # a control: beyond control's business, not an arm
+    assert stages([*(f"a{s}" for s in range(3)), *(f"b{s}" for s in range(3)), "c0", "--out", str(tmp_path),
+                   "--unyoked"]) == 0
+    _, got = query(tmp_path, "SELECT row FROM diag_rows WHERE kind = 'stages'")
+    arms = [json.loads(r[0]) for r in got if json.loads(r[0])["level"] == "arms"]
+    h = next(x for x in arms if x["stage"] == "healed")
+    assert (h["arm"], h["versus"], h["knobs"], h["n_pairs"]) == ("lam=1", "lam=2", ["lam"], 3)
+    hw = 4.302653 * 0.1 / math.sqrt(3)
+    assert (h["diff_d_trait_mean"], h["diff_d_trait_lo"], h["diff_d_trait_hi"]) == pytest.approx((0.4, 0.4 - hw, 0.4 + hw))
+    assert all(x["treatment"][0].startswith("a") and not any("c0" in y for y in x["controls"]) for x in arms)
+    report = next(p for p in (tmp_path / "diagnostics").glob("*/report.md") if "arm differences" in p.read_text())
+    assert "lam=1 - lam=2" in report.read_text()

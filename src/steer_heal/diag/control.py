@@ -35,15 +35,53 @@ DIFFS = ("d_trait", "d_target", "d_coh", "d_ppl")
 METRIC = {"d_trait": "trait", "d_target": "target", "d_coh": "coh", "d_ppl": "ppl"}  # intervals.METRICS' names
 
 
+def stage_rows(rows: list[dict]) -> dict[str, dict]:
+    """run_id -> (round, stage) -> its steered and healed `just stages` rows that have deltas."""
+    by_run = defaultdict(dict)
+    for r in rows:
+        if r["stage"] in ("steered", "healed") and r.get("paired"):
+            by_run[r["run_id"]][(r["round"], r["stage"])] = r
+    return by_run
+
+
+def paired(by_run: dict, a: dict[int, str], b: dict[int, str], cfgs: dict[str, Config], items: dict | None,
+           boot: int, prefix: str) -> list[dict]:
+    """Arm a minus arm b (seed -> run_id each), paired by seed, per (round, stage) both have: the mean difference
+    of their deltas against base with its interval, two-level over seed pairs and items (one pair: over items),
+    as `<prefix>_<m>_mean/_lo/_hi/_over` (and `_items`), with the runs, the broken stages and the probes at chance."""
+    common = sorted(set(a) & set(b))
+    cells = sorted({k for s in common for k in by_run[a[s]]} & {k for s in common for k in by_run[b[s]]},
+                   key=stage_order)
+    out = []
+    for key in cells:
+        pairs = [(by_run[a[s]].get(key), by_run[b[s]].get(key)) for s in common]
+        pairs = [(t, c) for t, c in pairs if t is not None and c is not None]
+        row = dict(round=key[0], stage=key[1], n_pairs=len(pairs), treatment=[t["run_id"] for t, _ in pairs],
+                   controls=[c["run_id"] for _, c in pairs],
+                   broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")],
+                   at_chance=sorted({p for t, c in pairs for x in (t, c) for p in x.get("at_chance") or ()}))
+        for m in DIFFS:
+            diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
+            ci, over = mean_ci(diffs), "seeds"
+            two = _two_level(items, pairs, key, m, boot)
+            if two is not None:
+                ci, over = dict(mean=two["delta"], lo=two["lo"], hi=two["hi"]), "seeds+items"
+            row.update({f"{prefix}_{m}_mean": ci["mean"], f"{prefix}_{m}_lo": ci["lo"], f"{prefix}_{m}_hi": ci["hi"],
+                        f"{prefix}_{m}_over": over if len(pairs) > 1 else "items"})
+        if len(pairs) == 1 and items and boot:
+            got = _over_items(items, pairs[0][0]["run_id"], pairs[0][1]["run_id"], key, boot,
+                              cfgs[pairs[0][0]["run_id"]].seed)
+            row.update({f"{prefix}_{m}_items": got[m] for m in DIFFS})
+        out.append(row)
+    return out
+
+
 def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
            items: dict[str, dict] | None = None, boot: int = 0, unyoked: bool = False) -> list[dict]:
     """rows: `just stages` run rows (run_id, round, stage, d_*); cfgs: run_id -> its config; labels: family
     -> a short name; items: run_id -> intervals.by_stage of its eval_items (for one seed pair's interval over
     items, `boot` resamples). One row per (family, control kind, round, stage) with a treatment/control pair."""
-    by_run = defaultdict(dict)
-    for r in rows:
-        if r["stage"] in ("steered", "healed") and r.get("paired"):
-            by_run[r["run_id"]][(r["round"], r["stage"])] = r
+    by_run = stage_rows(rows)
     arms = defaultdict(dict)  # (family, control) -> seed -> run_id
     for run_id, cfg in cfgs.items():
         got = arms[(family(cfg), cfg.control)].setdefault(cfg.seed, run_id)
@@ -62,29 +100,9 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
             raise UserError(f"beyond control: {len(loose)} {control} run(s) are not yoked to the treatment they pair "
                               f"with (first: {c}, treatment {t}): an unyoked control runs its own walk on other slots "
                               f"and seeds; rerun it with --yoke {t} (just seeds --yoke-group does), or pass --unyoked")
-        cells = sorted({k for s in common for k in by_run[treat[s]]} & {k for s in common for k in by_run[ctrl[s]]},
-                       key=stage_order)
-        for key in cells:
-            pairs = [(by_run[treat[s]].get(key), by_run[ctrl[s]].get(key)) for s in common]
-            pairs = [(t, c) for t, c in pairs if t is not None and c is not None]
-            row = dict(level="beyond", family=labels.get(fam, fam), control=control, round=key[0], stage=key[1],
-                       n_pairs=len(pairs), treatment=[t["run_id"] for t, _ in pairs],
-                       controls=[c["run_id"] for _, c in pairs],
-                       broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")],
-                       at_chance=sorted({p for t, c in pairs for x in (t, c) for p in x.get("at_chance") or ()}),
-                       yoked=all(cfgs[c["run_id"]].yoke == t["run_id"] for t, c in pairs))
-            for m in DIFFS:
-                diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
-                ci, over = mean_ci(diffs), "seeds"
-                two = _two_level(items, pairs, key, m, boot)
-                if two is not None:
-                    ci, over = dict(mean=two["delta"], lo=two["lo"], hi=two["hi"]), "seeds+items"
-                row.update({f"beyond_{m}_mean": ci["mean"], f"beyond_{m}_lo": ci["lo"], f"beyond_{m}_hi": ci["hi"],
-                            f"beyond_{m}_over": over if len(pairs) > 1 else "items"})
-            if len(pairs) == 1 and items and boot:
-                row.update(_over_items(items, pairs[0][0]["run_id"], pairs[0][1]["run_id"], key, boot,
-                                       cfgs[pairs[0][0]["run_id"]].seed))
-            out.append(row)
+        for row in paired(by_run, treat, ctrl, cfgs, items, boot, "beyond"):
+            yoked = all(cfgs[c].yoke == t for t, c in zip(row["treatment"], row["controls"]))
+            out.append(dict(level="beyond", family=labels.get(fam, fam), control=control, **row, yoked=yoked))
     return out
 
 
@@ -104,16 +122,17 @@ def _over_items(items: dict, treat: str, ctrl: str, key: tuple[int, str], boot: 
     r, stage = key
     got = {x["metric"]: x for x in intervals.compare(items[treat].get(key, []), items[ctrl].get(key, []), boot,
                                                       lambda m: seeds.bootstrap(seed, r, f"beyond-{stage}.{m}"))}
-    return {f"beyond_{m}_items": got.get(METRIC[m]) for m in DIFFS}
+    return {m: got.get(METRIC[m]) for m in DIFFS}
 
 
-def _ci(row: dict, m: str) -> str:
-    if row.get(f"beyond_{m}_items"):  # one seed pair: the paired bootstrap over items
-        return intervals.fmt(row[f"beyond_{m}_items"])
-    mean, lo, hi = row[f"beyond_{m}_mean"], row[f"beyond_{m}_lo"], row[f"beyond_{m}_hi"]
+def ci_cell(row: dict, m: str, prefix: str = "beyond") -> str:
+    """One difference as a table prints it: mean [two-level interval], * when over seed pairs only."""
+    if row.get(f"{prefix}_{m}_items"):  # one seed pair: the paired bootstrap over items
+        return intervals.fmt(row[f"{prefix}_{m}_items"])
+    mean, lo, hi = row[f"{prefix}_{m}_mean"], row[f"{prefix}_{m}_lo"], row[f"{prefix}_{m}_hi"]
     if mean is None:
         return "-"
-    star = "*" if row.get(f"beyond_{m}_over") == "seeds" else ""
+    star = "*" if row.get(f"{prefix}_{m}_over") == "seeds" else ""
     ns = "~" if intervals.crosses_zero(lo, hi) else ""
     return f"{mean:+.3f}" if lo is None else f"{ns}{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
 
@@ -128,7 +147,7 @@ def summary(out: list[dict]) -> str:
             + table(["family", "control", "yoked", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
                     [[r["family"], r["control"], "yes" if r.get("yoked") else "NO (--unyoked)", r["round"], r["stage"],
                       r["n_pairs"],
-                      *informative.shade({m: _ci(r, m) for m in DIFFS}, {p: False for p in r.get("at_chance") or ()},
+                      *informative.shade({m: ci_cell(r, m) for m in DIFFS}, {p: False for p in r.get("at_chance") or ()},
                                          ratios=False).values(),
                       "BROKEN " + ",".join(r["broken"]) if r.get("broken") else ""] for r in out]))
 

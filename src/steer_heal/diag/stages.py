@@ -12,8 +12,9 @@ Runs that share a config and differ only in seed are a group: each cell then als
 the seeds and a 95% interval: for a delta, two-level (seeds, then the items every seed is scored on:
 intervals.two_level, docs/diagnostics.md "Two-level intervals"); for a ratio, the t over seeds. Runs that
 differ only in `control` (and seed) are a family: the "beyond control" table gives the treatment's
-d_trait, d_tgt and d_coh minus its control's at the same round and stage, paired by seed
-(diag/control.py). Every table marks a stage under the coherence floor.
+d_trait, d_tgt, d_coh and d_ppl minus its control's at the same round and stage, paired by seed
+(diag/control.py); treatment arms that differ in one knob (reg kl_rev vs nll) are differenced the same way
+(diag/arms.py). Every table marks a stage under the coherence floor.
 Reads the store only; no model is loaded.
 """
 
@@ -29,7 +30,7 @@ from ..evaluate import StageEval, stage_order
 from ..report import DELTAS
 from ..student import run_log, stored_config
 from ..tables import table
-from . import control
+from . import arms, control
 from .record import Diagnostic
 from .runs import config_key, config_labels, delta, family, seedless
 from .stats import mean_ci
@@ -232,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     agg = seed_rows(rows, groups, config_labels(exps), items, a.boot)
     fams = {family(c): {k: v for k, v in seedless(c).items() if k != "control"} for c in cfgs.values()}
     beyond = control.beyond(rows, cfgs, config_labels(fams), items, a.boot, a.unyoked)
+    diffs = arms.arms(rows, cfgs, items, a.boot)
     drops = control.drops(cfgs, config_labels(fams), dropped)
     diag = Diagnostic(a.out, "stages", ",".join(dict.fromkeys(a.run_ids)), None,
                       dict(runs=list(dict.fromkeys(a.run_ids)), level=0.95, boot=a.boot))
-    diag.add([dict(level="run", **r) for r in rows] + agg + beyond + drops)
-    text = control.summary(beyond) + control.drops_summary(drops)
+    diag.add([dict(level="run", **r) for r in rows] + agg + beyond + diffs + drops)
+    text = control.summary(beyond) + arms.summary(diffs) + control.drops_summary(drops)
     diag.finish(text.lstrip("\n") if a.beyond else summary(rows, agg) + text)
     return 0
 
