@@ -210,3 +210,13 @@ def test_the_flow_stores_a_verdict_per_probe_and_the_report_greys_them(ref):
     assert not any(r["informative"] for r in rows) and all(r["reason"] for r in rows)
     report = (ref / "runs" / "ref" / "report.md").read_text()
     assert "- mfv: **at chance** (option mass" in report and "(...) = from a probe at chance" in report
+
+
+def test_pareto_leaves_the_seven_way_axes_when_a_run_skipped_that_probe():
+    """`just study` skips the seven-way probe (--probes contrast freetext): its runs have verdicts but none for mfv,
+    so the default axes are d_trait and adapter_ppl, not the empty trait_moved/coherence; a run stored before the
+    verdicts (none at all) still counts as reading mfv."""
+    from steer_heal.diag.pareto import axes
+
+    assert axes([{"contrast": True, "freetext": True}] * 3, None, None) == ("d_trait", "adapter_ppl")
+    assert axes([{}, {"mfv": True, "contrast": True}], None, None) == ("trait_moved", "coherence")

@@ -85,9 +85,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def axes(verdicts: list[dict[str, bool]], x: str | None, y: str | None) -> tuple[str, str]:
     """The --x and --y columns, or the informative defaults: the seven-way probe's (trait_moved, coherence)
-    where it is informative on every run shown (a run without probe_info counts as informative), else
-    d_trait (held-out contrast) against adapter_ppl (free text)."""
-    mfv = all(v.get("mfv", True) for v in verdicts)
+    where it is informative on every run shown (a run without probe_info counts as informative; one whose
+    verdicts lack mfv skipped that probe, --probes), else d_trait (held-out contrast) against adapter_ppl."""
+    mfv = all(v.get("mfv", not v) for v in verdicts)
     return x or ("trait_moved" if mfv else "d_trait"), y or ("coherence" if mfv else "adapter_ppl")
 
 
