@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .. import informative
 from ..config import Config
 from ..tables import table
-from .control import DIFFS, ci_cell, paired, stage_rows
+from .control import DIFFS, INTERVAL, diff_cells, paired, stage_rows
 from .runs import config_key, config_labels, seedless
 
 
@@ -41,12 +40,8 @@ def arms(rows: list[dict], cfgs: dict[str, Config], items: dict | None = None, b
 def summary(out: list[dict]) -> str:
     if not out:
         return ""
-    return ("\n\narm differences: one treatment arm minus another that differs in one knob, paired by seed; mean "
-            "[95% interval, two-level: resampling seed pairs, then the items they share (t over seed pairs alone, "
-            "marked *, without items or with --boot 0); one seed pair: resampling its items]; ~ = the interval "
-            "holds 0; broken: runs whose stage is under the coherence floor\n"
+    return (f"\n\narm differences: one treatment arm minus another that differs in one knob, paired by seed; "
+            f"{INTERVAL}\n"
             + table(["arms", "r", "stage", "pairs", *(f"diff {m}" for m in DIFFS), "broken"],
-                    [[f"{r['arm']} - {r['versus']}", r["round"], r["stage"], r["n_pairs"],
-                      *informative.shade({m: ci_cell(r, m, "diff") for m in DIFFS},
-                                         {p: False for p in r.get("at_chance") or ()}, ratios=False).values(),
-                      "BROKEN " + ",".join(r["broken"]) if r.get("broken") else ""] for r in out]))
+                    [[f"{r['arm']} - {r['versus']}", r["round"], r["stage"], r["n_pairs"], *diff_cells(r, "diff")]
+                     for r in out]))

@@ -137,19 +137,26 @@ def ci_cell(row: dict, m: str, prefix: str = "beyond") -> str:
     return f"{mean:+.3f}" if lo is None else f"{ns}{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
 
 
+# what a difference table's interval resamples, said once for beyond control and arm differences
+INTERVAL = ("mean [95% interval, two-level: resampling seed pairs, then the items they share (t over seed pairs alone, "
+            "marked *, without items or with --boot 0); one seed pair: resampling its items (paired bootstrap)]; ~ = "
+            "the interval holds 0; broken: runs whose stage is under the coherence floor")
+
+
+def diff_cells(row: dict, prefix: str) -> list[str]:
+    """A `paired` row's differences as table cells (a probe at chance greyed), then its broken runs."""
+    cells = informative.shade({m: ci_cell(row, m, prefix) for m in DIFFS},
+                              {p: False for p in row.get("at_chance") or ()}, ratios=False)
+    return [*cells.values(), "BROKEN " + ",".join(row["broken"]) if row.get("broken") else ""]
+
+
 def summary(out: list[dict]) -> str:
     if not out:
         return ""
-    return ("\n\nbeyond control: treatment minus control, paired by seed; mean [95% interval, two-level: resampling "
-            "seed pairs, then the items they share (t over seed pairs alone, marked *, without items or with --boot "
-            "0); one seed pair: resampling its items (paired bootstrap)]; ~ = the interval holds 0; broken: runs whose "
-            "stage is under the coherence floor\n"
+    return (f"\n\nbeyond control: treatment minus control, paired by seed; {INTERVAL}\n"
             + table(["family", "control", "yoked", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
                     [[r["family"], r["control"], "yes" if r.get("yoked") else "NO (--unyoked)", r["round"], r["stage"],
-                      r["n_pairs"],
-                      *informative.shade({m: ci_cell(r, m) for m in DIFFS}, {p: False for p in r.get("at_chance") or ()},
-                                         ratios=False).values(),
-                      "BROKEN " + ",".join(r["broken"]) if r.get("broken") else ""] for r in out]))
+                      r["n_pairs"], *diff_cells(r, "beyond")] for r in out]))
 
 
 def drop_counts(completions: list[dict], steps: list[dict]) -> dict[int, dict]:
