@@ -488,6 +488,27 @@ def test_three_writer_processes_and_a_reader(tmp_path, spawn):
     assert len(RunLog(root, "shared").read("completions")) == total
 
 
+FIRST_APPENDS = """
+w = int(sys.argv[2])
+for i in range(int(sys.argv[3])):
+    # A fresh log per row, like a short-lived process: every append is its first, so each one looks for a
+    # torn tail while the other writers' lines are in flight.
+    store.RunLog(sys.argv[1], "shared").append("completions", {"round": w, "idx": i, "completion": "y" * (i * 53 % 20000)})
+"""
+
+
+def test_a_writers_first_append_never_sets_aside_another_writers_line_in_flight(tmp_path, spawn):
+    # A line being written is a torn tail to anyone who looks mid-write; only a dead writer's tail may go
+    # aside. (This lost hundreds of rows when the torn-tail check raced a live writer's append.)
+    n_writers, n_rows = 3, 400
+    writers = [spawn(FIRST_APPENDS, str(tmp_path), str(w), str(n_rows)) for w in range(n_writers)]
+    for w in writers:
+        assert w.wait(timeout=120) == 0
+    rows = RunLog(tmp_path, "shared").read("completions")
+    assert sorted((r["round"], r["idx"]) for r in rows) == [(w, i) for w in range(n_writers) for i in range(n_rows)]
+    assert not (tmp_path / "runs/shared/completions.jsonl.aside").exists()
+
+
 KILLED = """
 log = store.RunLog(sys.argv[1], "victim")
 i = 0

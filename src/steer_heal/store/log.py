@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import errno
+import fcntl
 import json
 import math
 import os
@@ -171,7 +172,8 @@ class RunLog:
     Each append is a single os.write on an O_APPEND descriptor: the kernel
     places it at the end of the file and does not interleave it with other
     writers' appends, and a kill -9 can only lose (or tear) the line being
-    written, never an earlier one. No lock, no long-lived handle.
+    written, never an earlier one. Appends share a per-file flock held for one
+    write (only the torn-tail check excludes them); no long-lived handle.
     """
 
     def __init__(self, root: str | os.PathLike, run_id: str, kind: str = "runs"):
@@ -226,16 +228,19 @@ class RunLog:
         if not rows:
             return 0
         data = b"".join(self._line(table, r) for r in rows)
-        if table not in self._tail_checked:
-            # A writer killed mid-line (say, before a resume) leaves a torn tail. It goes to the side file and
-            # our rows start where it started: left in place it would be damage in the middle of the table,
-            # which every reader refuses. Once per table: after that the file ends in our own "\n". (One writer
-            # per run holds its lock, so the tail is never another live writer's line.)
-            if _ends_torn(path):
-                _tail_aside(path)
-            self._tail_checked.add(table)
+        check = table not in self._tail_checked
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            # A writer killed mid-line (say, before a resume) leaves a torn tail. It goes to the side file and
+            # our rows start where it started: left in place it would be damage in the middle of the table,
+            # which every reader refuses. Once per table: after that the file ends in our own "\n". A line in
+            # flight looks torn too, so every append holds a shared flock while it writes and the check an
+            # exclusive one: a tail seen under it is a dead writer's (the kernel drops a dead one's flock).
+            fcntl.flock(fd, fcntl.LOCK_EX if check else fcntl.LOCK_SH)
+            if check:
+                if _ends_torn(path):
+                    _tail_aside(path)
+                self._tail_checked.add(table)
             n = os.write(fd, data)
             if n != len(data):  # only on disk full and the like
                 self._tail_checked.discard(table)  # we just left a torn tail ourselves
