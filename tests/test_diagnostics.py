@@ -730,6 +730,36 @@ def test_seed_rows_average_each_cell_over_seeds_two_level_with_items():
     assert (two2["d_trait_lo"], two2["d_trait_hi"]) == (want2["lo"], want2["hi"])
 
 
+def test_seed_rows_give_the_growth_over_rounds_against_the_previous_student_two_level():
+    """Growth (round 1's healed student against round 0's) is a paired delta too: over seeds its mean is the mean
+    of the runs' d_<m>_prev, and with items its interval is two-level on round 1's and round 0's healed items,
+    not on base's; round 0's "previous student" is base, so no growth is claimed there twice."""
+    from steer_heal import intervals as I
+    from steer_heal import seeds as S
+    from steer_heal.diag.stages import run_rows, seed_rows, summary
+
+    rows, items = [], {}
+    for s, run in enumerate(("s0", "s1", "s2")):
+        sm, it, _ = _hand_stages(seed=s)
+        rows += run_rows(run, sm, "Authority", it, seed=s, boot=0)
+        items[run] = I.by_stage(it)
+    groups, labels = {"k": ["s0", "s1", "s2"]}, {"k": "lam=1"}
+    got = {(a["round"], a["stage"]): a for a in seed_rows(rows, groups, labels, items, boot=200)}
+    h1 = got[(1, "healed")]
+    cell = [r for r in rows if (r["round"], r["stage"]) == (1, "healed")]
+    assert h1["d_trait_prev_mean"] == pytest.approx(stats.mean_ci([r["d_trait_prev"] for r in cell])["mean"])
+    want = I.over_seeds([[items[r][(1, "healed")], items[r][(0, "healed")]] for r in ("s0", "s1", "s2")], (1, -1),
+                        "trait", 200, S.bootstrap(0, 1, "seeds-healed-vs-prev.trait"))
+    assert (h1["d_trait_prev_mean"], h1["d_trait_prev_lo"], h1["d_trait_prev_hi"]) == \
+        (want["delta"], want["lo"], want["hi"])
+    assert h1["d_trait_prev_over"] == "seeds+items" and h1["d_trait_prev_mean"] != h1["d_trait_mean"]
+    assert got[(-1, "prompted")]["d_trait_prev_mean"] is None  # no student before the prompted baseline
+    text = summary(rows, list(got.values()))
+    growth = text[text.index("over seeds, against the previous student"):]
+    assert "lam=1" in growth and f"{h1['d_trait_prev_mean']:.3f}" in growth
+    assert not any(line.split()[1:3] == ["0", "healed"] for line in growth.splitlines()[2:])  # rounds >= 1 only
+
+
 def test_beyond_control_rows_pair_arms_by_seed_per_cell():
     """Treatment seeds 0 and 1 with rounds 0 and 1; a c0 control of seeds 0 and 1 with round 0 only (seed 1 without
     its healed stage); a random control of seed 1 alone. Rows: per control kind, the cells both arms hold, in stage

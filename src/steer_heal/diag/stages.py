@@ -10,7 +10,8 @@ so it gets no deltas (and the table says so).
 
 Runs that share a config and differ only in seed are a group: each cell then also gets the mean over
 the seeds and a 95% interval: for a delta, two-level (seeds, then the items every seed is scored on:
-intervals.two_level, docs/diagnostics.md "Two-level intervals"); for a ratio, the t over seeds. Runs that
+intervals.two_level, docs/diagnostics.md "Two-level intervals"); for a ratio, the t over seeds. Rounds 1
+and on also get the growth over the round (the deltas against the previous student), two-level the same way. Runs that
 differ only in `control` (and seed) are a family: the "beyond control" table gives the treatment's
 d_trait, d_tgt, d_coh and d_ppl minus its control's at the same round and stage, paired by seed
 (diag/control.py); treatment arms that differ in one knob (reg kl_rev vs nll) are differenced the same way
@@ -38,6 +39,8 @@ from .stats import mean_ci
 PROG = "just stages"
 # the per-stage numbers averaged over seeds
 AGG = ("d_target", "d_trait", "d_coh", "d_ppl", "retain", "retain_trait", "coh_cost")
+# the deltas against the previous student (growth over a round), averaged over seeds the same way
+GROWTH = tuple(f"{n}_prev" for _, n in DELTAS)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -124,7 +127,7 @@ def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, 
                        surgical=sum(bool(r.get("surgical")) for r in got),
                        broken=sum(bool(r.get("broken")) for r in got),
                        at_chance=sorted({p for r in got for p in r.get("at_chance") or ()}))
-            for m in AGG:
+            for m in AGG + GROWTH:
                 ci, over = mean_ci([r.get(m) for r in got]), "seeds"
                 two = _two_level(got, m, items, boot) if items and boot else None
                 if two is not None and two["lo"] is not None:
@@ -135,14 +138,18 @@ def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, 
 
 
 def _two_level(got: list[dict], m: str, items: dict[str, dict], boot: int) -> dict | None:
-    """A delta's two-level interval over the paired seeds of one cell (None for a ratio or without items)."""
-    metric = {name: metric for metric, name in DELTAS}.get(m)
+    """A delta's two-level interval over the paired seeds of one cell (None for a ratio or without items):
+    against base, or for a growth delta (`<m>_prev`) against the student that started the round."""
+    prev = m.endswith("_prev")
+    metric = {name: metric for metric, name in DELTAS}.get(m.removesuffix("_prev"))
     runs = [r for r in got if r.get("paired") and r["run_id"] in items]
-    if metric is None or len(runs) < 2:
-        return None
     rnd, stage = got[0]["round"], got[0]["stage"]
-    lists = [[items[r["run_id"]].get((rnd, stage), []), items[r["run_id"]].get((-1, "base"), [])] for r in runs]
-    return intervals.over_seeds(lists, (1, -1), metric, boot, seeds.bootstrap(0, rnd, f"seeds-{stage}.{metric}"))
+    if metric is None or len(runs) < 2 or (prev and rnd < 0):
+        return None
+    ref = intervals.previous(rnd, stage) if prev else (-1, "base")
+    lists = [[items[r["run_id"]].get((rnd, stage), []), items[r["run_id"]].get(ref, [])] for r in runs]
+    tag = f"seeds-{stage}-vs-prev.{metric}" if prev else f"seeds-{stage}.{metric}"
+    return intervals.over_seeds(lists, (1, -1), metric, boot, seeds.bootstrap(0, rnd, tag))
 
 
 def _yn(v) -> str:
@@ -212,6 +219,13 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
             ["config", "r", "stage", "seeds", *AGG, "surgical", "broken"],
             [[a["config"], a["round"], a["stage"], a["n_seeds"], *_shade(a, {m: _pm(a, m) for m in AGG}).values(),
               f"{a['surgical']}/{a['n_seeds']}", _broken(a)] for a in agg])
+        grown = [a for a in agg if a["round"] >= 1]
+        if grown:
+            text += ("\n\nover seeds, against the previous student (growth over the round: round r's stage minus "
+                     "round r-1's healed student, paired by seed, two-level like the deltas above)\n") + table(
+                ["config", "r", "stage", "seeds", *[n for _, n in DELTAS], "broken"],
+                [[a["config"], a["round"], a["stage"], a["n_seeds"],
+                  *_shade(a, {n: _pm(a, f"{n}_prev") for _, n in DELTAS}).values(), _broken(a)] for a in grown])
     return text
 
 
