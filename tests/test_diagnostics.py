@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -758,6 +759,43 @@ def test_seed_rows_give_the_growth_over_rounds_against_the_previous_student_two_
     growth = text[text.index("over seeds, against the previous student"):]
     assert "lam=1" in growth and f"{h1['d_trait_prev_mean']:.3f}" in growth
     assert not any(line.split()[1:3] == ["0", "healed"] for line in growth.splitlines()[2:])  # rounds >= 1 only
+
+
+def test_beyond_control_gives_the_growth_over_a_round_beyond_the_controls_growth():
+    """Did the round add more trait than the control's round added? Per seed pair, (treatment round 1 - its round
+    0) - (control round 1 - its round 0): the mean of the runs' d_<m>_prev differences, two-level on the four
+    stages' shared items; round 0 (whose previous student is base) gets none, and the table lists rounds >= 1."""
+    from steer_heal import intervals as I
+    from steer_heal import seeds as S
+    from steer_heal.diag import control
+    from steer_heal.diag.runs import family
+    from steer_heal.diag.stages import run_rows
+
+    rows, items, cfgs = [], {}, {}
+    for seed in range(3):
+        for run, ctl, data_seed in ((f"t{seed}", "none", seed), (f"c{seed}", "c0", 10 + seed)):
+            sm, it, _ = _hand_stages(seed=data_seed)
+            rows += run_rows(run, sm, "Authority", it, seed=seed, boot=0)
+            items[run] = I.by_stage(it)
+            cfgs[run] = Config(model="tiny-random", seed=seed, control=ctl)
+    fam = family(cfgs["t0"])
+    out = {(x["round"], x["stage"]): x for x in control.beyond(rows, cfgs, {fam: "lam=1"}, items, 150, unyoked=True)}
+    h1 = out[(1, "healed")]
+    run_of = {(r["run_id"], r["round"], r["stage"]): r for r in rows}
+    grow = [run_of[(f"t{s}", 1, "healed")]["d_trait_prev"] - run_of[(f"c{s}", 1, "healed")]["d_trait_prev"]
+            for s in range(3)]
+    lists = [[items[x][k] for x in (f"t{s}", f"c{s}") for k in ((1, "healed"), (0, "healed"))] for s in range(3)]
+    want = I.over_seeds(lists, (1, -1, -1, 1), "trait", 150, S.bootstrap(0, 1, "beyond-healed-vs-prev.d_trait"))
+    assert h1["beyond_d_trait_prev_mean"] == pytest.approx(stats.mean_ci(grow)["mean"])
+    assert (h1["beyond_d_trait_prev_mean"], h1["beyond_d_trait_prev_lo"], h1["beyond_d_trait_prev_hi"]) == \
+        (want["delta"], want["lo"], want["hi"])
+    assert h1["beyond_d_trait_prev_over"] == "seeds+items" and h1["beyond_d_trait_prev_mean"] != h1["beyond_d_trait_mean"]
+    assert out[(0, "healed")].get("beyond_d_trait_prev_mean") is None
+    text = control.summary(list(out.values()))
+    growth = text[text.index("growth beyond control"):]
+    assert f"{h1['beyond_d_trait_prev_mean']:+.3f}" in growth
+    assert [re.search(r" (-?\d) +(steered|healed) ", line).groups() for line in growth.splitlines()[2:]] == \
+        [("1", "steered"), ("1", "healed")]
 
 
 def test_beyond_control_rows_pair_arms_by_seed_per_cell():

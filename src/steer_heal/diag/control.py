@@ -10,6 +10,8 @@ coherence floor in either arm is named in the row (`broken`) and the table. A co
 treatment it is paired with (`--yoke`, yoke.py: the same slots, seeds and number kept); an unyoked pair is
 refused with one line unless `unyoked` (`--unyoked`), and its rows say so. Next to the rows, the filter's
 drops per reason in each arm (`drops`): a filter that drops one arm's data more than the other's selects it.
+From round 1 on, the growth over the round beyond the control's (`<m>_prev`: each arm against the student
+that started its round) is differenced the same way.
 
 A control heals on the same loop's text with the trait taken out (c0: unsteered completions; random: an
 equal-norm random push), so what the treatment moves beyond it is what the trait vector adds over
@@ -33,6 +35,8 @@ from .stats import mean_ci
 # coherence, and free-text perplexity (the cost a model at chance on the seven-way probe can show)
 DIFFS = ("d_trait", "d_target", "d_coh", "d_ppl")
 METRIC = {"d_trait": "trait", "d_target": "target", "d_coh": "coh", "d_ppl": "ppl"}  # intervals.METRICS' names
+# the same differences of the growth over a round (against the previous student), from round 1 on
+GROWTH = tuple(f"{m}_prev" for m in DIFFS)
 
 
 def stage_rows(rows: list[dict]) -> dict[str, dict]:
@@ -60,7 +64,7 @@ def paired(by_run: dict, a: dict[int, str], b: dict[int, str], cfgs: dict[str, C
                    controls=[c["run_id"] for _, c in pairs],
                    broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")],
                    at_chance=sorted({p for t, c in pairs for x in (t, c) for p in x.get("at_chance") or ()}))
-        for m in DIFFS:
+        for m in DIFFS + (GROWTH if key[0] >= 1 else ()):
             diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
             ci, over = mean_ci(diffs), "seeds"
             two = _two_level(items, pairs, key, m, boot)
@@ -108,12 +112,16 @@ def beyond(rows: list[dict], cfgs: dict[str, Config], labels: dict[str, str],
 
 def _two_level(items: dict | None, pairs: list[tuple[dict, dict]], key: tuple[int, str], m: str,
                boot: int) -> dict | None:
-    """Seeds, then items: per pair (treatment stage - its base) - (control stage - its base) on shared items."""
+    """Seeds, then items: per pair (treatment stage - its ref) - (control stage - its ref) on shared items, the
+    ref being base, or for a growth difference (`<m>_prev`) the student that started the round."""
     if not items or not boot or len(pairs) < 2 or any(x["run_id"] not in items for p in pairs for x in p):
         return None
-    lists = [[items[x["run_id"]].get(k, []) for x in (t, c) for k in (key, (-1, "base"))] for t, c in pairs]
-    seed = seeds.bootstrap(0, key[0], f"beyond-{key[1]}.{m}")
-    ci = intervals.over_seeds(lists, (1, -1, -1, 1), METRIC[m], boot, seed)
+    prev = m.endswith("_prev")
+    ref = intervals.previous(*key) if prev else (-1, "base")
+    lists = [[items[x["run_id"]].get(k, []) for x in (t, c) for k in (key, ref)] for t, c in pairs]
+    seed = seeds.bootstrap(0, key[0], f"beyond-{key[1]}-vs-prev.{m.removesuffix('_prev')}" if prev
+                           else f"beyond-{key[1]}.{m}")
+    ci = intervals.over_seeds(lists, (1, -1, -1, 1), METRIC[m.removesuffix("_prev")], boot, seed)
     return ci if ci is not None and ci["lo"] is not None else None
 
 
@@ -143,9 +151,9 @@ INTERVAL = ("mean [95% interval, two-level: resampling seed pairs, then the item
             "the interval holds 0; broken: runs whose stage is under the coherence floor")
 
 
-def diff_cells(row: dict, prefix: str) -> list[str]:
+def diff_cells(row: dict, prefix: str, ms: tuple[str, ...] = DIFFS) -> list[str]:
     """A `paired` row's differences as table cells (a probe at chance greyed), then its broken runs."""
-    cells = informative.shade({m: ci_cell(row, m, prefix) for m in DIFFS},
+    cells = informative.shade({m.removesuffix("_prev"): ci_cell(row, m, prefix) for m in ms},
                               {p: False for p in row.get("at_chance") or ()}, ratios=False)
     return [*cells.values(), "BROKEN " + ",".join(row["broken"]) if row.get("broken") else ""]
 
@@ -156,7 +164,19 @@ def summary(out: list[dict]) -> str:
     return (f"\n\nbeyond control: treatment minus control, paired by seed; {INTERVAL}\n"
             + table(["family", "control", "yoked", "r", "stage", "pairs", *(f"beyond {m}" for m in DIFFS), "broken"],
                     [[r["family"], r["control"], "yes" if r.get("yoked") else "NO (--unyoked)", r["round"], r["stage"],
-                      r["n_pairs"], *diff_cells(r, "beyond")] for r in out]))
+                      r["n_pairs"], *diff_cells(r, "beyond")] for r in out])
+            + growth_summary([r for r in out if r["round"] >= 1]))
+
+
+def growth_summary(out: list[dict]) -> str:
+    """The growth over each round beyond control: did the round add more than the control's round did?"""
+    if not out:
+        return ""
+    return ("\n\ngrowth beyond control: (treatment's round r minus its round r-1 healed student) minus the control's "
+            f"same growth, paired by seed; {INTERVAL} (one seed pair: the mean alone)\n"
+            + table(["family", "control", "yoked", "r", "stage", "pairs", *(f"growth {m}" for m in DIFFS), "broken"],
+                    [[r["family"], r["control"], "yes" if r.get("yoked") else "NO (--unyoked)", r["round"], r["stage"],
+                      r["n_pairs"], *diff_cells(r, "beyond", GROWTH)] for r in out]))
 
 
 def drop_counts(completions: list[dict], steps: list[dict]) -> dict[int, dict]:
