@@ -759,6 +759,12 @@ def test_seed_rows_give_the_growth_over_rounds_against_the_previous_student_two_
     growth = text[text.index("over seeds, against the previous student"):]
     assert "lam=1" in growth and f"{h1['d_trait_prev_mean']:.3f}" in growth
     assert not any(line.split()[1:3] == ["0", "healed"] for line in growth.splitlines()[2:])  # rounds >= 1 only
+    # growth against a broken previous student is flagged: the reference is as broken as the stage would be
+    bad = [dict(r, broken="coherence") if (r["run_id"], r["round"], r["stage"]) == ("s0", 0, "healed") else r
+           for r in rows]
+    agg = seed_rows(bad, groups, labels, items, boot=0)
+    growth = summary(bad, agg)[summary(bad, agg).index("over seeds, against the previous student"):]
+    assert [line.split()[-2:] for line in growth.splitlines()[2:]] == [["BROKEN", "1/3"], ["BROKEN", "1/3"]]
 
 
 def test_beyond_control_gives_the_growth_over_a_round_beyond_the_controls_growth():
@@ -796,6 +802,11 @@ def test_beyond_control_gives_the_growth_over_a_round_beyond_the_controls_growth
     assert f"{h1['beyond_d_trait_prev_mean']:+.3f}" in growth
     assert [re.search(r" (-?\d) +(steered|healed) ", line).groups() for line in growth.splitlines()[2:]] == \
         [("1", "steered"), ("1", "healed")]
+    bad = [dict(r, broken="coherence") if (r["run_id"], r["round"], r["stage"]) == ("c1", 0, "healed") else r
+           for r in rows]
+    got = control.beyond(bad, cfgs, {fam: "lam=1"}, items, 0, unyoked=True)
+    growth = control.summary(got)[control.summary(got).index("growth beyond control"):]
+    assert all(line.endswith("BROKEN c1") for line in growth.splitlines()[2:])  # c1's previous student is broken
 
 
 def test_beyond_control_rows_pair_arms_by_seed_per_cell():

@@ -63,6 +63,9 @@ def paired(by_run: dict, a: dict[int, str], b: dict[int, str], cfgs: dict[str, C
         row = dict(round=key[0], stage=key[1], n_pairs=len(pairs), treatment=[t["run_id"] for t, _ in pairs],
                    controls=[c["run_id"] for _, c in pairs],
                    broken=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken")],
+                   # the growth's reference, the student that started the round, may be broken too
+                   broken_growth=[x["run_id"] for t, c in pairs for x in (t, c) if x.get("broken") or
+                                  by_run[x["run_id"]].get(intervals.previous(*key), {}).get("broken")],
                    at_chance=sorted({p for t, c in pairs for x in (t, c) for p in x.get("at_chance") or ()}))
         for m in DIFFS + (GROWTH if key[0] >= 1 else ()):
             diffs = [None if t.get(m) is None or c.get(m) is None else t[m] - c[m] for t, c in pairs]
@@ -176,7 +179,7 @@ def growth_summary(out: list[dict]) -> str:
             f"same growth, paired by seed; {INTERVAL} (one seed pair: the mean alone)\n"
             + table(["family", "control", "yoked", "r", "stage", "pairs", *(f"growth {m}" for m in DIFFS), "broken"],
                     [[r["family"], r["control"], "yes" if r.get("yoked") else "NO (--unyoked)", r["round"], r["stage"],
-                      r["n_pairs"], *diff_cells(r, "beyond", GROWTH)] for r in out]))
+                      r["n_pairs"], *diff_cells(dict(r, broken=r["broken_growth"]), "beyond", GROWTH)] for r in out]))
 
 
 def drop_counts(completions: list[dict], steps: list[dict]) -> dict[int, dict]:

@@ -111,6 +111,7 @@ def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, 
     items they share: intervals.two_level); a ratio's, or a delta's without items, is the t over seeds
     (`<m>_over` says which). `broken` counts the seeds whose stage is under the coherence floor."""
     out = []
+    row_of = {(r["run_id"], r["round"], r["stage"]): r for r in rows}
     for key, runs in groups.items():
         if len(runs) < 2:
             continue
@@ -126,6 +127,9 @@ def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, 
                        round=rnd, stage=stage, n_seeds=len(got),
                        surgical=sum(bool(r.get("surgical")) for r in got),
                        broken=sum(bool(r.get("broken")) for r in got),
+                       # growth is read against the previous student: a seed counts broken if either stage is
+                       broken_growth=sum(bool(r.get("broken") or row_of.get((r["run_id"], *intervals.previous(
+                           rnd, stage)), {}).get("broken")) for r in got),
                        at_chance=sorted({p for r in got for p in r.get("at_chance") or ()}))
             for m in AGG + GROWTH:
                 ci, over = mean_ci([r.get(m) for r in got]), "seeds"
@@ -225,7 +229,8 @@ def summary(rows: list[dict], agg: list[dict]) -> str:
                      "round r-1's healed student, paired by seed, two-level like the deltas above)\n") + table(
                 ["config", "r", "stage", "seeds", *[n for _, n in DELTAS], "broken"],
                 [[a["config"], a["round"], a["stage"], a["n_seeds"],
-                  *_shade(a, {n: _pm(a, f"{n}_prev") for _, n in DELTAS}).values(), _broken(a)] for a in grown])
+                  *_shade(a, {n: _pm(a, f"{n}_prev") for _, n in DELTAS}).values(),
+                  _broken(dict(a, broken=a["broken_growth"]))] for a in grown])
     return text
 
 
