@@ -103,6 +103,14 @@ def previous(r: int, stage: str) -> tuple[int, str]:
     return (r - 1, "healed") if r > 0 else (-1, "base")
 
 
+def against(name: str, r: int, stage: str) -> tuple[str, tuple[int, str], str]:
+    """A delta column's (name without `_prev`, the stage it is taken against, its bootstrap-tag suffix): base,
+    or for a growth column (`<name>_prev`) the student that started the round."""
+    if name.endswith("_prev"):
+        return name.removesuffix("_prev"), previous(r, stage), "-vs-prev"
+    return name, (-1, "base"), ""
+
+
 def stage_intervals(items: dict[tuple[int, str], list[dict]], r: int, stage: str, seed: int, boot: int) -> list[dict]:
     """Interval rows of one stage against base and against the previous student (round -1: base only)."""
     base = items.get((-1, "base"), [])

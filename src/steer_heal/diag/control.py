@@ -119,12 +119,10 @@ def _two_level(items: dict | None, pairs: list[tuple[dict, dict]], key: tuple[in
     ref being base, or for a growth difference (`<m>_prev`) the student that started the round."""
     if not items or not boot or len(pairs) < 2 or any(x["run_id"] not in items for p in pairs for x in p):
         return None
-    prev = m.endswith("_prev")
-    ref = intervals.previous(*key) if prev else (-1, "base")
+    name, ref, vs = intervals.against(m, *key)
     lists = [[items[x["run_id"]].get(k, []) for x in (t, c) for k in (key, ref)] for t, c in pairs]
-    seed = seeds.bootstrap(0, key[0], f"beyond-{key[1]}-vs-prev.{m.removesuffix('_prev')}" if prev
-                           else f"beyond-{key[1]}.{m}")
-    ci = intervals.over_seeds(lists, (1, -1, -1, 1), METRIC[m.removesuffix("_prev")], boot, seed)
+    seed = seeds.bootstrap(0, key[0], f"beyond-{key[1]}{vs}.{name}")
+    ci = intervals.over_seeds(lists, (1, -1, -1, 1), METRIC[name], boot, seed)
     return ci if ci is not None and ci["lo"] is not None else None
 
 

@@ -144,16 +144,14 @@ def seed_rows(rows: list[dict], groups: dict[str, list[str]], labels: dict[str, 
 def _two_level(got: list[dict], m: str, items: dict[str, dict], boot: int) -> dict | None:
     """A delta's two-level interval over the paired seeds of one cell (None for a ratio or without items):
     against base, or for a growth delta (`<m>_prev`) against the student that started the round."""
-    prev = m.endswith("_prev")
-    metric = {name: metric for metric, name in DELTAS}.get(m.removesuffix("_prev"))
-    runs = [r for r in got if r.get("paired") and r["run_id"] in items]
     rnd, stage = got[0]["round"], got[0]["stage"]
-    if metric is None or len(runs) < 2 or (prev and rnd < 0):
+    name, ref, vs = intervals.against(m, rnd, stage)
+    metric = {name: metric for metric, name in DELTAS}.get(name)
+    runs = [r for r in got if r.get("paired") and r["run_id"] in items]
+    if metric is None or len(runs) < 2 or (vs and rnd < 0):
         return None
-    ref = intervals.previous(rnd, stage) if prev else (-1, "base")
     lists = [[items[r["run_id"]].get((rnd, stage), []), items[r["run_id"]].get(ref, [])] for r in runs]
-    tag = f"seeds-{stage}-vs-prev.{metric}" if prev else f"seeds-{stage}.{metric}"
-    return intervals.over_seeds(lists, (1, -1), metric, boot, seeds.bootstrap(0, rnd, tag))
+    return intervals.over_seeds(lists, (1, -1), metric, boot, seeds.bootstrap(0, rnd, f"seeds-{stage}{vs}.{metric}"))
 
 
 def _yn(v) -> str:
